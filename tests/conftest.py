@@ -1,0 +1,109 @@
+"""Shared fixtures. The environment overrides are set before any project module is imported, so every test
+(and every subprocess it starts) uses a private temporary cache and a tiny budget, never ~/.cache."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+_CACHE = tempfile.mkdtemp(prefix="autoresearch-test-cache-")
+TEST_ENV = {
+    "AUTORESEARCH_CACHE_DIR": _CACHE,
+    "AUTORESEARCH_TIME_BUDGET": "4",
+    "AUTORESEARCH_MAX_SEQ_LEN": "128",
+    "AUTORESEARCH_EVAL_TOKENS": str(4 * 8 * 128),  # 4 eval batches of 8 rows
+    "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: no test can reach the real hub
+}
+os.environ.update(TEST_ENV)
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A few documents in other scripts, so that the tokenizer and bpb see multi-byte UTF-8.
+MULTILINGUAL = [
+    "日本語のテキストです。東京は日本の首都で、人口が多い都市です。",
+    "中文文本：北京是中国的首都，历史悠久，文化丰富。我们今天学习分词器。",
+    "한국어 문장입니다. 서울은 대한민국의 수도입니다.",
+    "Emoji 🙂🚀🎉 and flags 🇫🇷🇯🇵 mixed with text: naïve café, Zürich, São Paulo, Ελληνικά, русский.",
+    "Math: ∑ᵢ xᵢ² ≤ ∞, ∀ε>0 ∃δ; arrows → ⇒ ↔; currency € £ ¥ ₹.",
+]
+
+
+def stdlib_documents(max_docs=900, max_chars=1500):
+    """Real text that every machine with this Python has: the standard library's sources, split at blank
+    lines into documents of at most max_chars characters."""
+    lib = os.path.dirname(os.__file__)
+    docs = []
+    for name in sorted(os.listdir(lib)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(lib, name), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        doc = ""
+        for para in text.split("\n\n"):
+            if doc and len(doc) + len(para) > max_chars:
+                docs.append(doc)
+                doc = ""
+            doc = f"{doc}\n\n{para}" if doc else para[:max_chars]
+        if doc:
+            docs.append(doc)
+        if len(docs) >= max_docs:
+            return docs[:max_docs]
+    return docs
+
+
+def write_source_corpus(folder, docs):
+    """Spread documents over all the formats --source reads: .txt, .md, .jsonl and .parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.join(folder, "nested"), exist_ok=True)
+    n = len(docs)
+    a, b, c = n // 4, n // 2, 3 * n // 4
+    for i, doc in enumerate(docs[:a]):
+        ext = ".md" if i % 2 else ".txt"
+        with open(os.path.join(folder, "nested", f"doc_{i:04d}{ext}"), "w", encoding="utf-8") as f:
+            f.write(doc)
+    with open(os.path.join(folder, "part.jsonl"), "w", encoding="utf-8") as f:
+        for doc in docs[a:b]:
+            f.write(json.dumps({"text": doc, "id": 1}, ensure_ascii=False) + "\n")
+    pq.write_table(pa.table({"text": docs[b:c]}), os.path.join(folder, "part1.parquet"), row_group_size=100)
+    pq.write_table(pa.table({"text": docs[c:]}), os.path.join(folder, "part2.parquet"), row_group_size=100)
+
+
+@pytest.fixture(scope="session")
+def corpus_docs():
+    return stdlib_documents() + MULTILINGUAL * 3
+
+
+@pytest.fixture(scope="session")
+def source_dir(tmp_path_factory, corpus_docs):
+    folder = str(tmp_path_factory.mktemp("source"))
+    write_source_corpus(folder, corpus_docs)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared(source_dir):
+    """The shared cache, prepared once through the real CLI entry point: `prepare.py --source DIR`."""
+    import prepare
+    prepare.main(["--source", source_dir])
+    return _CACHE
+
+
+@pytest.fixture(scope="session")
+def tokenizer(prepared):
+    import prepare
+    return prepare.Tokenizer.from_directory()
+
+
+def run_script(args, env=None, timeout=600):
+    """Run a Python command from the repo root with the test environment; returns the CompletedProcess."""
+    full_env = {**os.environ, **TEST_ENV, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)

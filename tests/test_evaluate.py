@@ -1,0 +1,71 @@
+"""evaluate_bpb, the fixed metric, against sums computed by hand from the same validation rows."""
+import math
+
+import pytest
+import torch
+
+import prepare
+from bench import plain_batches
+from constants import EVAL_TOKENS, MAX_SEQ_LEN
+
+
+class TargetLoss(torch.nn.Module):
+    """A stand-in model whose per-token loss is a known function of the target id; BOS targets get a huge
+    loss, which must not count."""
+
+    def __init__(self, bos):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.bos = bos
+
+    def forward(self, x, y, reduction="mean"):
+        assert reduction == "none"
+        loss = (y % 7).float() * 0.25 + 0.5 + self.w
+        return torch.where(y == self.bos, torch.full_like(loss, 1e6), loss)
+
+
+def test_bpb_matches_a_hand_computation(tokenizer):
+    B = 8
+    steps = EVAL_TOKENS // (B * MAX_SEQ_LEN)
+    bos = tokenizer.get_bos_token_id()
+    rows = plain_batches(tokenizer, B, MAX_SEQ_LEN, "val")
+    nats, nbytes = 0.0, 0
+    for _ in range(steps):
+        batch, _ = next(rows)
+        for row in batch:
+            for t in row[1:]:
+                if t == bos:
+                    continue
+                nats += (t % 7) * 0.25 + 0.5
+                nbytes += len(tokenizer.enc.decode_single_token_bytes(t))
+    expected = nats / (math.log(2) * nbytes)
+    assert prepare.evaluate_bpb(TargetLoss(bos), tokenizer, B) == pytest.approx(expected, rel=1e-6)
+
+
+def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer):
+    """A model that knows nothing (uniform over the vocab) pays log2(V) bits for each counted token."""
+    B, V = 8, tokenizer.get_vocab_size()
+    bos = tokenizer.get_bos_token_id()
+
+    class Uniform(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, y, reduction="mean"):
+            logits = torch.zeros(*x.shape, V) + self.w
+            return torch.nn.functional.cross_entropy(logits.view(-1, V), y.reshape(-1), reduction=reduction).view(y.shape)
+
+    rows = plain_batches(tokenizer, B, MAX_SEQ_LEN, "val")
+    tokens = nbytes = 0
+    for _ in range(EVAL_TOKENS // (B * MAX_SEQ_LEN)):
+        for row in next(rows)[0]:
+            counted = [t for t in row[1:] if t != bos]
+            tokens += len(counted)
+            nbytes += sum(len(tokenizer.enc.decode_single_token_bytes(t)) for t in counted)
+    assert prepare.evaluate_bpb(Uniform(), tokenizer, B) == pytest.approx(tokens * math.log2(V) / nbytes, rel=1e-5)
+
+
+def test_too_few_eval_tokens_is_a_clear_error(tokenizer):
+    with pytest.raises(AssertionError, match="AUTORESEARCH_EVAL_TOKENS"):
+        prepare.evaluate_bpb(TargetLoss(0), tokenizer, EVAL_TOKENS)
