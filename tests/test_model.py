@@ -1,0 +1,121 @@
+"""train.py's model: the baseline's size and FLOPs by hand from the SPEC, shapes, attention paths, learning."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+
+
+def baseline():
+    return train.GPT(train.GPTConfig(sequence_len=2048, vocab_size=8192, n_layer=8, n_head=4, n_kv_head=4,
+                                     n_embd=512, window_pattern="SSSL"), "meta")
+
+
+def test_baseline_parameter_count_by_hand():
+    V, C, L, F4 = 8192, 512, 8, 4 * 512
+    ve_layers = [i for i in range(L) if i % 2 == (L - 1) % 2]
+    assert ve_layers == [1, 3, 5, 7]
+    wte = lm_head = V * C
+    value_embeds = len(ve_layers) * V * C
+    per_layer = 4 * C * C + 2 * C * F4  # q, k, v, proj; fc and proj of the MLP
+    gates = len(ve_layers) * 32 * 4
+    scalars = 2 * L
+    expected = wte + lm_head + value_embeds + L * per_layer + gates + scalars
+    assert expected == 50_332_176
+    counts = baseline().param_counts()
+    assert counts == dict(wte=wte, value_embeds=value_embeds, lm_head=lm_head, matrices=L * per_layer + gates,
+                          scalars=scalars, total=expected)
+
+
+def test_baseline_flops_per_token():
+    model = baseline()
+    assert model.windows == [1024, 1024, 1024, 2048, 1024, 1024, 1024, 2048]
+    dense = 50_332_176 - 8192 * 512 - 4 * 8192 * 512 - 16
+    attn = 12 * 4 * 128 * (6 * 1024 + 2 * 2048)
+    assert model.estimate_flops() == 6 * dense + attn == 239_078_400
+
+
+def test_window_pattern_last_layer_is_always_full():
+    cfg = train.GPTConfig(sequence_len=64, n_layer=3, window_pattern="S")
+    assert train.window_sizes(cfg) == [32, 32, 64]
+    with pytest.raises(AssertionError, match="WINDOW_PATTERN"):
+        train.window_sizes(train.GPTConfig(window_pattern="SXL"))
+
+
+def tiny(T=32, V=96, layers=2, pattern="SL", kv=2):
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=V, n_layer=layers, n_head=2, n_kv_head=kv,
+                                      n_embd=64, window_pattern=pattern), "cpu")
+    model.init_weights()
+    return model
+
+
+def test_forward_shapes_and_init():
+    model = tiny()
+    x = torch.randint(0, 96, (3, 32))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # how train.py and the eval call the model
+    with autocast:
+        logits, loss, per_token = model(x), model(x, x), model(x, x, reduction="none")
+    assert logits.shape == (3, 32, 96) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 15  # soft cap
+    assert loss.shape == () and per_token.shape == (3, 32)
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    assert all(ve.weight.dtype == torch.bfloat16 for ve in model.value_embeds.values())
+    assert model.transformer.h[0].attn.ve_gate is None and model.transformer.h[1].attn.ve_gate is not None
+    # zero-initialized output projections: at init every block is the identity on the residual stream
+    assert all(b.attn.c_proj.weight.abs().sum() == 0 and b.mlp.c_proj.weight.abs().sum() == 0
+               for b in model.transformer.h)
+    # a near-zero lm_head: the initial loss is close to ln(V)
+    assert loss.item() == pytest.approx(math.log(96), abs=0.05)
+
+
+def reference_attention(q, k, v, window):
+    """Attention written out with an explicit score matrix: [B, T, H, D] in and out."""
+    T, rep = q.size(1), q.size(2) // k.size(2)
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.size(-1))
+    i = torch.arange(T)
+    allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("window", [3, 8, 32])
+def test_attention_matches_the_explicit_formula(window):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 32, 4, 16), torch.randn(2, 32, 2, 16), torch.randn(2, 32, 2, 16)
+    out = train.attention(q, k, v, window, block_mask=None)
+    assert torch.allclose(out, reference_attention(q, k, v, window), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_block_mask_is_the_same_window():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    mask = create_block_mask(train.sliding_window_mask(9), None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    out = flex_attention(q, k, v, block_mask=mask)
+    ref = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 9).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_loss_falls_on_real_text(tokenizer):
+    from prepare import make_dataloader
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=1,
+                                      n_kv_head=1, n_embd=128, window_pattern="L"), "cpu")
+    model.init_weights()
+    opt = model.setup_optimizer(0.004, 0.6, 0.04, 0.5, 0.2, (0.8, 0.95))
+    loader = make_dataloader(tokenizer, 8, 64, "train", device="cpu")
+    losses = []
+    for step in range(25):
+        x, y, _ = next(loader)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5, losses
