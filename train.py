@@ -409,9 +409,14 @@ def get_weight_decay(progress):
 PEAK_BF16_FLOPS = [
     ("gh200", 989.5e12), ("h200", 989.5e12), ("h100 pcie", 756.0e12), ("h100 nvl", 835.0e12),
     ("h100", 989.5e12), ("h800", 989.5e12), ("b200", 2250e12), ("a100", 312.0e12), ("a800", 312.0e12),
-    ("l40s", 362.1e12), ("rtx 6000 ada", 364.2e12), ("l4", 121.0e12), ("a10", 125.0e12),
-    ("rtx 5090", 209.5e12), ("rtx 4090", 165.2e12), ("rtx 3090", 71.0e12),
+    ("l40s", 362.1e12), ("l40", 181.0e12), ("rtx 6000 ada", 364.2e12), ("l4", 121.0e12), ("a10g", 70.0e12),
+    ("a10", 125.0e12), ("rtx 5090", 209.5e12), ("rtx 4090", 165.2e12), ("rtx 3090", 71.0e12),
 ]
+
+
+def lookup_peak_flops(gpu_name):
+    """Peak bf16 FLOP/s of a GPU by its CUDA name, or 0.0 when it is not in the table."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in gpu_name.lower()), 0.0)
 
 
 def peak_flops(device):
@@ -419,10 +424,8 @@ def peak_flops(device):
     if device.type != "cuda":
         return 0.0, device.type, f"MFU is not computed on {device.type}"
     name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name.lower():
-            return flops, name, ""
-    return 0.0, name, f"{name} is not in train.py's PEAK_BF16_FLOPS table: MFU reported as 0"
+    flops = lookup_peak_flops(name)
+    return flops, name, "" if flops else f"{name} is not in train.py's PEAK_BF16_FLOPS table: MFU reported as 0"
 
 
 def alloc_conf_name():

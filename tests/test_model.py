@@ -119,3 +119,18 @@ def test_loss_falls_on_real_text(tokenizer):
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < losses[0] - 1.5, losses
+
+
+@pytest.mark.parametrize("name, flops", [
+    ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989.5e12), ("NVIDIA GH200 480GB", 989.5e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L40S", 362.1e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12), ("NVIDIA GeForce RTX 4090", 165.2e12),
+    ("NVIDIA B200", 2250e12), ("Some Future GPU", 0.0),
+])
+def test_peak_flops_table(name, flops):
+    assert train.lookup_peak_flops(name) == flops
+
+
+def test_mfu_is_not_computed_off_cuda():
+    flops, name, note = train.peak_flops(torch.device("cpu"))
+    assert flops == 0.0 and name == "cpu" and "not computed" in note
