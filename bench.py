@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from constants import LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
-from prepare import Tokenizer, list_shards, make_dataloader, read_parquet_texts
+from prepare import Tokenizer, get_device, list_shards, make_dataloader, read_parquet_texts
 
 
 def plain_batches(tokenizer, B, T, split):
@@ -57,15 +57,20 @@ def plain_batches(tokenizer, B, T, split):
 
 
 def bench_loader(B=32, T=MAX_SEQ_LEN, seconds=10.0):
+    """Tokens per second of each loader; make_dataloader delivers to the training device (copies included)."""
+    import torch
     tokenizer = Tokenizer.from_directory()
+    device = get_device()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = []
     for name, batches in [("plain single-threaded loader", plain_batches(tokenizer, B, T, "train")),
-                          ("prepare.make_dataloader (cpu)", make_dataloader(tokenizer, B, T, "train", device="cpu"))]:
+                          (f"prepare.make_dataloader (to {device.type})", make_dataloader(tokenizer, B, T, "train"))]:
         next(batches)  # warm up: first shard opened, buffer filled
         n, t0 = 0, time.time()
         while time.time() - t0 < seconds:
             next(batches)
             n += 1
+        sync()
         out.append((f"loader: {name}, B={B} T={T}", f"{n * B * T / (time.time() - t0) / 1e6:.2f}M tok/s"))
     return out
 
