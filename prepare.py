@@ -67,7 +67,7 @@ def read_parquet_texts(path):
         if "text" not in pf.schema_arrow.names:
             raise SetupError(f"{path} has no `text` column (columns: {', '.join(pf.schema_arrow.names)})")
         for rg in range(pf.num_row_groups):
-            yield [t for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()]
+            yield [t or "" for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()]  # null -> ""
     except (pa.ArrowException, OSError) as e:
         raise SetupError(f"{path} is not a readable parquet file ({e}); delete it and run prepare.py again")
 

@@ -84,3 +84,17 @@ def test_cpu_run_of_the_baseline_says_how_to_shrink_it(prepared):
     assert len(note) == 1
     for knob in ("DEPTH", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE", "AUTORESEARCH_TIME_BUDGET"):
         assert knob in note[0]
+
+
+def test_out_of_memory_is_one_line_naming_the_knob(monkeypatch):
+    import pytest
+    import train
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(train, "train", oom)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main()
+    message = str(exit_info.value.code).strip()
+    assert "\n" not in message and "DEVICE_BATCH_SIZE" in message
