@@ -35,11 +35,59 @@ class GPTConfig:
     n_kv_head: int = 4
     n_embd: int = 512
     window_pattern: str = "SSSL"
+    loss_chunk_rows: int = 0  # 0: plain loss; > 0: SoftcapCrossEntropy over chunks of this many rows
 
 
 def norm(x):
     """RMSNorm with no learned gain."""
     return F.rms_norm(x, (x.size(-1),))
+
+
+SOFTCAP = 15.0  # logits = SOFTCAP * tanh(logits / SOFTCAP)
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of soft-capped logits, SOFTCAP * tanh(x @ W^T / SOFTCAP), computed over chunks of
+    rows so that the [N, V] fp32 logits (8.6 GB for the baseline's 128 x 2048 x 8192) never exist at once;
+    the backward pass recomputes each chunk's logits from x and W. Targets of -1 are ignored (loss 0).
+    x: [N, C] in the matmul dtype (bf16 under autocast); weight: [V, C]; targets: [N] -> losses [N] fp32."""
+
+    @staticmethod
+    def _chunk_logits(x, w, cap):
+        t = torch.tanh((x @ w.t()).float() / cap)
+        return cap * t, t
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):
+        w = weight.to(x.dtype)
+        losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+        lse = torch.empty_like(losses)
+        for i in range(0, x.size(0), chunk_rows):
+            z, _ = SoftcapCrossEntropy._chunk_logits(x[i:i + chunk_rows], w, SOFTCAP)
+            t = targets[i:i + chunk_rows]
+            lse[i:i + chunk_rows] = torch.logsumexp(z, dim=-1)
+            picked = z.gather(1, t.clamp_min(0)[:, None]).squeeze(1)
+            losses[i:i + chunk_rows] = torch.where(t >= 0, lse[i:i + chunk_rows] - picked, 0.0)
+        ctx.save_for_backward(x, weight, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        x, weight, targets, lse = ctx.saved_tensors
+        w, n = weight.to(x.dtype), ctx.chunk_rows
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for i in range(0, x.size(0), n):
+            xc, t = x[i:i + n], targets[i:i + n]
+            z, tanh = SoftcapCrossEntropy._chunk_logits(xc, w, SOFTCAP)
+            dz = torch.exp(z - lse[i:i + n, None])  # softmax
+            dz.scatter_add_(1, t.clamp_min(0)[:, None], torch.full_like(dz[:, :1], -1.0))  # minus one-hot
+            scale = torch.where(t >= 0, grad_losses[i:i + n], 0.0)
+            dz = (dz * scale[:, None] * (1 - tanh.square())).to(x.dtype)  # through the soft cap
+            grad_x[i:i + n] = dz @ w
+            grad_w += (dz.t() @ xc).float()
+        return grad_x, grad_w.to(weight.dtype), None, None
 
 
 def has_value_embedding(layer_idx, n_layer):
@@ -238,8 +286,18 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.windows[i], self.block_masks.get(self.windows[i]))
-        logits = self.lm_head(norm(x)).float()
-        logits = 15 * torch.tanh(logits / 15)  # soft cap
+        x = norm(x)
+        if targets is not None and self.config.loss_chunk_rows > 0:
+            if torch.is_autocast_enabled(x.device.type):  # the matmul dtype that autocast would pick
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            losses = SoftcapCrossEntropy.apply(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                               self.config.loss_chunk_rows)
+            if reduction == "none":
+                return losses.view(B, T)
+            assert reduction == "mean", f"reduction must be 'mean' or 'none', got {reduction!r}"
+            return losses.sum() / (targets >= 0).sum()
+        logits = self.lm_head(x).float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
@@ -380,6 +438,7 @@ ADAM_BETAS = (0.8, 0.95)    # AdamW betas
 WARMUP_RATIO = 0.0          # fraction of the budget spent warming the lr up
 WARMDOWN_RATIO = 0.5        # fraction of the budget at the end spent decaying the lr
 FINAL_LR_FRAC = 0.0         # lr multiplier at the very end
+LOSS_CHUNK_ROWS = 0         # 0: plain loss; >0 (e.g. 32768): chunked, never holds all fp32 logits (untimed on GPU)
 SEED = 42
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,7 +515,7 @@ def train():
     model_dim = ((DEPTH * ASPECT_RATIO + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
     config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
                        n_head=model_dim // HEAD_DIM, n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim,
-                       window_pattern=WINDOW_PATTERN)
+                       window_pattern=WINDOW_PATTERN, loss_chunk_rows=LOSS_CHUNK_ROWS)
     model = GPT(config, device)
     model.init_weights()
     num_params = model.param_counts()["total"]
