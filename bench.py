@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 
 from constants import LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
 from prepare import Tokenizer, get_device, list_shards, make_dataloader, read_parquet_texts

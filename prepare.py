@@ -21,11 +21,16 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import rustbpe
+import tiktoken
+import torch
 
 from constants import (BOS_TOKEN, DATA_DIR, DEFAULT_NUM_SHARDS, EVAL_TOKENS, HF_ENDPOINT, LOADER_BUFFER_DOCS,
                        LOADER_REFILL_DOCS, MAX_SEQ_LEN, MAX_SHARD, SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_DIR,
@@ -47,7 +52,6 @@ class SetupError(SystemExit):
 
 def get_device():
     """The training device, detected at run time: cuda, then mps, then cpu."""
-    import torch
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -60,8 +64,6 @@ def get_device():
 
 def read_parquet_texts(path):
     """Yield the `text` column of a parquet file as one list of str per row group, in order."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
         if "text" not in pf.schema_arrow.names:
@@ -74,8 +76,6 @@ def read_parquet_texts(path):
 
 def parquet_is_whole(path):
     """True when the parquet footer reads and the file has a `text` column (the check before a rename)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     try:
         return "text" in pq.ParquetFile(path).schema_arrow.names
     except (pa.ArrowException, OSError):
@@ -83,8 +83,6 @@ def parquet_is_whole(path):
 
 
 def write_parquet(texts, path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     tmp = path + ".tmp"
     pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), tmp, row_group_size=1024,
                    compression="zstd")
@@ -109,7 +107,6 @@ def download_shard(index, data_dir=DATA_DIR, endpoint=HF_ENDPOINT, attempts=5, b
 
     The body streams to a temporary file that is renamed only after its byte count matches Content-Length
     and its parquet footer reads, so a file under its final name is always whole."""
-    import requests
     final = os.path.join(data_dir, shard_name(index))
     if os.path.exists(final):
         if parquet_is_whole(final):
@@ -252,7 +249,6 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):
-        import tiktoken
         ranks_path = os.path.join(tokenizer_dir, "ranks.txt")
         meta_path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not (os.path.exists(ranks_path) and os.path.exists(meta_path)):
@@ -326,7 +322,6 @@ class Tokenizer:
 
 def train_tokenizer(tokenizer_dir=TOKENIZER_DIR, data_dir=DATA_DIR):
     """Train byte-level BPE on the training shards (each document cut to 10k chars, at most 1e9 chars)."""
-    import rustbpe
     paths = list_shards("train", data_dir)
     if not paths:
         raise SetupError(f"no training shards in {data_dir}: {PREPARE_HINT}")
@@ -423,7 +418,6 @@ def tokenize_all(tokenizer, data_dir=DATA_DIR):
 
 def get_token_bytes(device=None, tokenizer=None):
     """int32 tensor [vocab]: the UTF-8 bytes each token id stands for (0 for special tokens)."""
-    import torch
     tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_directory()
     return torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int32,
                         device=device if device is not None else get_device())
@@ -491,7 +485,6 @@ def make_dataloader(tokenizer, B, T, split, device=None):
     targets = inputs shifted by one. On CUDA the rows go through pinned memory with an asynchronous copy;
     PyTorch's pinned-memory allocator does not hand a block out again before the copy reading it is done,
     so a fresh pinned tensor per batch cannot race with the copy of the previous one."""
-    import torch
     device = torch.device(device) if device is not None else get_device()
     pin = device.type == "cuda"
     for rows, epoch in pack_rows(tokenizer, B, T, split):
@@ -510,7 +503,6 @@ def evaluate_bpb(model, tokenizer, batch_size):
     (nats) over targets that stand for at least one byte, divided by ln(2) times the sum of their bytes.
     Special tokens (BOS) as targets are excluded from both sums. The model is called as
     model(x, y, reduction='none') and returns per-token losses."""
-    import torch
     steps = EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)
     assert steps > 0, (f"EVAL_TOKENS={EVAL_TOKENS} is less than one eval batch ({batch_size} x {MAX_SEQ_LEN}): "
                        "raise AUTORESEARCH_EVAL_TOKENS or lower the eval batch size")
