@@ -148,17 +148,18 @@ def download_shards(indices, data_dir=DATA_DIR, endpoint=HF_ENDPOINT, workers=8,
     for name in os.listdir(data_dir):  # leftovers of an interrupted run
         if name.endswith(".part"):
             os.remove(os.path.join(data_dir, name))
-    failed, done = [], 0
+    failed, counts = [], {"ok": 0, "skip": 0, "fail": 0}
 
     def one(index):
         return index, download_shard(index, data_dir, endpoint, **kwargs)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for index, (status, detail) in pool.map(one, indices):
-            done += 1
-            print(f"[{done}/{len(indices)}] {shard_name(index)}: {status} ({detail})", flush=True)
+            counts[status] += 1
+            print(f"[{sum(counts.values())}/{len(indices)}] {shard_name(index)}: {status} ({detail})", flush=True)
             if status == "fail":
                 failed.append(shard_name(index))
+    print(f"data: {counts['ok']} downloaded, {counts['skip']} already present, {counts['fail']} failed", flush=True)
     return failed
 
 

@@ -130,6 +130,7 @@ def test_cli_downloads_then_trains_the_tokenizer(hub, tmp_path):
     assert names_in(cache / "data") == [shard_name(0), shard_name(1), shard_name(VAL_SHARD)]
     assert names_in(cache / "tokenizer") == ["ranks.txt", "tokenizer.json"]
     assert proc.stdout.count("shard_") >= 3  # one progress line per shard
+    assert "data: 3 downloaded, 0 already present, 0 failed" in proc.stdout
 
 
 def test_cli_exits_non_zero_naming_the_failed_shards(hub, tmp_path):
