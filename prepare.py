@@ -71,7 +71,7 @@ def read_parquet_texts(path):
         for rg in range(pf.num_row_groups):
             yield [t or "" for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()]  # null -> ""
     except (pa.ArrowException, OSError) as e:
-        raise SetupError(f"{path} is not a readable parquet file ({e}); delete it and run prepare.py again")
+        raise SetupError(f"{path} is not a readable parquet file ({e})")
 
 
 def parquet_is_whole(path):

@@ -1,7 +1,9 @@
 """The packing loader: the SPEC's invariants, and the very same rows as the plain reference implementation."""
 import itertools
+import os
 
 import numpy as np
+import pytest
 import torch
 
 import prepare
@@ -23,7 +25,8 @@ def test_rows_are_packed_documents(tokenizer):
     bos, B, T = tokenizer.get_bos_token_id(), 4, 96
     for split in ("train", "val"):
         docs = split_docs(tokenizer, split)
-        other = set(split_docs(tokenizer, "val" if split == "train" else "train"))
+        whole_docs = set(docs)
+        other = set(split_docs(tokenizer, "val" if split == "train" else "train")) - whole_docs
         prefixes = {d[:n] for d in docs for n in range(1, min(len(d), T + 1) + 1)}
         loader = prepare.make_dataloader(tokenizer, B, T, split, device="cpu")
         for x, y, epoch in itertools.islice(loader, 20):
@@ -31,13 +34,12 @@ def test_rows_are_packed_documents(tokenizer):
             assert (x[:, 0] == bos).all(), "every row starts with BOS"
             assert torch.equal(x[:, 1:], y[:, :-1]), "targets are the inputs shifted by one"
             for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
-                for seg in segments(row, bos):
+                pieces = segments(row, bos)
+                for seg in pieces:
                     assert seg in prefixes, "every token comes from a real document of this split (no padding)"
-                    assert seg in set(docs) or len(seg) > 0
-        whole = [s for s in segments(row, bos)[:-1]]  # all but the last piece of a row are whole documents
-        assert all(s in set(docs) for s in whole)
-        if split == "val":
-            assert not any(s in other for s in whole if len(s) > 20), "val rows come only from the val shard"
+                    assert seg not in other, "a split's rows come only from its own shards"
+                # all but the last piece of a row are whole documents (only the last one may be cropped)
+                assert all(seg in whole_docs for seg in pieces[:-1])
 
 
 def test_same_rows_as_the_plain_reference(tokenizer):
@@ -63,8 +65,6 @@ def test_default_device_is_the_training_device(tokenizer):
 
 
 def test_stale_tokens_point_at_prepare(tokenizer):
-    import os
-    import pytest
     path = prepare.list_shards("train")[0]
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the shard changed after it was tokenized

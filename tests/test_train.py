@@ -2,6 +2,7 @@
 import math
 import re
 
+import pytest
 import torch
 
 from conftest import run_script
@@ -87,7 +88,6 @@ def test_cpu_run_of_the_baseline_says_how_to_shrink_it(prepared):
 
 
 def test_out_of_memory_is_one_line_naming_the_knob(monkeypatch):
-    import pytest
     import train
 
     def oom():
