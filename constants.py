@@ -8,23 +8,62 @@ comparable with a standard one:
   AUTORESEARCH_EVAL_TOKENS   validation tokens scored by evaluate_bpb (default 40 * 524288)
   AUTORESEARCH_MAX_SEQ_LEN   context length (default 2048)
   HF_ENDPOINT                the dataset hub, for mirrors (default https://huggingface.co)
+  AUTORESEARCH_DEVICE        cpu, cuda or mps: the training device (default: CUDA if torch can use it, else MPS,
+                             else the CPU; an NVIDIA GPU that torch cannot use is an error unless this says cpu)
+Each is checked here, where it is read: a bad value stops the program with one line.
 """
+import math
 import os
 
-MAX_SEQ_LEN = int(os.environ.get("AUTORESEARCH_MAX_SEQ_LEN", 2048))  # context length of training and eval
-TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))  # seconds of counted training time
-EVAL_TOKENS = int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", 40 * 524288))  # tokens scored by evaluate_bpb
+
+def _env(name, default, parse, ok, allowed):
+    """An override read from the environment and checked here, where it is read: a value that does not parse or
+    is out of range stops the program with one line naming the variable and what it may be."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise SystemExit(f"error: {name}={raw!r} is not allowed: it must be {allowed} (unset it for the "
+                         f"default, {default})")
+    return value
+
+
+# The defaults are the reference's; a run whose values differ from them is not comparable with a standard one.
+DEFAULTS = {"MAX_SEQ_LEN": 2048, "TIME_BUDGET": 300.0, "EVAL_TOKENS": 40 * 524288}
+MAX_SEQ_LEN = _env("AUTORESEARCH_MAX_SEQ_LEN", DEFAULTS["MAX_SEQ_LEN"], int, lambda v: 8 <= v <= 1 << 20,
+                   "an integer from 8 to 1048576")  # context length of training and eval
+TIME_BUDGET = _env("AUTORESEARCH_TIME_BUDGET", DEFAULTS["TIME_BUDGET"], float,
+                   lambda v: math.isfinite(v) and 0 < v <= 7 * 86400,
+                   "a number of seconds above 0 (at most a week)")  # seconds of counted training time
+EVAL_TOKENS = _env("AUTORESEARCH_EVAL_TOKENS", DEFAULTS["EVAL_TOKENS"], int, lambda v: 1 <= v <= 1 << 40,
+                   "a positive integer, at least one eval batch (rows x MAX_SEQ_LEN)")  # tokens evaluate_bpb scores
+RESOLVED = {"MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET, "EVAL_TOKENS": EVAL_TOKENS}  # as read at start
+# The overrides of the metric's constants that this process runs under (name -> raw value), for the run's notes.
+METRIC_OVERRIDES = {name: os.environ[name].strip() for name in
+                    ("AUTORESEARCH_MAX_SEQ_LEN", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_EVAL_TOKENS")
+                    if os.environ.get(name, "").strip()}
 VOCAB_SIZE = 8192  # 8188 learned BPE tokens + 4 special tokens
 
-# Cache layout: CACHE_DIR/data (parquet shards), CACHE_DIR/tokenizer, CACHE_DIR/tokens (pre-tokenized shards).
+DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda", "mps"), "cpu, cuda or mps")
+
+# Cache layout: CACHE_DIR/data (parquet shards), CACHE_DIR/tokenizer, CACHE_DIR/tokens (pre-tokenized shards),
+# CACHE_DIR/manifest.json (what prepare.py wrote: source, sizes, checksums), CACHE_DIR/prepare.lock.
 CACHE_DIR = os.path.abspath(os.path.expanduser(
     os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join("~", ".cache", "autoresearch")))
 DATA_DIR = os.path.join(CACHE_DIR, "data")
 TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
 TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")
+MANIFEST_PATH = os.path.join(CACHE_DIR, "manifest.json")  # where every cached file came from, its size and checksum
+LOCK_PATH = os.path.join(CACHE_DIR, "prepare.lock")  # held by the one prepare.py that may write the cache
 
 # Data: one `text` column per parquet shard. The last shard is pinned as validation; training uses the others.
-HF_ENDPOINT = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+HF_ENDPOINT = _env("HF_ENDPOINT", "https://huggingface.co", lambda v: v.rstrip("/"),
+                   lambda v: v.startswith(("http://", "https://")) and len(v) > len("https://"),
+                   "an http:// or https:// address")
 DATASET_REPO = "karpathy/climbmix-400b-shuffle"
 MAX_SHARD = 6542  # shards are shard_00000.parquet ... shard_06542.parquet
 VAL_SHARD = MAX_SHARD

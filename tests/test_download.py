@@ -1,7 +1,11 @@
 """prepare.py's download path against a loopback HTTP server standing in for the hub (HF_ENDPOINT)."""
 import io
+import json
 import os
+import random
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
@@ -15,16 +19,20 @@ from constants import VAL_SHARD, shard_name
 
 def parquet_bytes(texts):
     buf = io.BytesIO()
-    pq.write_table(pa.table({"text": texts}), buf)
+    pq.write_table(pa.table({"text": texts}), buf, row_group_size=100)
     return buf.getvalue()
 
 
 class FakeHub:
-    """Serves /datasets/<repo>/resolve/main/shard_NNNNN.parquet from `files`. `cut[name] = n` cuts the
-    connection half way through the body for the next n requests of that file; `missing` names give 404."""
+    """Serves /datasets/<repo>/resolve/main/shard_NNNNN.parquet from `files`; other names give 404.
+    Misbehaviour per file name: `cut[name] = n` cuts the connection half way through the body for the next n
+    requests; `corrupt` names get a body with zeroed bytes in the middle (the footer still reads); `stall` names
+    get headers, then nothing; `pace[name] = (bytes, seconds)` sends the body in pieces of that many bytes with
+    that pause between them."""
 
     def __init__(self, files):
         self.files, self.cut, self.requests = dict(files), {}, []
+        self.corrupt, self.stall, self.pace, self.stop = set(), set(), {}, threading.Event()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,16 +45,31 @@ class FakeHub:
                     self.end_headers()
                     return
                 body = hub.files[name]
+                if name in hub.corrupt:
+                    middle = len(body) // 2
+                    body = body[:middle] + bytes(256) + body[middle + 256:]
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                self.wfile.flush()
+                if name in hub.stall:
+                    hub.stop.wait(30)
+                    return
                 if hub.cut.get(name, 0) > 0:
                     hub.cut[name] -= 1
                     self.wfile.write(body[:len(body) // 2])
                     self.wfile.flush()
                     self.connection.shutdown(2)  # the connection dies mid-file
                     return
-                self.wfile.write(body)
+                piece, pause = hub.pace.get(name, (len(body), 0))
+                try:
+                    for i in range(0, len(body), piece):
+                        self.wfile.write(body[i:i + piece])
+                        self.wfile.flush()
+                        if pause and hub.stop.wait(pause):
+                            return
+                except OSError:
+                    return  # the client gave up
 
             def log_message(self, *args):
                 pass
@@ -56,14 +79,22 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
+        self.stop.set()
         self.server.shutdown()
         self.server.server_close()
 
 
+def random_texts(seed, n):
+    """Text that compresses poorly, so that damage to a shard's body cannot decode by chance."""
+    rng = random.Random(seed)
+    return [" ".join(f"{rng.choice(['alpha', 'beta', 'gamma', 'delta'])}{rng.randrange(1000)}" for _ in range(60))
+            for _ in range(n)]
+
+
 @pytest.fixture
 def hub():
-    files = {shard_name(i): parquet_bytes([f"document {i}.{j} " * 50 for j in range(200)]) for i in range(3)}
-    files[shard_name(VAL_SHARD)] = parquet_bytes([f"validation text {j} " * 40 for j in range(100)])
+    files = {shard_name(i): parquet_bytes(random_texts(i, 400)) for i in range(3)}
+    files[shard_name(VAL_SHARD)] = parquet_bytes(random_texts(-1, 200))
     server = FakeHub(files)
     yield server
     server.close()
@@ -83,19 +114,19 @@ def test_download_success(hub, tmp_path):
 
 def test_cut_connection_is_retried_and_never_leaves_a_partial_file(hub, tmp_path):
     hub.cut[shard_name(0)] = 1  # first attempt dies half way, the retry succeeds
-    status, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, attempts=3, backoff=0)
+    status, _, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, attempts=3, backoff=0)
     assert status == "ok"
     assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
     assert hub.requests.count(shard_name(0)) == 2
 
     hub.cut[shard_name(1)] = 5  # every attempt dies: nothing under the final name, no temp file left
-    status, detail = prepare.download_shard(1, str(tmp_path), hub.endpoint, attempts=2, backoff=0)
+    status, detail, _ = prepare.download_shard(1, str(tmp_path), hub.endpoint, attempts=2, backoff=0)
     assert status == "fail" and hub.endpoint in detail
     assert names_in(tmp_path) == [shard_name(0)]
 
 
 def test_404_fails_at_once_naming_the_url(hub, tmp_path):
-    status, detail = prepare.download_shard(5, str(tmp_path), hub.endpoint, attempts=5, backoff=10)
+    status, detail, _ = prepare.download_shard(5, str(tmp_path), hub.endpoint, attempts=5, backoff=10)
     assert status == "fail"
     assert "404" in detail and shard_name(5) in detail
     assert hub.requests == [shard_name(5)]  # a permanent error is not retried
@@ -117,7 +148,7 @@ def test_resume_after_an_interrupted_run(hub, tmp_path):
 
 def test_a_truncated_shard_under_its_final_name_is_fetched_again(hub, tmp_path):
     (tmp_path / shard_name(0)).write_bytes(hub.files[shard_name(0)][:1000])
-    status, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, backoff=0)
+    status, _, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, backoff=0)
     assert status == "ok"
     assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
 
@@ -131,6 +162,21 @@ def test_cli_downloads_then_trains_the_tokenizer(hub, tmp_path):
     assert names_in(cache / "tokenizer") == ["ranks.txt", "tokenizer.json"]
     assert proc.stdout.count("shard_") >= 3  # one progress line per shard
     assert "data: 3 downloaded, 0 already present, 0 failed" in proc.stdout
+    again = run_script(["prepare.py", "--num-shards", "2"],  # a rerun verifies every file and fetches nothing
+                       env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache)})
+    assert again.returncode == 0, again.stderr
+    assert "data: 0 downloaded, 3 already present" in again.stdout and "checksum matches" in again.stdout
+    # --source on a cache of hub data replaces it, saying so; nothing of the hub's data stays
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.txt").write_text(f"local document number {i} " * 30)
+    local = run_script(["prepare.py", "--source", str(src)], env={"AUTORESEARCH_CACHE_DIR": str(cache)})
+    assert local.returncode == 0, local.stderr
+    assert "replacing the data from karpathy/climbmix-400b-shuffle" in local.stdout
+    texts = [t for p in prepare.list_shards("train", str(cache / "data")) + prepare.list_shards(
+        "val", str(cache / "data")) for batch in prepare.read_parquet_texts(p) for t in batch]
+    assert sorted(texts) == sorted(f"local document number {i} " * 30 for i in range(3))
 
 
 def test_cli_exits_non_zero_naming_the_failed_shards(hub, tmp_path):
@@ -146,4 +192,64 @@ def test_cli_without_network_says_which_url_failed(tmp_path):
     proc = run_script(["prepare.py", "--num-shards", "1"],
                       env={"HF_ENDPOINT": "http://127.0.0.1:9", "AUTORESEARCH_CACHE_DIR": str(tmp_path)})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "http://127.0.0.1:9/datasets/" in proc.stdout + proc.stderr
+    assert "cannot connect to http://127.0.0.1:9/datasets/" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_body_that_does_not_decode_never_gets_the_final_name(hub, tmp_path):
+    hub.corrupt.add(shard_name(0))  # right length, footer fine, a row group in the middle broken
+    status, detail, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, attempts=2, backoff=0)
+    assert status == "fail" and "not a readable parquet file" in detail
+    assert names_in(tmp_path) == [] and hub.requests == [shard_name(0)] * 2
+
+
+def test_a_stalled_body_is_abandoned_and_retried(hub, tmp_path):
+    hub.stall.add(shard_name(0))
+    t0 = time.time()
+    status, detail, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, attempts=2, backoff=0, stall=0.5)
+    assert status == "fail" and "timed out" in detail.lower()
+    assert time.time() - t0 < 10 and hub.requests == [shard_name(0)] * 2 and names_in(tmp_path) == []
+
+
+def test_a_trickle_is_abandoned(hub, tmp_path):
+    hub.pace[shard_name(0)] = (200, 0.02)  # about 10 KB/s: every read returns, but far too slowly
+    t0 = time.time()
+    status, detail, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, attempts=1, min_rate=64e3,
+                                               window=0.5)
+    assert status == "fail" and "too slow" in detail and time.time() - t0 < 10
+    assert names_in(tmp_path) == []
+
+
+def test_a_refused_connection_fails_fast_and_stops_the_rest(tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    t0 = time.time()
+    with pytest.raises(SystemExit) as refusal:
+        prepare.download_shards(list(range(40)), str(tmp_path), endpoint, workers=2, backoff=10)
+    line = str(refusal.value.code)
+    assert f"cannot connect to {endpoint}/datasets/" in line and "40 of 40 shards not fetched" in line
+    assert time.time() - t0 < 10, "a refused connection must not be retried with back-off, shard after shard"
+
+
+def test_progress_is_printed_during_a_long_download(hub, tmp_path, capsys):
+    hub.pace[shard_name(0)] = (20_000, 0.1)  # takes a second or two, fast enough to finish
+    failed = prepare.download_shards([0], str(tmp_path), hub.endpoint, workers=1, progress_every=0.3)
+    out = capsys.readouterr().out
+    assert failed == [] and "MB received in" in out
+    assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
+
+
+def test_a_shard_that_does_not_match_the_manifest_is_fetched_again(hub, tmp_path):
+    manifest = prepare.Manifest({"kind": "hub", "dataset": "x", "endpoint": hub.endpoint}, str(tmp_path))
+    data = tmp_path / "data"
+    assert prepare.download_shards([0, 1], str(data), hub.endpoint, manifest=manifest) == []
+    assert manifest.files["data/" + shard_name(0)]["sha256"] == prepare.file_sha256(str(data / shard_name(0)))
+    saved = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(saved["files"]) == {"data/" + shard_name(0), "data/" + shard_name(1)}
+    body = bytearray((data / shard_name(0)).read_bytes())
+    body[100] ^= 0xFF  # same size, one byte changed
+    (data / shard_name(0)).write_bytes(bytes(body))
+    hub.requests.clear()
+    assert prepare.download_shards([0, 1], str(data), hub.endpoint, manifest=manifest) == []
+    assert hub.requests == [shard_name(0)]  # shard 1 matched its checksum and was kept
+    assert (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]

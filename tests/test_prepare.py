@@ -28,8 +28,8 @@ def test_source_split_does_not_depend_on_file_order(tmp_path, corpus_docs):
     docs = corpus_docs[:300]
     write_source_corpus(str(tmp_path / "a"), docs)
     write_source_corpus(str(tmp_path / "b"), docs[::-1])
-    prepare.build_from_source(str(tmp_path / "a"), str(tmp_path / "out_a"))
-    prepare.build_from_source(str(tmp_path / "b"), str(tmp_path / "out_b"))
+    for name in ("a", "b"):
+        prepare.write_source_shards(prepare.read_source(str(tmp_path / name))[0], str(tmp_path / f"out_{name}"))
     val = [sorted(all_texts(prepare.list_shards("val", str(tmp_path / d)))) for d in ("out_a", "out_b")]
     assert val[0] == val[1] and len(val[0]) > 0
 
@@ -89,18 +89,6 @@ def test_a_tampered_tokenizer_gives_one_clear_error(tmp_path, tokenizer):
         prepare.Tokenizer.from_directory(str(tmp_path / "missing"))
 
 
-def test_replaced_shard_is_never_read_through_stale_tokens(prepared, tokenizer):
-    path = prepare.list_shards("train")[0]
-    assert prepare.tokens_are_current(path, tokenizer)
-    st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    try:
-        assert not prepare.tokens_are_current(path, tokenizer)
-    finally:
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert prepare.tokens_are_current(path, tokenizer)
-
-
 def one_line_error(proc):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -135,7 +123,39 @@ def test_source_cli_works_offline_end_to_end(tmp_path, corpus_docs):
     proc = run_script(["prepare.py", "--source", str(tmp_path / "src")],
                       env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})  # HF_ENDPOINT is unreachable
     assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(tmp_path / "cache")) == ["data", "tokenizer", "tokens"]
+    assert sorted(os.listdir(tmp_path / "cache")) == ["data", "manifest.json", "prepare.lock", "tokenizer", "tokens"]
     again = run_script(["prepare.py", "--source", str(tmp_path / "src")],
                        env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
     assert again.returncode == 0, again.stderr
+
+
+PROC_VERSION = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.14  Release Build  "
+                "(dvs-builder@U16-I3-B03-4-3)  Thu Feb 22 01:25:25 UTC 2024\nGCC version:  gcc version 12.3.0\n")
+
+
+def test_the_driver_version_is_read_from_proc(tmp_path):
+    (tmp_path / "version").write_text(PROC_VERSION)
+    assert prepare.nvidia_driver_version(str(tmp_path / "version")) == "550.54.14"
+    (tmp_path / "version").write_text(PROC_VERSION.replace("Open Kernel Module for x86_64", "Kernel Module"))
+    assert prepare.nvidia_driver_version(str(tmp_path / "version")) == "550.54.14"
+
+
+@pytest.mark.parametrize("cuda_available, driver, torch_cuda, expected", [
+    (True, "590.10", "13.0", None),                       # torch uses the GPU
+    (False, None, "13.0", None),                          # no NVIDIA GPU: the CPU (or MPS) is the device
+    (False, "550.54.14", "13.0", ["550.54.14", ">= 580", "Older NVIDIA drivers", "AUTORESEARCH_DEVICE=cpu"]),
+    (False, "560.35", "12.8", ["CUDA_VISIBLE_DEVICES", "Older NVIDIA drivers"]),  # new enough: something else
+    (False, "470.1", "12.8", ["470.1", ">= 525"]),
+    (False, "550.54.14", None, ["without CUDA", "Older NVIDIA drivers"]),   # a CPU-only torch on a GPU machine
+])
+def test_a_gpu_torch_cannot_use_is_one_line_naming_the_driver(cuda_available, driver, torch_cuda, expected):
+    problem = prepare.unusable_gpu_problem(cuda_available, driver, torch_cuda, torch_version="2.11.0")
+    if expected is None:
+        assert problem is None
+    else:
+        assert "\n" not in problem and all(part in problem for part in expected), problem
+
+
+def test_device_choice_is_said_by_prepare(tokenizer, capsys, source_dir):
+    prepare.main(["--source", source_dir])
+    assert "device: train.py will run on cpu" in capsys.readouterr().out

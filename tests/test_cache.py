@@ -1,0 +1,279 @@
+"""The cache never lies: every kind of cache file corrupted, swapped, truncated or emptied is refused by train.py's
+start-up check with one line naming it, and a rerun of prepare.py repairs it; sources never mix; --source is
+read-only; one prepare.py at a time; bad overrides are one line before anything runs."""
+import json
+import os
+import shutil
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare
+from conftest import ROOT, run_script
+from constants import CACHE_DIR, DATA_DIR, LOCK_PATH, MANIFEST_PATH, TOKENIZER_DIR, VAL_SHARD, shard_name
+from test_train import TINY
+
+
+def cache_file(kind, tokenizer=None):
+    """Path of one file of the shared test cache."""
+    if kind in ("ranks.txt", "tokenizer.json"):
+        return os.path.join(TOKENIZER_DIR, kind)
+    split, suffix = kind.split(".", 1)
+    name = shard_name(VAL_SHARD) if split == "val" else shard_name(0)
+    if suffix == "parquet":
+        return os.path.join(DATA_DIR, name)
+    tok_rel, idx_rel = prepare.token_rels(name, tokenizer.fingerprint)
+    return os.path.join(CACHE_DIR, tok_rel if suffix == "tokens" else idx_rel)
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes, to show something was left untouched."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def truncate(path, keep=0.5):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * keep)])
+
+
+def flip_middle_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def cut_lines(path, n=100):
+    with open(path, encoding="ascii") as f:
+        lines = f.readlines()
+    with open(path, "w", encoding="ascii") as f:
+        f.writelines(lines[:-n])  # still a well-formed file, cut at a line boundary
+
+
+def swap(a, b):
+    os.replace(a, a + ".swap")
+    os.replace(b, a)
+    os.replace(a + ".swap", b)
+
+
+def replace_parquet(path):
+    pq.write_table(pa.table({"text": ["a different document " * 20] * 30}), path)
+
+
+def write(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def make_folder(path):
+    os.remove(path)
+    os.mkdir(path)
+
+
+# (what is done to the cache, the file the refusal must name)
+DAMAGE = {
+    "train tokens swapped with the validation shard's": (lambda f: swap(f("train.tokens"), f("val.tokens")),
+                                                         ".tokens.npy"),
+    "train tokens emptied": (lambda f: truncate(f("train.tokens"), 0), "shard_00000.tokens.npy"),
+    "train tokens truncated": (lambda f: truncate(f("train.tokens")), "shard_00000.tokens.npy"),
+    "one byte of the validation tokens changed": (lambda f: flip_middle_byte(f("val.tokens")),
+                                                  "shard_06542.tokens.npy"),
+    "index truncated": (lambda f: truncate(f("train.index")), "shard_00000.index.npz"),
+    "ranks.txt cut at a line boundary": (lambda f: cut_lines(f("ranks.txt")), "ranks.txt"),
+    "tokenizer.json rewritten": (lambda f: write(f("tokenizer.json"), '{"pattern": "x"}'), "tokenizer.json"),
+    "a training shard replaced": (lambda f: replace_parquet(f("train.parquet")), "shard_00000.parquet"),
+    "a token file turned into a folder": (lambda f: make_folder(f("val.tokens")), "shard_06542.tokens.npy"),
+    "manifest.json garbled": (lambda f: write(MANIFEST_PATH, "{not json"), "manifest.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damage_is_refused_then_repaired(case, prepared, tokenizer, source_dir, capsys):
+    damage, named = DAMAGE[case]
+    before = snapshot(CACHE_DIR)
+    source_before = snapshot(source_dir)
+    damage(lambda kind: cache_file(kind, tokenizer))
+    with pytest.raises(SystemExit) as refusal:
+        prepare.check_cache()
+    line = str(refusal.value.code)
+    assert "\n" not in line and line.startswith("error: ") and named in line, line
+    assert "prepare.py" in line, "the refusal says what repairs it"
+    if "emptied" in case:  # the loader refuses too, instead of spinning on empty documents
+        with pytest.raises(SystemExit, match="shard_00000"):
+            next(prepare.make_dataloader(tokenizer, 2, 32, "train", device="cpu"))
+    capsys.readouterr()
+    prepare.main(["--source", source_dir])  # "rerun prepare.py" repairs
+    assert prepare.check_cache().fingerprint == tokenizer.fingerprint
+    after = snapshot(CACHE_DIR)
+    for rel in ("tokenizer/ranks.txt", f"data/{shard_name(VAL_SHARD)}",
+                prepare.token_rels(shard_name(VAL_SHARD), tokenizer.fingerprint)[0]):
+        assert after[rel] == before[rel], f"{rel} is not what it was before the damage"
+    assert snapshot(source_dir) == source_before, "--source is only read"
+
+
+def test_train_py_refuses_a_damaged_cache_in_one_line(prepared, tokenizer, tmp_path, source_dir):
+    cache = tmp_path / "cache"
+    shutil.copytree(CACHE_DIR, cache)  # (copy2 keeps the mtimes the manifest recorded)
+    rel = prepare.token_rels(shard_name(VAL_SHARD), tokenizer.fingerprint)[0]
+    truncate(cache / rel)
+    proc = run_script(["-c", TINY + "train.main()"], env={"AUTORESEARCH_CACHE_DIR": str(cache)})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and str(cache / rel) in line and f"--source {source_dir}" in line
+    assert "step" not in proc.stdout
+
+
+def test_a_hub_run_on_a_cache_from_source_is_refused(prepared, source_dir):
+    before = snapshot(CACHE_DIR)
+    with pytest.raises(SystemExit) as refusal:
+        prepare.main([])  # no --source: the hub
+    line = str(refusal.value.code)
+    assert f"--source {source_dir}" in line and CACHE_DIR in line and "delete" in line
+    assert snapshot(CACHE_DIR) == before
+
+
+def test_rerun_with_the_same_source_verifies_and_keeps_everything(prepared, source_dir, capsys):
+    before = snapshot(CACHE_DIR)
+    prepare.main(["--source", source_dir])
+    out = capsys.readouterr().out
+    assert "unchanged since the cache was built" in out and "verified" in out
+    assert snapshot(CACHE_DIR) == before
+
+
+def test_a_changed_source_is_rebuilt(prepared, tmp_path, corpus_docs):
+    from conftest import write_source_corpus
+    write_source_corpus(str(tmp_path / "src"), corpus_docs[:300])
+    cache = tmp_path / "cache"
+    env = {"AUTORESEARCH_CACHE_DIR": str(cache)}
+    assert run_script(["prepare.py", "--source", str(tmp_path / "src")], env=env).returncode == 0
+    with open(tmp_path / "src" / "new.txt", "w", encoding="utf-8") as f:
+        f.write("a document added after the cache was built " * 30)
+    proc = run_script(["-c", f"import prepare; prepare.main(['--source', {str(tmp_path / 'src')!r}]); "
+                             "prepare.check_cache()"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "changed since the cache was built: rebuilding" in proc.stdout and "tokenizer: trained" in proc.stdout
+    texts = [t for p in prepare.list_shards("train", str(cache / "data")) + prepare.list_shards("val", str(
+        cache / "data")) for batch in prepare.read_parquet_texts(p) for t in batch]
+    assert "a document added after the cache was built " * 30 in texts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --source: read-only, never inside the cache, odd folders and odd values
+
+def test_a_source_inside_the_cache_is_refused_and_nothing_is_deleted(prepared):
+    before = snapshot(CACHE_DIR)
+    for folder in (DATA_DIR, CACHE_DIR, os.path.dirname(CACHE_DIR)):
+        with pytest.raises(SystemExit, match="overlap"):
+            prepare.main(["--source", folder])
+    assert snapshot(CACHE_DIR) == before
+
+
+@pytest.mark.parametrize("value, message", [("", "empty string"), (os.path.join(ROOT, "README.md"), "is a file")])
+def test_bad_source_values_are_one_line(value, message):
+    with pytest.raises(SystemExit, match=message):
+        prepare.main(["--source", value])
+
+
+def test_fifos_broken_links_and_other_files_are_skipped_and_counted(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("first document " * 20)
+    (src / "b.md").write_text("second document " * 20)
+    (src / "image.png").write_bytes(b"\x89PNG")
+    os.mkfifo(src / "pipe.txt")  # opening it would block forever
+    os.symlink(src / "gone.txt", src / "dangling.txt")
+    result = []
+    reader = threading.Thread(target=lambda: result.append(prepare.read_source(str(src))), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert result, "read_source hung on a FIFO"
+    docs, _ = result[0]
+    assert sorted(docs) == sorted(["first document " * 20, "second document " * 20])
+    out = capsys.readouterr().out
+    assert "1 other file types" in out and "2 not readable regular files" in out
+
+
+@pytest.mark.parametrize("values", [[1, 2, 3], [b"bytes", b"more"], [["a", "list"], ["b"]]])
+def test_non_string_parquet_text_is_an_error_naming_the_file(tmp_path, values):
+    (tmp_path / "ok.txt").write_text("fine " * 10)
+    pq.write_table(pa.table({"text": values}), tmp_path / "odd.parquet")
+    with pytest.raises(SystemExit, match="odd.parquet.*not strings"):
+        prepare.read_source(str(tmp_path))
+
+
+def test_jsonl_non_string_text_names_the_line_and_lone_surrogates_are_replaced(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n{"text": null}\n')
+    docs, _ = prepare.read_source(str(tmp_path))
+    assert docs == ["fine", "lone \ufffd surrogate"]
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n\n{"text": 42}\n')
+    with pytest.raises(SystemExit, match=r"b\.jsonl:3: `text` is a int"):
+        prepare.read_source(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One prepare.py at a time; the cache folder itself
+
+def test_one_prepare_at_a_time_and_train_waits_for_it(tmp_path):
+    with prepare.cache_lock(str(tmp_path)):
+        with pytest.raises(SystemExit, match=f"another prepare.py \\(pid {os.getpid()}\\)"):
+            with prepare.cache_lock(str(tmp_path)):
+                pass
+        with pytest.raises(SystemExit, match=f"prepare.py \\(pid {os.getpid()}\\) is writing the cache"):
+            prepare.check_not_locked(str(tmp_path / os.path.basename(LOCK_PATH)))
+    prepare.check_not_locked(str(tmp_path / os.path.basename(LOCK_PATH)))  # released: no error
+    with prepare.cache_lock(str(tmp_path)):
+        pass
+
+
+def test_a_cache_path_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(SystemExit, match="is not a folder"):
+        with prepare.cache_lock(str(tmp_path / "cache")):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overrides: checked where they are read, before any data is loaded or any step run
+
+@pytest.mark.parametrize("name, value", [
+    ("AUTORESEARCH_TIME_BUDGET", "abc"), ("AUTORESEARCH_TIME_BUDGET", "-5"), ("AUTORESEARCH_TIME_BUDGET", "nan"),
+    ("AUTORESEARCH_TIME_BUDGET", "inf"), ("AUTORESEARCH_TIME_BUDGET", "0"), ("AUTORESEARCH_MAX_SEQ_LEN", "4"),
+    ("AUTORESEARCH_MAX_SEQ_LEN", "12.5"), ("AUTORESEARCH_EVAL_TOKENS", "0"), ("AUTORESEARCH_EVAL_TOKENS", "1e6"),
+    ("HF_ENDPOINT", "ftp://example.org"), ("AUTORESEARCH_DEVICE", "tpu"),
+])
+def test_bad_overrides_are_one_line_naming_the_variable(name, value):
+    proc = run_script(["-c", "import constants"], env={name: value})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith(f"error: {name}={value!r}") and "must be" in line
+
+
+def test_eval_tokens_below_one_eval_batch_fail_before_training(tmp_path):
+    proc = run_script(["train.py"], env={"AUTORESEARCH_EVAL_TOKENS": "100",
+                                         "AUTORESEARCH_CACHE_DIR": str(tmp_path / "no-cache")})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "AUTORESEARCH_EVAL_TOKENS" in line and "at least" in line
+    assert "step" not in proc.stdout and not (tmp_path / "no-cache").exists()
+
+
+def test_manifest_is_plain_json_naming_the_source(prepared, source_dir, tokenizer):
+    with open(MANIFEST_PATH, encoding="utf-8") as f:
+        manifest = json.load(f)
+    assert manifest["source"]["kind"] == "local" and manifest["source"]["path"] == os.path.realpath(source_dir)
+    assert manifest["tokenizer"] == tokenizer.fingerprint
+    for rel, entry in manifest["files"].items():
+        assert os.path.getsize(os.path.join(CACHE_DIR, rel)) == entry["size"]
+        assert prepare.file_sha256(os.path.join(CACHE_DIR, rel)) == entry["sha256"]
+
