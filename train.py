@@ -7,6 +7,8 @@ optimizer, the hyperparameters, the training loop, the summary. Data, tokenizer 
 prepare.py (fixed). Runs on CUDA (torch.compile, cuDNN/Flex attention, no kernel downloads), and small
 configurations run on Apple MPS or the CPU in plain eager mode.
 """
+import contextlib
+import functools
 import gc
 import math
 import os
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET
-from prepare import Tokenizer, evaluate_bpb, get_device, make_dataloader
+from prepare import check_cache, evaluate_bpb, get_device, make_dataloader
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model
@@ -119,11 +121,20 @@ def sliding_window_mask(window):
     return mask_mod
 
 
+@torch.compiler.disable  # built eagerly, outside any compiled graph, once per (T, windows, device)
+@functools.lru_cache(maxsize=None)
+def block_masks(T, windows, device):
+    """FlexAttention block masks {window: BlockMask} for the windows shorter than the sequence length T actually
+    seen, so a shorter sequence (a warm-up, an eval) or another window pattern needs no change elsewhere."""
+    return {w: create_block_mask(sliding_window_mask(w), None, None, T, T, device=device)
+            for w in sorted(set(windows)) if w < T}
+
+
 def attention(q, k, v, window, block_mask):
     """Causal attention. q: [B, T, H, D], k, v: [B, T, KV, D] -> [B, T, H, D].
 
     CUDA: full-window layers use SDPA (cuDNN backend preferred, see main()); windowed layers use FlexAttention
-    with a block mask built once, so no T x T mask is ever materialized. Elsewhere (CPU, MPS): SDPA with an
+    with a block mask from block_masks(), so no T x T mask is ever materialized. Elsewhere (CPU, MPS): SDPA with an
     explicit boolean mask, simple and correct for small runs."""
     T = q.size(1)
     gqa = q.size(2) != k.size(2)
@@ -188,7 +199,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config, device):
+    """Built as the reference builds it: on the `meta` device (no memory, no random draws), materialized with
+    to_empty() on the training device, then init_weights(), so the first random draws after the seed are
+    init_weights' own and the initial weights equal the reference's at the same seed (see build_model)."""
+
+    def __init__(self, config, device="meta"):
         super().__init__()
         self.config = config
         with torch.device(device):
@@ -204,15 +219,10 @@ class GPT(nn.Module):
                 str(i): nn.Embedding(config.vocab_size, kv_dim)
                 for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)})
             head_dim = config.n_embd // config.n_head
-            inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-            freqs = torch.outer(torch.arange(config.sequence_len, dtype=torch.float32), inv_freq)
-            self.register_buffer("cos", freqs.cos().bfloat16()[None, :, None, :], persistent=False)
-            self.register_buffer("sin", freqs.sin().bfloat16()[None, :, None, :], persistent=False)
+            rotary_shape = (1, config.sequence_len, 1, head_dim // 2)  # filled by init_weights
+            self.register_buffer("cos", torch.empty(rotary_shape, dtype=torch.bfloat16), persistent=False)
+            self.register_buffer("sin", torch.empty(rotary_shape, dtype=torch.bfloat16), persistent=False)
         self.windows = window_sizes(config)
-        # FlexAttention block masks, one per distinct short window, built once (CUDA only).
-        T = config.sequence_len
-        self.block_masks = {w: create_block_mask(sliding_window_mask(w), None, None, T, T, device=device)
-                            for w in set(self.windows) if w < T and torch.device(device).type == "cuda"}
 
     @torch.no_grad()
     def init_weights(self):
@@ -230,6 +240,13 @@ class GPT(nn.Module):
             nn.init.uniform_(ve.weight, -s, s)
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
+        head_dim = self.config.n_embd // self.config.n_head  # rotary tables, base 10000, stored in bf16
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=self.cos.device)
+                                    / head_dim))
+        freqs = torch.outer(torch.arange(self.config.sequence_len, dtype=torch.float32, device=self.cos.device),
+                            inv_freq)
+        self.cos.copy_(freqs.cos()[None, :, None, :])
+        self.sin.copy_(freqs.sin()[None, :, None, :])
         # The embedding tables live in bf16: half the memory and bandwidth of their lookups.
         self.transformer.wte.to(dtype=torch.bfloat16)
         for ve in self.value_embeds.values():
@@ -279,13 +296,15 @@ class GPT(nn.Module):
         """idx, targets: [B, T] int64. Returns logits [B, T, V] without targets, else the cross-entropy
         (a scalar, or per-token [B, T] with reduction='none')."""
         B, T = idx.size()
+        assert T <= self.config.sequence_len, f"sequence length {T} > the model's {self.config.sequence_len}"
         cos, sin = self.cos[:, :T], self.sin[:, :T]
+        masks = block_masks(T, tuple(self.windows), idx.device) if idx.device.type == "cuda" else {}
         x = norm(self.transformer.wte(idx))
         x0 = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i], self.block_masks.get(self.windows[i]))
+            x = block(x, ve, cos, sin, self.windows[i], masks.get(self.windows[i]))
         x = norm(x)
         if targets is not None and self.config.loss_chunk_rows > 0:
             if torch.is_autocast_enabled(x.device.type):  # the matmul dtype that autocast would pick
@@ -440,6 +459,7 @@ WARMDOWN_RATIO = 0.5        # fraction of the budget at the end spent decaying t
 FINAL_LR_FRAC = 0.0         # lr multiplier at the very end
 LOSS_CHUNK_ROWS = 0         # 0: plain loss; >0 (e.g. 32768): chunked, never holds all fp32 logits (untimed on GPU)
 SEED = 42
+LOG_EVERY_SECONDS = 5.0     # progress line interval when stdout is a file (a terminal gets one live line)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Schedules, by progress = counted training time / TIME_BUDGET
@@ -501,23 +521,78 @@ def summary_line(key, value):
 # Training
 
 
+def build_model(config, device):
+    """The reference's construction: on `meta` (no memory, no random draws), materialized on the device with
+    to_empty(), then init_weights(): after torch.manual_seed(SEED) the first random draws are init_weights'."""
+    model = GPT(config, device="meta")
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def maybe_compile(model, device):
+    """torch.compile on CUDA; eager elsewhere (CPU and MPS runs are small). The loop and the eval call only what
+    this returns, so an uncompiled FlexAttention (full score matrices, slow) never runs on CUDA by accident."""
+    return torch.compile(model, dynamic=False) if device.type == "cuda" else model
+
+
+def attention_kernels(event_names):
+    """{implementation: events} of the attention that ran, from profiler event and kernel names (each aten op
+    and GPU kernel the step ran), so a silent fallback to a slower kernel shows in run.log."""
+    kinds = [("cuDNN SDPA", ("_scaled_dot_product_cudnn_attention", "cudnn_generated_fort_native_sdpa")),
+             ("flash SDPA", ("_scaled_dot_product_flash_attention", "flash_fwd", "flash_bwd")),
+             ("mem-efficient SDPA", ("_scaled_dot_product_efficient_attention", "fmha_cutlass")),
+             ("math SDPA (slow)", ("_scaled_dot_product_attention_math",)),
+             ("FlexAttention", ("flex_attention",))]
+    found = {}
+    for name, count in event_names:
+        lowered = name.lower()
+        for label, keys in kinds:
+            if any(key in lowered for key in keys):
+                found[label] = found.get(label, 0) + count
+                break
+    return found
+
+
+def nonstandard_settings(train_globals):
+    """Why this run does not compare with standard ones: AUTORESEARCH_* overrides of the metric's constants, and
+    those constants changed at run time in constants, prepare or train.py. Empty for a standard run."""
+    import constants
+    import prepare
+    notes = [f"{name}={value}" for name, value in constants.METRIC_OVERRIDES.items()]
+    for name, value in constants.RESOLVED.items():
+        for where, namespace in (("constants.py", vars(constants)), ("prepare.py", vars(prepare)),
+                                 ("train.py", train_globals)):
+            if name in namespace and namespace[name] != value:
+                notes.append(f"{name} = {namespace[name]} set in {where} at run time")
+    return notes
+
+
+def progress_line(step, progress, loss, lrm, dt, tok_per_sec, mfu, epoch, remaining):
+    return (f"step {step:05d} ({100 * progress:.1f}%) | loss: {loss:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | "
+            f"tok/sec: {tok_per_sec:,} | mfu: {mfu:.1f}% | epoch: {epoch} | remaining: {remaining:.0f}s")
+
+
 def train():
     t_start = time.time()
     os.environ.setdefault(alloc_conf_name(), "expandable_segments:True")  # read at the first CUDA allocation
+    if EVAL_TOKENS < DEVICE_BATCH_SIZE * MAX_SEQ_LEN:  # found now, not after the whole training budget
+        sys.exit(f"error: AUTORESEARCH_EVAL_TOKENS={EVAL_TOKENS} is less than one eval batch: it must be at least "
+                 f"DEVICE_BATCH_SIZE x MAX_SEQ_LEN = {DEVICE_BATCH_SIZE * MAX_SEQ_LEN}")
     device = get_device()
     cuda = device.type == "cuda"
     torch.manual_seed(SEED)
     torch.set_float32_matmul_precision("high")
     autocast = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16)
     sync = torch.cuda.synchronize if cuda else (torch.mps.synchronize if device.type == "mps" else (lambda: None))
+    tty = sys.stdout.isatty()  # a terminal gets one live line; a file gets a line every LOG_EVERY_SECONDS
 
-    tokenizer = Tokenizer.from_directory()
+    tokenizer = check_cache()  # every file the run reads matches the cache's manifest
     model_dim = ((DEPTH * ASPECT_RATIO + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
     config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
                        n_head=model_dim // HEAD_DIM, n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim,
                        window_pattern=WINDOW_PATTERN, loss_chunk_rows=LOSS_CHUNK_ROWS)
-    model = GPT(config, device)
-    model.init_weights()
+    model = build_model(config, device)
     num_params = model.param_counts()["total"]
     flops_per_token = model.estimate_flops()
     tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
@@ -535,35 +610,51 @@ def train():
         print(f"note: {mfu_note}")
     if not cuda and (flops_per_token * TOTAL_BATCH_SIZE > 1e13 or EVAL_TOKENS > 2 ** 21):
         print(f"note: no CUDA GPU, running on {device.type}: this configuration would crawl (each step is "
-              f"{flops_per_token * TOTAL_BATCH_SIZE:.1e} FLOPs, the eval {EVAL_TOKENS:,} tokens). For a small run "
-              "lower DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE (and WINDOW_PATTERN='L') in train.py and set "
-              "AUTORESEARCH_TIME_BUDGET, AUTORESEARCH_EVAL_TOKENS, AUTORESEARCH_MAX_SEQ_LEN", flush=True)
+              f"{flops_per_token * TOTAL_BATCH_SIZE:.1e} FLOPs, the eval {EVAL_TOKENS:,} tokens).")
+        print("note: for a small run lower DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE (and WINDOW_PATTERN='L') "
+              "in train.py and set AUTORESEARCH_TIME_BUDGET, AUTORESEARCH_EVAL_TOKENS, AUTORESEARCH_MAX_SEQ_LEN",
+              flush=True)
 
     optimizer = model.setup_optimizer(UNEMBEDDING_LR, EMBEDDING_LR, MATRIX_LR, SCALAR_LR, WEIGHT_DECAY, ADAM_BETAS)
-    run_model = torch.compile(model, dynamic=False) if cuda else model
+    model = maybe_compile(model, device)  # the one name from here on: training and eval both call it
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
     x, y, epoch = next(train_loader)
 
     step, total_training_time, smooth_loss, counted_steps = 0, 0.0, 0.0, 0
+    startup_seconds, last_log = 0.0, 0.0
     while True:
         sync()
         t0 = time.time()
-        for _ in range(grad_accum_steps):
-            with autocast:
-                loss = run_model(x, y)
-            train_loss = loss.detach()
-            (loss / grad_accum_steps).backward()
-            x, y, epoch = next(train_loader)
-        progress = min(total_training_time / TIME_BUDGET, 1.0)
-        lrm = get_lr_multiplier(progress)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = get_muon_momentum(step)
-                group["weight_decay"] = get_weight_decay(progress)
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        train_loss_f = train_loss.item()
+        if step == 11:  # the first counted step: everything before it (setup, compile, warm-up) is start-up
+            startup_seconds = t0 - t_start
+        # CUDA, step 1, compiled by now: record the kernels that actually run (uncounted: the overhead is free)
+        profiling = step == 1 and cuda
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with (torch.profiler.profile(activities=activities, acc_events=True) if profiling
+              else contextlib.nullcontext()) as profiler:
+            for _ in range(grad_accum_steps):
+                with autocast:
+                    loss = model(x, y)
+                train_loss = loss.detach()
+                (loss / grad_accum_steps).backward()
+                x, y, epoch = next(train_loader)
+            progress = min(total_training_time / TIME_BUDGET, 1.0)
+            lrm = get_lr_multiplier(progress)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if group["kind"] == "muon":
+                    group["momentum"] = get_muon_momentum(step)
+                    group["weight_decay"] = get_weight_decay(progress)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            train_loss_f = train_loss.item()  # waits for the step: the profile holds all of its kernels
+        if profiling:
+            used = attention_kernels((e.key, e.count) for e in profiler.key_averages())
+            print(("\n" if tty else "") + "attention (profiled step 1): " + (
+                ", ".join(f"{label} x{n}" for label, n in used.items()) or "no attention kernel recognized"))
+        elif step == 1:
+            print(("\n" if tty else "") + f"attention: SDPA in eager mode on {device.type} (kernels are profiled "
+                  "on CUDA only)")
         if not math.isfinite(train_loss_f) or train_loss_f > 100:
             print(f"\nFAIL: loss is {train_loss_f} at step {step}")
             sys.exit(1)
@@ -577,25 +668,37 @@ def train():
         tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
         mfu = 100 * flops_per_token * TOTAL_BATCH_SIZE / dt / peak if peak else 0.0
         remaining = max(0.0, TIME_BUDGET - total_training_time)
-        print(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
-              f"dt: {dt * 1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.1f}% | epoch: {epoch} | "
-              f"remaining: {remaining:.0f}s    ", end="", flush=True)
+        last = step > 10 and total_training_time >= TIME_BUDGET
+        line = progress_line(step, progress, debiased, lrm, dt, tok_per_sec, mfu, epoch, remaining)
+        if tty:
+            print(f"\r{line}    ", end="", flush=True)
+        elif step in (0, 1, 11) or last or time.time() - last_log >= LOG_EVERY_SECONDS:
+            print(line, flush=True)
+            last_log = time.time()
         if step == 0:  # Python's GC pauses show up as slow steps; nothing cyclic is allocated after step 0
             gc.collect()
             gc.freeze()
             gc.disable()
+        elif step % 5000 == 0:  # as the reference: a collection now and then on very long runs
+            gc.collect()
         step += 1
-        if step > 10 and total_training_time >= TIME_BUDGET:
+        if last:
             break
-    print()
+    if tty:
+        print()
 
     model.eval()
+    t_eval = time.time()
     with autocast:
-        val_bpb = evaluate_bpb(run_model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    eval_seconds = time.time() - t_eval
     total_tokens = step * TOTAL_BATCH_SIZE
     counted_tokens = counted_steps * TOTAL_BATCH_SIZE
     mfu = 100 * flops_per_token * counted_tokens / total_training_time / peak if peak and total_training_time else 0
     peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if cuda else 0.0
+    notes = nonstandard_settings(globals())
+    if notes:
+        print(f"note: not comparable with standard runs: {'; '.join(notes)}")
     t_end = time.time()
     print("---")
     for key, value in [
@@ -603,6 +706,8 @@ def train():
         ("total_seconds", f"{t_end - t_start:.1f}"), ("peak_vram_mb", f"{peak_vram_mb:.1f}"),
         ("mfu_percent", f"{mfu:.2f}"), ("total_tokens_M", f"{total_tokens / 1e6:.1f}"), ("num_steps", f"{step}"),
         ("num_params_M", f"{num_params / 1e6:.1f}"), ("depth", f"{DEPTH}"),
+        ("train_loss", f"{debiased:.6f}"), ("startup_seconds", f"{startup_seconds:.1f}"),
+        ("eval_seconds", f"{eval_seconds:.1f}"),
         ("tok_per_sec", f"{int(counted_tokens / total_training_time) if total_training_time else 0}"),
         ("device", device.type), ("gpu", gpu_name),
     ]:

@@ -46,10 +46,8 @@ def test_window_pattern_last_layer_is_always_full():
 
 def tiny(T=32, V=96, layers=2, pattern="SL", kv=2):
     torch.manual_seed(0)
-    model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=V, n_layer=layers, n_head=2, n_kv_head=kv,
-                                      n_embd=64, window_pattern=pattern), "cpu")
-    model.init_weights()
-    return model
+    return train.build_model(train.GPTConfig(sequence_len=T, vocab_size=V, n_layer=layers, n_head=2, n_kv_head=kv,
+                                             n_embd=64, window_pattern=pattern), torch.device("cpu"))
 
 
 def test_forward_shapes_and_init():
@@ -176,3 +174,27 @@ def test_model_loss_is_the_same_with_the_chunked_loss():
     assert results[0][3].abs().sum() > 0  # the gradient reaches into the blocks
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("T", [64, 160])
+def test_block_masks_follow_the_sequence_length_actually_seen(T):
+    from torch.nn.attention.flex_attention import flex_attention
+    windows = (32, 32, 128)  # a model made for 128 tokens, called with 64 or 160
+    masks = train.block_masks(T, windows, torch.device("cpu"))
+    assert sorted(masks) == sorted({w for w in windows if w < T})  # a window >= T is plain causal attention
+    assert train.block_masks(T, windows, torch.device("cpu")) is masks  # built once per (T, windows, device)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, T, 16) for _ in range(3))
+    for w, mask in masks.items():
+        assert mask.seq_lengths == (T, T)
+        ref = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), w).transpose(1, 2)
+        assert torch.allclose(flex_attention(q, k, v, block_mask=mask), ref, atol=1e-5)
+
+
+def test_a_shorter_sequence_than_the_model_was_made_for_runs():
+    model = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))).isfinite()
+    with pytest.raises(AssertionError, match="sequence length"):
+        model(torch.randint(0, 96, (1, model.config.sequence_len + 1)))
