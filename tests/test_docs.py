@@ -2,6 +2,8 @@
 import os
 import re
 
+import numpy as np
+
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -16,11 +18,21 @@ def program_header():
     return lines[0]
 
 
-def run_notebook(folder, rows):
-    with open(os.path.join(folder, "results.tsv"), "w", encoding="utf-8") as f:
+def write_results(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
         f.write(program_header() + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+
+
+def run_notebook(folder, rows, others=None):
+    """Run the notebook in folder/repo (so that its `../*/results.tsv` sees only this test's worktrees) with
+    `rows` as the repo's results.tsv and `others` ({path relative to folder: rows}) beside it."""
+    repo = os.path.join(folder, "repo")
+    write_results(os.path.join(repo, "results.tsv"), rows)
+    for rel, other_rows in (others or {}).items():
+        write_results(os.path.join(folder, rel), other_rows)
     nb = nbformat.read(os.path.join(ROOT, "analysis.ipynb"), as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": repo}}).execute()
     out = ""
     for cell in nb.cells:
         for o in cell.get("outputs", []):
@@ -47,14 +59,15 @@ def test_notebook_on_a_normal_night(tmp_path):
     assert "total improvement: 0.012900" in out
     ranked = out.split("ranked by gain")[1]
     assert ranked.index("halve TOTAL_BATCH_SIZE") < ranked.index("深さ 9 🚀")  # 0.0079 before 0.0050
-    assert (tmp_path / "progress.png").stat().st_size > 10_000
+    assert (tmp_path / "repo" / "progress.png").stat().st_size > 10_000
+    assert "noise floor: 0.001000" in out  # one baseline run (the second row is another commit): the minimum
 
 
 def test_notebook_with_crashes_only(tmp_path):
     out = run_notebook(tmp_path, [("a1b2c3d", "0.000000", "0.0", "crash", "typo"),
                                   ("b2c3d4e", "0.000000", "0.0", "crash", "OOM")])
     assert "2 experiments: 0 keep, 0 discard, 2 crash" in out and "No kept result yet" in out
-    assert (tmp_path / "progress.png").exists()
+    assert (tmp_path / "repo" / "progress.png").exists()
 
 
 def test_notebook_with_only_the_baseline(tmp_path):
@@ -77,3 +90,43 @@ def test_every_uv_run_names_a_real_file(doc):
     assert files, f"{doc} names no `uv run <file>` command"
     for name in files:
         assert os.path.isfile(os.path.join(ROOT, name)), f"{doc} names {name}, which does not exist"
+
+
+def test_notebook_overlays_several_agents(tmp_path):
+    from PIL import Image
+    out = run_notebook(tmp_path, [
+        ("a1b2c3d", "0.997900", "44.0", "keep", "baseline"),
+        ("a1b2c3d", "0.995900", "44.0", "keep", "baseline (rerun)"),
+        ("c3d4e5f", "0.990000", "44.2", "keep", "halve TOTAL_BATCH_SIZE"),
+    ], others={
+        "autoresearch-gpu1/results.tsv": [("b1", "0.000000", "0.0", "crash", "OOM"),
+                                          ("b2", "0.000000", "0.0", "crash", "typo — タイポ")],
+        "repo/results/host2-gpu0.tsv": [("c1", "0.998000", "44.0", "keep", "baseline"),
+                                        ("c1", "0.998500", "44.0", "keep", "baseline (rerun)"),
+                                        ("c2", "0.980000", "44.0", "keep", "depth 9")],
+    })
+    assert "3 results file(s)" in out
+    assert "  #1    0.997900" in out and "  #3    0.990000" in out  # experiments numbered 1, 2, 3 per agent
+    for agent in ("repo", "autoresearch-gpu1", "host2-gpu0"):
+        assert f"== {agent} ==" in out
+    assert "noise floor: 0.002000" in out  # repo's two baselines differ by 0.002
+    table = out.split("Each agent's best:")[1]
+    assert "host2-gpu0" in table and "0.980000" in table and "depth 9" in table
+    assert "autoresearch-gpu1" in table  # the crash-only agent has a row too
+    image = np.asarray(Image.open(tmp_path / "repo" / "progress.png").convert("RGB"))
+    assert image.shape[1] > 1000
+
+
+
+def test_program_md_states_the_loop_rules():
+    text = open(os.path.join(ROOT, "program.md"), encoding="utf-8").read()
+    for rule in [
+        "uv run train.py > run.log 2>&1", 'grep "^val_bpb:\\|^peak_vram_mb:" run.log', "tail -n 50 run.log",
+        "git reset --hard", "Never stop to ask", "do not run it yourself",    # the reference's rules
+        "baseline (rerun)", "the better of the two", "at least 0.001",       # the two baselines, the floor
+        "` (rerun)` appended", "both runs beat",                              # a marginal win's re-run
+        "timeout 600", "is a crash", "never through `tee`",                   # timeouts, a small context
+        "AUTORESEARCH_", "not comparable with standard runs",                 # the metric is not the agent's
+        'grep "^step', "the same `%`",                                        # reading the progress lines
+    ]:
+        assert rule in text, f"program.md does not say {rule!r}"
