@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+import constants
+import prepare
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET
 from prepare import check_cache, evaluate_bpb, get_device, make_dataloader
 
@@ -557,8 +559,6 @@ def attention_kernels(event_names):
 def nonstandard_settings(train_globals):
     """Why this run does not compare with standard ones: AUTORESEARCH_* overrides of the metric's constants, and
     those constants changed at run time in constants, prepare or train.py. Empty for a standard run."""
-    import constants
-    import prepare
     notes = [f"{name}={value}" for name, value in constants.METRIC_OVERRIDES.items()]
     for name, value in constants.RESOLVED.items():
         for where, namespace in (("constants.py", vars(constants)), ("prepare.py", vars(prepare)),
