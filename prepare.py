@@ -191,6 +191,9 @@ def write_parquet(texts, path):
     install(tmp, path)
 
 
+SHARD_RE = re.compile(r"shard_(\d{5})\.parquet")
+
+
 def list_shards(split, data_dir=DATA_DIR):
     """Sorted parquet paths of a split present in data_dir: val is the pinned shard, train every other shard."""
     assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
@@ -198,9 +201,6 @@ def list_shards(split, data_dir=DATA_DIR):
     val = shard_name(VAL_SHARD)
     names = [n for n in names if (n == val) == (split == "val")]
     return [os.path.join(data_dir, n) for n in names]
-
-
-SHARD_RE = re.compile(r"shard_(\d{5})\.parquet")
 
 
 # ---------------------------------------------------------------------------------------------------------------
