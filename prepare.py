@@ -47,9 +47,9 @@ except ImportError:
     fcntl = None
 
 from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, DEVICE, EVAL_TOKENS,
-                       HF_ENDPOINT, LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, LOCK_PATH, MANIFEST_PATH, MAX_SEQ_LEN, MAX_SHARD,
-                       SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_DIR, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS,
-                       TOKENS_DIR, VAL_SHARD, VOCAB_SIZE, shard_name, shard_url)
+                       HF_ENDPOINT, LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, LOCK_PATH, MANIFEST_PATH, MAX_SEQ_LEN,
+                       MAX_SHARD, SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_DIR, TOKENIZER_MAX_CHARS,
+                       TOKENIZER_MAX_DOC_CHARS, TOKENS_DIR, VAL_SHARD, VOCAB_SIZE, shard_name, shard_url)
 
 PREPARE_HINT = "run `uv run prepare.py` (or `uv run prepare.py --source DIR` for a local corpus) first"
 
@@ -236,11 +236,20 @@ def sample_sha256(path):
     return h.hexdigest()
 
 
+TOKENIZER_RELS = ("tokenizer/ranks.txt", "tokenizer/tokenizer.json")
+
+
 def repair_command(source):
     """The command that rebuilds a cache from its recorded source."""
     if source and source.get("kind") == "local":
         return f"uv run prepare.py --source {source['path']}"
     return "uv run prepare.py"
+
+
+def describe_source(source):
+    if source.get("kind") == "local":
+        return f"--source {source['path']}"
+    return f"{source.get('dataset')} from {source.get('endpoint')}"
 
 
 class Manifest:
@@ -275,8 +284,16 @@ class Manifest:
         manifest.data = data
         return manifest
 
+    @classmethod
+    def load_required(cls):
+        """The cache's manifest, or SetupError pointing at prepare.py when there is none (for readers)."""
+        manifest = cls.load()
+        if manifest is None:
+            raise SetupError(f"no prepared cache in {CACHE_DIR} (no manifest.json): {PREPARE_HINT}")
+        return manifest
+
     def save(self):
-        path = os.path.join(self.cache_dir, "manifest.json")
+        path = os.path.join(self.cache_dir, os.path.basename(MANIFEST_PATH))
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(self.data, f, indent=1, sort_keys=True)
         os.replace(path + ".tmp", path)
@@ -287,18 +304,18 @@ class Manifest:
     def rel(self, path):
         return os.path.relpath(path, self.cache_dir).replace(os.sep, "/")
 
-    def record(self, path, sha256=None, **extra):
-        """Record a file as it is now (its sha256 computed unless given)."""
-        st = os.stat(path)
-        self.files[self.rel(path)] = {"size": st.st_size, "sha256": sha256 or file_sha256(path), **extra}
+    def record(self, path, **extra):
+        """Record a file as it is now: its size, its sha256 and the extra fields given."""
+        self.files[self.rel(path)] = {"size": os.path.getsize(path), "sha256": file_sha256(path), **extra}
 
     def forget(self, prefix):
         for rel in [r for r in self.files if r.startswith(prefix)]:
             del self.files[rel]
 
     def problem(self, rel, level="full"):
-        """Why the file does not match its record, or None. level: 'size' (and mtime where recorded),
-        'sample' (plus the spot checksum where recorded), 'full' (plus the whole file's sha256)."""
+        """Why the file does not match its record, or None. level: 'size' (and the mtime where recorded, a cheap
+        sign of a rewrite), 'sample' (size, mtime, the spot checksum where recorded), 'full' (size and the whole
+        file's sha256, which decides alone: a file only touched still matches)."""
         entry = self.files.get(rel)
         if entry is None:
             return "is not in the cache's manifest"
@@ -309,7 +326,7 @@ class Manifest:
                 return "is not a regular file"
             if st.st_size != entry["size"]:
                 return f"has {st.st_size} bytes, the manifest says {entry['size']}"
-            if "mtime_ns" in entry and st.st_mtime_ns != entry["mtime_ns"]:
+            if level != "full" and "mtime_ns" in entry and st.st_mtime_ns != entry["mtime_ns"]:
                 return "was modified after prepare.py recorded it"
             if level == "sample" and "sample" in entry and sample_sha256(path) != entry["sample"]:
                 return "does not match its checksum"
@@ -320,6 +337,12 @@ class Manifest:
         except OSError as e:
             return f"cannot be read ({e.strerror or e})"
         return None
+
+    def require(self, rel, level="full"):
+        """SetupError naming the file and the command that repairs the cache, unless the file matches."""
+        problem = self.problem(rel, level)
+        if problem:
+            raise SetupError(f"{self.path(rel)} {problem}: run `{repair_command(self.source)}` to repair the cache")
 
 
 @contextlib.contextmanager
@@ -409,7 +432,7 @@ def download_shard(index, data_dir=DATA_DIR, endpoint=HF_ENDPOINT, attempts=5, b
     final = os.path.join(data_dir, shard_name(index))
     if os.path.exists(final):
         if known is not None:
-            if file_sha256(final) == known["sha256"] and os.path.getsize(final) == known["size"]:
+            if os.path.getsize(final) == known["size"] and file_sha256(final) == known["sha256"]:
                 return "skip", "already present, checksum matches", {**known, "mtime_ns": os.stat(final).st_mtime_ns}
             detail = "does not match the manifest"
         else:
@@ -578,8 +601,7 @@ def iter_source_documents(source, skipped=None):
                         if not line.strip():
                             continue
                         try:
-                            record = json.loads(line)
-                            text = record["text"]
+                            text = json.loads(line)["text"]
                         except (ValueError, KeyError, TypeError):
                             raise SetupError(f"{path}:{lineno} is not a JSON object with a `text` field")
                         if text is not None and not isinstance(text, str):
@@ -610,10 +632,11 @@ def read_source(source):
 
 
 def write_source_shards(docs, data_dir=DATA_DIR, val_fraction=0.1, max_val_bytes=80e6, shard_bytes=40e6):
-    """Write documents as shards in the cache layout (data_dir is emptied first). The validation shard holds the
-    documents with the smallest content hashes (about val_fraction of the bytes, at most max_val_bytes): the
-    split depends only on the documents, not on how files are named or ordered. The rest become training
-    shards, in order. Returns (number of training shards, validation documents, validation bytes)."""
+    """Write documents as shards in the cache layout, replacing the shards already in data_dir. The validation
+    shard holds the documents with the smallest content hashes (about val_fraction of the bytes, at most
+    max_val_bytes): the split depends only on the documents, not on how files are named or ordered. The rest
+    become training shards, in order. Returns (number of training shards, validation documents, validation
+    bytes)."""
     sizes = [len(d.encode("utf-8")) for d in docs]
     by_hash = sorted(range(len(docs)), key=lambda i: hashlib.sha1(docs[i].encode("utf-8")).digest())
     target = min(val_fraction * sum(sizes), max_val_bytes)
@@ -808,26 +831,31 @@ def manifest_shards(manifest, split):
     return [n for n in names if (n == val) == (split == "val")]
 
 
-def open_token_shard(manifest, name, fingerprint, level="size"):
-    """(tokens, offsets, chunk_ends) of one shard, after checking its parquet's size and mtime, its token files
-    against the manifest (tokens.npy at `level`, the small index in full) and their structure, so that a
-    truncated, emptied, swapped or stale file is refused with one line naming it, never read."""
-    fix = repair_command(manifest.source)
-    data_rel = f"data/{name}"
+def check_token_files(manifest, name, fingerprint, level="size"):
+    """A shard's parquet (size, mtime) and token files (tokens.npy at `level`, the small index in full) match the
+    manifest, and the tokens were made from that parquet; else SetupError naming the file and the repair."""
     tok_rel, idx_rel = token_rels(name, fingerprint)
-    for rel, rel_level in ((data_rel, "size"), (tok_rel, level), (idx_rel, "full")):
-        problem = manifest.problem(rel, rel_level)
-        if problem:
-            raise SetupError(f"{manifest.path(rel)} {problem}: run `{fix}` to repair the cache")
-    entry = manifest.files[tok_rel]
-    if entry.get("from") != manifest.files[data_rel]["sha256"]:
-        raise SetupError(f"{manifest.path(tok_rel)} was made from another version of {name}: run `{fix}`")
+    manifest.require(f"data/{name}", "size")
+    manifest.require(tok_rel, level)
+    manifest.require(idx_rel, "full")
+    if manifest.files[tok_rel].get("from") != manifest.files[f"data/{name}"]["sha256"]:
+        raise SetupError(f"{manifest.path(tok_rel)} was made from another version of {name}: run "
+                         f"`{repair_command(manifest.source)}`")
+
+
+def open_token_shard(manifest, name, fingerprint):
+    """(tokens, offsets, chunk_ends) of one shard, after check_token_files and a check of their structure, so
+    that a truncated, emptied, swapped or stale file is refused with one line naming it, never read."""
+    check_token_files(manifest, name, fingerprint)
+    fix = repair_command(manifest.source)
+    tok_rel, idx_rel = token_rels(name, fingerprint)
     try:
         tokens = np.load(manifest.path(tok_rel), mmap_mode="r", allow_pickle=False)
         with np.load(manifest.path(idx_rel), allow_pickle=False) as idx:
             offsets, chunk_ends = idx["offsets"], idx["chunk_ends"]
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise SetupError(f"the token files of {name} cannot be read ({e}): run `{fix}` to repair the cache")
+    entry = manifest.files[tok_rel]
     n_docs = entry["n_docs"]
     sound = (tokens.ndim == 1 and tokens.dtype.name == entry["dtype"] and len(tokens) == entry["n_tokens"]
              and offsets.ndim == 1 and len(offsets) == n_docs + 1 and offsets[0] == 0
@@ -843,17 +871,14 @@ def check_cache():
     """train.py's first step: no prepare.py is writing the cache, and every file train.py will read matches the
     manifest: the tokenizer, the index files and the validation tokens by full checksum, the training tokens by
     size and spot checksum (a full one would read gigabytes at every start), every parquet by size and mtime.
-    Returns the tokenizer; anything else ends in one line naming the file and the command that repairs it."""
+    (The loader checks the token files' structure when it opens them.) Returns the tokenizer; anything else
+    ends in one line naming the file and the command that repairs it."""
     t0 = time.time()
     check_not_locked()
-    manifest = Manifest.load()
-    if manifest is None:
-        raise SetupError(f"no prepared cache in {CACHE_DIR} (no manifest.json): {PREPARE_HINT}")
+    manifest = Manifest.load_required()
     fix = repair_command(manifest.source)
-    for rel in ("tokenizer/ranks.txt", "tokenizer/tokenizer.json"):
-        problem = manifest.problem(rel, "full")
-        if problem:
-            raise SetupError(f"{manifest.path(rel)} {problem}: run `{fix}` to repair the cache")
+    for rel in TOKENIZER_RELS:
+        manifest.require(rel, "full")
     tokenizer = Tokenizer.from_directory(manifest.path("tokenizer"))
     if tokenizer.fingerprint != manifest.data["tokenizer"]:
         raise SetupError(f"the tokenizer is not the one the token files were made with: run `{fix}`")
@@ -864,9 +889,9 @@ def check_cache():
     if unknown:
         raise SetupError(f"{os.path.join(DATA_DIR, unknown[0])} is not in the cache's manifest: run `{fix}`")
     for name in val:
-        open_token_shard(manifest, name, tokenizer.fingerprint, "full")
+        check_token_files(manifest, name, tokenizer.fingerprint, "full")
     for name in train:
-        open_token_shard(manifest, name, tokenizer.fingerprint, "sample")
+        check_token_files(manifest, name, tokenizer.fingerprint, "sample")
     print(f"cache: tokenizer, {len(train)} training shard(s) and the validation shard match the manifest "
           f"({describe_source(manifest.source)}; checked in {time.time() - t0:.1f}s)", flush=True)
     return tokenizer
@@ -885,9 +910,7 @@ def get_token_bytes(device=None, tokenizer=None):
 def _document_chunks(split, tokenizer):
     """Yield (list of 1-D token arrays, epoch) forever: the split's documents in file order, in the refill
     chunks of the parquet row groups. epoch counts passes over the split, starting at 1."""
-    manifest = Manifest.load()
-    if manifest is None:
-        raise SetupError(f"no prepared cache in {CACHE_DIR} (no manifest.json): {PREPARE_HINT}")
+    manifest = Manifest.load_required()
     names = manifest_shards(manifest, split)
     if not names:
         raise SetupError(f"no {split} shard in {DATA_DIR}: {PREPARE_HINT}")
@@ -985,12 +1008,6 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
-def describe_source(source):
-    if source.get("kind") == "local":
-        return f"--source {source['path']}"
-    return f"{source.get('dataset')} from {source.get('endpoint')}"
-
-
 def clear_cache(cache_dir=CACHE_DIR):
     """Remove what prepare.py writes (shards, tokenizer, token files, manifest) and nothing else: the cache
     folder may be one the user chose, holding files of their own."""
@@ -1006,7 +1023,7 @@ def clear_cache(cache_dir=CACHE_DIR):
         with contextlib.suppress(OSError):
             os.rmdir(folder)  # only when empty
     with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(cache_dir, "manifest.json"))
+        os.remove(os.path.join(cache_dir, os.path.basename(MANIFEST_PATH)))
 
 
 def _clear_token_files(tokens_dir, keep):
@@ -1077,6 +1094,9 @@ def prepare_local_data(manifest, source_path):
     present = {os.path.basename(p) for p in list_shards("val") + list_shards("train")}
     if (manifest.source.get("digest") == digest and names and present == set(names)
             and not any(manifest.problem(f"data/{name}") for name in names)):
+        for name in names:  # verified by checksum: a file that was only touched is recorded as it is now
+            manifest.files[f"data/{name}"]["mtime_ns"] = os.stat(manifest.path(f"data/{name}")).st_mtime_ns
+        manifest.save()
         print(f"source: {len(docs)} documents, unchanged since the cache was built: shards verified", flush=True)
         return False
     changed = manifest.source.get("digest") not in (None, digest)
@@ -1099,23 +1119,23 @@ def prepare_local_data(manifest, source_path):
 
 def prepare_tokenizer(manifest, retrain):
     """The verified tokenizer, trained (again) when its files are missing or do not match the manifest."""
-    rels = ("tokenizer/ranks.txt", "tokenizer/tokenizer.json")
-    ok = not retrain and manifest.data["tokenizer"] is not None and not any(manifest.problem(r) for r in rels)
+    ok = (not retrain and manifest.data["tokenizer"] is not None
+          and not any(manifest.problem(rel) for rel in TOKENIZER_RELS))
     if ok:
         tokenizer = Tokenizer.from_directory()
         if tokenizer.fingerprint == manifest.data["tokenizer"]:
             print(f"tokenizer: {tokenizer.get_vocab_size()} tokens in {TOKENIZER_DIR}, verified", flush=True)
             return tokenizer
-    if not retrain and any(os.path.exists(manifest.path(r)) for r in rels):
+    if not retrain and any(os.path.exists(manifest.path(rel)) for rel in TOKENIZER_RELS):
         print("tokenizer: its files do not match the manifest: training it again", flush=True)
     manifest.forget("tokenizer/")
     manifest.data["tokenizer"] = None
     manifest.save()
-    for rel in rels:
+    for rel in TOKENIZER_RELS:
         with contextlib.suppress(FileNotFoundError):
             os.remove(manifest.path(rel))
     tokenizer = train_tokenizer()
-    for rel in rels:
+    for rel in TOKENIZER_RELS:
         manifest.record(manifest.path(rel))
     manifest.data["tokenizer"] = tokenizer.fingerprint
     manifest.save()

@@ -615,6 +615,9 @@ def train():
               "in train.py and set AUTORESEARCH_TIME_BUDGET, AUTORESEARCH_EVAL_TOKENS, AUTORESEARCH_MAX_SEQ_LEN",
               flush=True)
 
+    if not cuda:  # (the CUDA build of torch prints an error when profiling on a machine without a GPU)
+        print(f"attention: SDPA in eager mode on {device.type} (kernels are profiled on CUDA only)")
+
     optimizer = model.setup_optimizer(UNEMBEDDING_LR, EMBEDDING_LR, MATRIX_LR, SCALAR_LR, WEIGHT_DECAY, ADAM_BETAS)
     model = maybe_compile(model, device)  # the one name from here on: training and eval both call it
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
@@ -629,9 +632,9 @@ def train():
             startup_seconds = t0 - t_start
         # CUDA, step 1, compiled by now: record the kernels that actually run (uncounted: the overhead is free)
         profiling = step == 1 and cuda
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with (torch.profiler.profile(activities=activities, acc_events=True) if profiling
-              else contextlib.nullcontext()) as profiler:
+        with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                 torch.profiler.ProfilerActivity.CUDA], acc_events=True)
+              if profiling else contextlib.nullcontext()) as profiler:
             for _ in range(grad_accum_steps):
                 with autocast:
                     loss = model(x, y)
@@ -652,9 +655,6 @@ def train():
             used = attention_kernels((e.key, e.count) for e in profiler.key_averages())
             print(("\n" if tty else "") + "attention (profiled step 1): " + (
                 ", ".join(f"{label} x{n}" for label, n in used.items()) or "no attention kernel recognized"))
-        elif step == 1:
-            print(("\n" if tty else "") + f"attention: SDPA in eager mode on {device.type} (kernels are profiled "
-                  "on CUDA only)")
         if not math.isfinite(train_loss_f) or train_loss_f > 100:
             print(f"\nFAIL: loss is {train_loss_f} at step {step}")
             sys.exit(1)
