@@ -511,7 +511,7 @@ def download_shards(indices, data_dir=DATA_DIR, endpoint=HF_ENDPOINT, workers=8,
             unreachable.append(str(e))
             return "fail", str(e), None
 
-    t0 = last_line = time.time()
+    t0 = last_line = last_save = time.time()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending = {pool.submit(one, index): index for index in indices}
         while pending:
@@ -528,12 +528,16 @@ def download_shards(indices, data_dir=DATA_DIR, endpoint=HF_ENDPOINT, workers=8,
                     last_line = time.time()
                 if record is not None and manifest is not None:
                     manifest.files[f"data/{shard_name(index)}"] = record
-                    manifest.save()
+            if manifest is not None and time.time() - last_save >= 10:
+                manifest.save()  # every 10 s, not per shard: 6543 records rewritten per shard add up to GBs
+                last_save = time.time()
             if time.time() - last_line >= progress_every:
                 elapsed = time.time() - t0
                 print(f"data: {sum(counts.values())}/{len(indices)} shards done, {received[0] / 1e6:.0f} MB "
                       f"received in {elapsed:.0f}s ({received[0] / 1e6 / elapsed:.1f} MB/s)", flush=True)
                 last_line = time.time()
+    if manifest is not None:
+        manifest.save()  # (a shard not yet recorded when a run is killed is checked whole and kept next time)
     print(f"data: {counts['ok']} downloaded, {counts['skip']} already present, {counts['fail']} failed", flush=True)
     if unreachable:
         raise SetupError(f"{unreachable[0]}: check the network or HF_ENDPOINT, then run prepare.py again "
