@@ -17,8 +17,9 @@ import sys
 import time
 
 
+from cache import list_shards, read_parquet_texts
 from constants import LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
-from prepare import Tokenizer, get_device, list_shards, make_dataloader, read_parquet_texts
+from prepare import Tokenizer, make_dataloader
 
 
 def plain_batches(tokenizer, B, T, split):
@@ -58,12 +59,13 @@ def plain_batches(tokenizer, B, T, split):
 def bench_loader(B=32, T=MAX_SEQ_LEN, seconds=10.0):
     """Tokens per second of each loader; make_dataloader delivers to the training device (copies included)."""
     import torch
+    from runtime import get_device
     tokenizer = Tokenizer.from_directory()
     device = get_device()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = []
     for name, batches in [("plain single-threaded loader", plain_batches(tokenizer, B, T, "train")),
-                          (f"prepare.make_dataloader (to {device.type})", make_dataloader(tokenizer, B, T, "train"))]:
+                          (f"prepare.make_dataloader (to {device.type})", make_dataloader(tokenizer, B, T, "train", device))]:
         next(batches)  # warm up: first shard opened, buffer filled
         n, t0 = 0, time.time()
         while time.time() - t0 < seconds:

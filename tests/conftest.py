@@ -14,6 +14,7 @@ TEST_ENV = {
     "AUTORESEARCH_MAX_SEQ_LEN": "128",
     "AUTORESEARCH_EVAL_TOKENS": str(4 * 8 * 128),  # 4 eval batches of 8 rows
     "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: no test can reach the real hub
+    "AUTORESEARCH_DEVICE": "cpu",  # the same path on every machine; tests marked `gpu` use CUDA explicitly
 }
 os.environ.update(TEST_ENV)
 

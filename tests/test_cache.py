@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import cache
 import prepare
 from conftest import ROOT, run_script
 from constants import CACHE_DIR, DATA_DIR, LOCK_PATH, MANIFEST_PATH, TOKENIZER_DIR, VAL_SHARD, shard_name
@@ -24,7 +25,7 @@ def cache_file(kind, tokenizer=None):
     name = shard_name(VAL_SHARD) if split == "val" else shard_name(0)
     if suffix == "parquet":
         return os.path.join(DATA_DIR, name)
-    tok_rel, idx_rel = prepare.token_rels(name, tokenizer.fingerprint)
+    tok_rel, idx_rel = cache.token_rels(name, tokenizer.fingerprint)
     return os.path.join(CACHE_DIR, tok_rel if suffix == "tokens" else idx_rel)
 
 
@@ -125,20 +126,20 @@ def test_damage_is_refused_then_repaired(case, prepared, tokenizer, source_dir, 
     assert prepare.check_cache().fingerprint == tokenizer.fingerprint
     after = snapshot(CACHE_DIR)
     for rel in ("tokenizer/ranks.txt", f"data/{shard_name(VAL_SHARD)}",
-                prepare.token_rels(shard_name(VAL_SHARD), tokenizer.fingerprint)[0]):
+                cache.token_rels(shard_name(VAL_SHARD), tokenizer.fingerprint)[0]):
         assert after[rel] == before[rel], f"{rel} is not what it was before the damage"
     assert snapshot(source_dir) == source_before, "--source is only read"
 
 
 def test_train_py_refuses_a_damaged_cache_in_one_line(prepared, tokenizer, tmp_path, source_dir):
-    cache = tmp_path / "cache"
-    shutil.copytree(CACHE_DIR, cache)  # (copy2 keeps the mtimes the manifest recorded)
-    rel = prepare.token_rels(shard_name(VAL_SHARD), tokenizer.fingerprint)[0]
-    truncate(cache / rel)
-    proc = run_script(["-c", TINY + "train.main()"], env={"AUTORESEARCH_CACHE_DIR": str(cache)})
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(CACHE_DIR, cache_dir)  # (copy2 keeps the mtimes the manifest recorded)
+    rel = cache.token_rels(shard_name(VAL_SHARD), tokenizer.fingerprint)[0]
+    truncate(cache_dir / rel)
+    proc = run_script(["-c", TINY + "train.main()"], env={"AUTORESEARCH_CACHE_DIR": str(cache_dir)})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ") and str(cache / rel) in line and f"--source {source_dir}" in line
+    assert line.startswith("error: ") and str(cache_dir / rel) in line and f"--source {source_dir}" in line
     assert "step" not in proc.stdout
 
 
@@ -162,8 +163,8 @@ def test_rerun_with_the_same_source_verifies_and_keeps_everything(prepared, sour
 def test_a_changed_source_is_rebuilt(prepared, tmp_path, corpus_docs):
     from conftest import write_source_corpus
     write_source_corpus(str(tmp_path / "src"), corpus_docs[:300])
-    cache = tmp_path / "cache"
-    env = {"AUTORESEARCH_CACHE_DIR": str(cache)}
+    cache_dir = tmp_path / "cache"
+    env = {"AUTORESEARCH_CACHE_DIR": str(cache_dir)}
     assert run_script(["prepare.py", "--source", str(tmp_path / "src")], env=env).returncode == 0
     with open(tmp_path / "src" / "new.txt", "w", encoding="utf-8") as f:
         f.write("a document added after the cache was built " * 30)
@@ -171,8 +172,8 @@ def test_a_changed_source_is_rebuilt(prepared, tmp_path, corpus_docs):
                              "prepare.check_cache()"], env=env)
     assert proc.returncode == 0, proc.stderr
     assert "changed since the cache was built: rebuilding" in proc.stdout and "tokenizer: trained" in proc.stdout
-    texts = [t for p in prepare.list_shards("train", str(cache / "data")) + prepare.list_shards("val", str(
-        cache / "data")) for batch in prepare.read_parquet_texts(p) for t in batch]
+    texts = [t for p in cache.list_shards("train", str(cache_dir / "data")) + cache.list_shards("val", str(
+        cache_dir / "data")) for batch in cache.read_parquet_texts(p) for t in batch]
     assert "a document added after the cache was built " * 30 in texts
 
 
@@ -202,7 +203,7 @@ def test_fifos_broken_links_and_other_files_are_skipped_and_counted(tmp_path, ca
     os.mkfifo(src / "pipe.txt")  # opening it would block forever
     os.symlink(src / "gone.txt", src / "dangling.txt")
     result = []
-    reader = threading.Thread(target=lambda: result.append(prepare.read_source(str(src))), daemon=True)
+    reader = threading.Thread(target=lambda: result.append(cache.read_source(str(src))), daemon=True)
     reader.start()
     reader.join(timeout=30)
     assert result, "read_source hung on a FIFO"
@@ -217,37 +218,37 @@ def test_non_string_parquet_text_is_an_error_naming_the_file(tmp_path, values):
     (tmp_path / "ok.txt").write_text("fine " * 10)
     pq.write_table(pa.table({"text": values}), tmp_path / "odd.parquet")
     with pytest.raises(SystemExit, match="odd.parquet.*not strings"):
-        prepare.read_source(str(tmp_path))
+        cache.read_source(str(tmp_path))
 
 
 def test_jsonl_non_string_text_names_the_line_and_lone_surrogates_are_replaced(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n{"text": null}\n')
-    docs, _ = prepare.read_source(str(tmp_path))
+    docs, _ = cache.read_source(str(tmp_path))
     assert docs == ["fine", "lone \ufffd surrogate"]
     (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n\n{"text": 42}\n')
     with pytest.raises(SystemExit, match=r"b\.jsonl:3: `text` is a int"):
-        prepare.read_source(str(tmp_path))
+        cache.read_source(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One prepare.py at a time; the cache folder itself
 
 def test_one_prepare_at_a_time_and_train_waits_for_it(tmp_path):
-    with prepare.cache_lock(str(tmp_path)):
+    with cache.cache_lock(str(tmp_path)):
         with pytest.raises(SystemExit, match=f"another prepare.py \\(pid {os.getpid()}\\)"):
-            with prepare.cache_lock(str(tmp_path)):
+            with cache.cache_lock(str(tmp_path)):
                 pass
         with pytest.raises(SystemExit, match=f"prepare.py \\(pid {os.getpid()}\\) is writing the cache"):
-            prepare.check_not_locked(str(tmp_path / os.path.basename(LOCK_PATH)))
-    prepare.check_not_locked(str(tmp_path / os.path.basename(LOCK_PATH)))  # released: no error
-    with prepare.cache_lock(str(tmp_path)):
+            cache.check_not_locked(str(tmp_path / os.path.basename(LOCK_PATH)))
+    cache.check_not_locked(str(tmp_path / os.path.basename(LOCK_PATH)))  # released: no error
+    with cache.cache_lock(str(tmp_path)):
         pass
 
 
 def test_a_cache_path_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "cache").write_text("not a folder")
     with pytest.raises(SystemExit, match="is not a folder"):
-        with prepare.cache_lock(str(tmp_path / "cache")):
+        with cache.cache_lock(str(tmp_path / "cache")):
             pass
 
 
@@ -283,5 +284,5 @@ def test_manifest_is_plain_json_naming_the_source(prepared, source_dir, tokenize
     assert manifest["tokenizer"] == tokenizer.fingerprint
     for rel, entry in manifest["files"].items():
         assert os.path.getsize(os.path.join(CACHE_DIR, rel)) == entry["size"]
-        assert prepare.file_sha256(os.path.join(CACHE_DIR, rel)) == entry["sha256"]
+        assert cache.file_sha256(os.path.join(CACHE_DIR, rel)) == entry["sha256"]
 

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+import cache
 import prepare
 from bench import plain_batches
 
 
 def split_docs(tokenizer, split):
-    texts = [t for p in prepare.list_shards(split) for batch in prepare.read_parquet_texts(p) for t in batch]
+    texts = [t for p in cache.list_shards(split) for batch in cache.read_parquet_texts(p) for t in batch]
     return [tuple(d) for d in tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id())]
 
 
@@ -59,13 +60,8 @@ def test_epochs_advance(tokenizer):
     assert epochs[0] >= 1 and epochs == sorted(epochs) and epochs[-1] >= epochs[0] + 2
 
 
-def test_default_device_is_the_training_device(tokenizer):
-    x, y, _ = next(prepare.make_dataloader(tokenizer, 2, 32, "train"))
-    assert x.device.type == prepare.get_device().type
-
-
 def test_stale_tokens_point_at_prepare(tokenizer):
-    path = prepare.list_shards("train")[0]
+    path = cache.list_shards("train")[0]
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the shard changed after it was tokenized
     try:

@@ -130,3 +130,17 @@ def test_program_md_states_the_loop_rules():
         'grep "^step', "the same `%`",                                        # reading the progress lines
     ]:
         assert rule in text, f"program.md does not say {rule!r}"
+
+
+def test_program_md_lists_every_fixed_call_train_py_makes():
+    """The agent reads train.py and program.md only: every fixed name train.py uses is in program.md's table."""
+    program = open(os.path.join(ROOT, "program.md"), encoding="utf-8").read()
+    table = program.split("## What train.py calls")[1].split("\n## ")[0]
+    source = open(os.path.join(ROOT, "train.py"), encoding="utf-8").read()
+    imported = re.search(r"^from prepare import (.+)$", source, flags=re.M).group(1).split(", ")
+    used = sorted(set(re.findall(r"\bruntime\.(\w+)\(", source)))
+    assert imported and used
+    for name in imported:
+        assert f"`{name}(" in table, f"program.md does not list prepare.{name}"
+    for name in used:
+        assert f"`runtime.{name}" in table, f"program.md does not list runtime.{name}"

@@ -1,4 +1,4 @@
-"""prepare.py's download path against a loopback HTTP server standing in for the hub (HF_ENDPOINT)."""
+"""The download path (cache.py, driven by prepare.py) against a loopback HTTP server standing in for the hub."""
 import io
 import json
 import os
@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import prepare
+import cache
+from cache import Downloader
 from conftest import run_script
 from constants import VAL_SHARD, shard_name
 
@@ -105,7 +106,7 @@ def names_in(folder):
 
 
 def test_download_success(hub, tmp_path):
-    failed = prepare.download_shards([0, 1, VAL_SHARD], str(tmp_path), hub.endpoint, workers=3)
+    failed = cache.download_shards([0, 1, VAL_SHARD], str(tmp_path), Downloader(hub.endpoint), workers=3)
     assert failed == []
     assert names_in(tmp_path) == [shard_name(0), shard_name(1), shard_name(VAL_SHARD)]
     for name in names_in(tmp_path):
@@ -114,33 +115,33 @@ def test_download_success(hub, tmp_path):
 
 def test_cut_connection_is_retried_and_never_leaves_a_partial_file(hub, tmp_path):
     hub.cut[shard_name(0)] = 1  # first attempt dies half way, the retry succeeds
-    status, _, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, attempts=3, backoff=0)
-    assert status == "ok"
+    result = Downloader(hub.endpoint, attempts=3, backoff=0).fetch(0, str(tmp_path))
+    assert result.status == "downloaded"
     assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
     assert hub.requests.count(shard_name(0)) == 2
 
     hub.cut[shard_name(1)] = 5  # every attempt dies: nothing under the final name, no temp file left
-    status, detail, _ = prepare.download_shard(1, str(tmp_path), hub.endpoint, attempts=2, backoff=0)
-    assert status == "fail" and hub.endpoint in detail
+    result = Downloader(hub.endpoint, attempts=2, backoff=0).fetch(1, str(tmp_path))
+    assert result.status == "failed" and hub.endpoint in result.detail and result.record is None
     assert names_in(tmp_path) == [shard_name(0)]
 
 
 def test_404_fails_at_once_naming_the_url(hub, tmp_path):
-    status, detail, _ = prepare.download_shard(5, str(tmp_path), hub.endpoint, attempts=5, backoff=10)
-    assert status == "fail"
-    assert "404" in detail and shard_name(5) in detail
+    result = Downloader(hub.endpoint, attempts=5, backoff=10).fetch(5, str(tmp_path))
+    assert result.status == "failed"
+    assert "404" in result.detail and shard_name(5) in result.detail
     assert hub.requests == [shard_name(5)]  # a permanent error is not retried
     assert names_in(tmp_path) == []
 
 
 def test_resume_after_an_interrupted_run(hub, tmp_path):
     hub.cut[shard_name(1)] = 2
-    failed = prepare.download_shards([0, 1, 2], str(tmp_path), hub.endpoint, workers=2, attempts=2, backoff=0)
+    failed = cache.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0), workers=2)
     assert failed == [shard_name(1)]
     assert names_in(tmp_path) == [shard_name(0), shard_name(2)]
     (tmp_path / f"{shard_name(1)}.999.part").write_bytes(b"left by a killed run")
     hub.requests.clear()
-    failed = prepare.download_shards([0, 1, 2], str(tmp_path), hub.endpoint, workers=2, attempts=2, backoff=0)
+    failed = cache.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0), workers=2)
     assert failed == []
     assert hub.requests == [shard_name(1)]  # whole shards are not fetched again
     assert names_in(tmp_path) == [shard_name(0), shard_name(1), shard_name(2)]
@@ -148,22 +149,21 @@ def test_resume_after_an_interrupted_run(hub, tmp_path):
 
 def test_a_truncated_shard_under_its_final_name_is_fetched_again(hub, tmp_path):
     (tmp_path / shard_name(0)).write_bytes(hub.files[shard_name(0)][:1000])
-    status, _, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, backoff=0)
-    assert status == "ok"
+    assert Downloader(hub.endpoint, backoff=0).fetch(0, str(tmp_path)).status == "downloaded"
     assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
 
 
 def test_cli_downloads_then_trains_the_tokenizer(hub, tmp_path):
-    cache = tmp_path / "cache"
+    cache_dir = tmp_path / "cache"
     proc = run_script(["prepare.py", "--num-shards", "2", "--download-workers", "2"],
-                      env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache)})
+                      env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache_dir)})
     assert proc.returncode == 0, proc.stderr
-    assert names_in(cache / "data") == [shard_name(0), shard_name(1), shard_name(VAL_SHARD)]
-    assert names_in(cache / "tokenizer") == ["ranks.txt", "tokenizer.json"]
+    assert names_in(cache_dir / "data") == [shard_name(0), shard_name(1), shard_name(VAL_SHARD)]
+    assert names_in(cache_dir / "tokenizer") == ["ranks.txt", "tokenizer.json"]
     assert proc.stdout.count("shard_") >= 3  # one progress line per shard
     assert "data: 3 downloaded, 0 already present, 0 failed" in proc.stdout
     again = run_script(["prepare.py", "--num-shards", "2"],  # a rerun verifies every file and fetches nothing
-                       env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache)})
+                       env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache_dir)})
     assert again.returncode == 0, again.stderr
     assert "data: 0 downloaded, 3 already present" in again.stdout and "checksum matches" in again.stdout
     # --source on a cache of hub data replaces it, saying so; nothing of the hub's data stays
@@ -171,11 +171,11 @@ def test_cli_downloads_then_trains_the_tokenizer(hub, tmp_path):
     src.mkdir()
     for i in range(3):
         (src / f"{i}.txt").write_text(f"local document number {i} " * 30)
-    local = run_script(["prepare.py", "--source", str(src)], env={"AUTORESEARCH_CACHE_DIR": str(cache)})
+    local = run_script(["prepare.py", "--source", str(src)], env={"AUTORESEARCH_CACHE_DIR": str(cache_dir)})
     assert local.returncode == 0, local.stderr
     assert "replacing the data from karpathy/climbmix-400b-shuffle" in local.stdout
-    texts = [t for p in prepare.list_shards("train", str(cache / "data")) + prepare.list_shards(
-        "val", str(cache / "data")) for batch in prepare.read_parquet_texts(p) for t in batch]
+    texts = [t for p in cache.list_shards("train", str(cache_dir / "data")) + cache.list_shards(
+        "val", str(cache_dir / "data")) for batch in cache.read_parquet_texts(p) for t in batch]
     assert sorted(texts) == sorted(f"local document number {i} " * 30 for i in range(3))
 
 
@@ -197,25 +197,24 @@ def test_cli_without_network_says_which_url_failed(tmp_path):
 
 def test_a_body_that_does_not_decode_never_gets_the_final_name(hub, tmp_path):
     hub.corrupt.add(shard_name(0))  # right length, footer fine, a row group in the middle broken
-    status, detail, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, attempts=2, backoff=0)
-    assert status == "fail" and "not a readable parquet file" in detail
+    result = Downloader(hub.endpoint, attempts=2, backoff=0).fetch(0, str(tmp_path))
+    assert result.status == "failed" and "not a readable parquet file" in result.detail
     assert names_in(tmp_path) == [] and hub.requests == [shard_name(0)] * 2
 
 
 def test_a_stalled_body_is_abandoned_and_retried(hub, tmp_path):
     hub.stall.add(shard_name(0))
     t0 = time.time()
-    status, detail, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, attempts=2, backoff=0, stall=0.5)
-    assert status == "fail" and "timed out" in detail.lower()
-    assert time.time() - t0 < 10 and hub.requests == [shard_name(0)] * 2 and names_in(tmp_path) == []
+    result = Downloader(hub.endpoint, attempts=2, backoff=0, stall=0.5).fetch(0, str(tmp_path))
+    assert result.status == "failed" and "timed out" in result.detail.lower()
+    assert time.time() - t0 < 30 and hub.requests == [shard_name(0)] * 2 and names_in(tmp_path) == []
 
 
 def test_a_trickle_is_abandoned(hub, tmp_path):
     hub.pace[shard_name(0)] = (200, 0.02)  # about 10 KB/s: every read returns, but far too slowly
     t0 = time.time()
-    status, detail, _ = prepare.download_shard(0, str(tmp_path), hub.endpoint, attempts=1, min_rate=64e3,
-                                               window=0.5)
-    assert status == "fail" and "too slow" in detail and time.time() - t0 < 10
+    result = Downloader(hub.endpoint, attempts=1, min_rate=64e3, window=0.5).fetch(0, str(tmp_path))
+    assert result.status == "failed" and "too slow" in result.detail and time.time() - t0 < 30
     assert names_in(tmp_path) == []
 
 
@@ -225,31 +224,31 @@ def test_a_refused_connection_fails_fast_and_stops_the_rest(tmp_path):
         endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
     t0 = time.time()
     with pytest.raises(SystemExit) as refusal:
-        prepare.download_shards(list(range(40)), str(tmp_path), endpoint, workers=2, backoff=10)
+        cache.download_shards(list(range(40)), str(tmp_path), Downloader(endpoint, backoff=10), workers=2)
     line = str(refusal.value.code)
     assert f"cannot connect to {endpoint}/datasets/" in line and "40 of 40 shards not fetched" in line
-    assert time.time() - t0 < 10, "a refused connection must not be retried with back-off, shard after shard"
+    assert time.time() - t0 < 30, "a refused connection must not be retried with back-off, shard after shard"
 
 
 def test_progress_is_printed_during_a_long_download(hub, tmp_path, capsys):
     hub.pace[shard_name(0)] = (20_000, 0.1)  # takes a second or two, fast enough to finish
-    failed = prepare.download_shards([0], str(tmp_path), hub.endpoint, workers=1, progress_every=0.3)
+    failed = cache.download_shards([0], str(tmp_path), Downloader(hub.endpoint), workers=1, progress_every=0.3)
     out = capsys.readouterr().out
     assert failed == [] and "MB received in" in out
     assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
 
 
 def test_a_shard_that_does_not_match_the_manifest_is_fetched_again(hub, tmp_path):
-    manifest = prepare.Manifest({"kind": "hub", "dataset": "x", "endpoint": hub.endpoint}, str(tmp_path))
+    manifest = cache.Manifest({"kind": "hub", "dataset": "x", "endpoint": hub.endpoint}, str(tmp_path))
     data = tmp_path / "data"
-    assert prepare.download_shards([0, 1], str(data), hub.endpoint, manifest=manifest) == []
-    assert manifest.files["data/" + shard_name(0)]["sha256"] == prepare.file_sha256(str(data / shard_name(0)))
+    assert cache.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == []
+    assert manifest.files["data/" + shard_name(0)]["sha256"] == cache.file_sha256(str(data / shard_name(0)))
     saved = json.loads((tmp_path / "manifest.json").read_text())
     assert set(saved["files"]) == {"data/" + shard_name(0), "data/" + shard_name(1)}
     body = bytearray((data / shard_name(0)).read_bytes())
     body[100] ^= 0xFF  # same size, one byte changed
     (data / shard_name(0)).write_bytes(bytes(body))
     hub.requests.clear()
-    assert prepare.download_shards([0, 1], str(data), hub.endpoint, manifest=manifest) == []
+    assert cache.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == []
     assert hub.requests == [shard_name(0)]  # shard 1 matched its checksum and was kept
     assert (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]

@@ -66,6 +66,22 @@ def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer):
     assert prepare.evaluate_bpb(Uniform(), tokenizer, B) == pytest.approx(tokens * math.log2(V) / nbytes, rel=1e-5)
 
 
-def test_too_few_eval_tokens_is_a_clear_error(tokenizer):
-    with pytest.raises(AssertionError, match="AUTORESEARCH_EVAL_TOKENS"):
-        prepare.evaluate_bpb(TargetLoss(0), tokenizer, EVAL_TOKENS)
+def test_the_batch_size_does_not_change_what_is_scored(tokenizer):
+    """The same EVAL_TOKENS // MAX_SEQ_LEN rows whatever the batch size; the last batch may be partial."""
+    rows = EVAL_TOKENS // MAX_SEQ_LEN
+    seen = []
+
+    class Recording(TargetLoss):
+        def forward(self, x, y, reduction="mean"):
+            seen.append(y.clone())
+            return super().forward(x, y, reduction)
+
+    results = {}
+    for B in (8, 5, rows, rows + 3):  # divides the rows, leaves a partial last batch, one batch, more than all
+        seen.clear()
+        results[B] = prepare.evaluate_bpb(Recording(tokenizer.get_bos_token_id()), tokenizer, B)
+        assert sum(len(y) for y in seen) == rows
+        if B == 8:
+            expected_rows = torch.cat(seen)
+        assert torch.equal(torch.cat(seen), expected_rows)
+    assert len(set(results.values())) == 1, results

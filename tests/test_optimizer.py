@@ -1,4 +1,5 @@
-"""MuonAdamW: AdamW against torch.optim.AdamW, Polar Express, cautious weight decay; the schedules."""
+"""MuonAdamW: AdamW against torch.optim.AdamW, the reference's numerics against a plain implementation written
+from SPEC.md, Polar Express, NorMuon, cautious weight decay; the schedules."""
 import pytest
 import torch
 
@@ -28,7 +29,7 @@ def test_polar_express_singular_values_near_one():
         u, _ = torch.linalg.qr(torch.randn(shape[0], shape[1], k))
         v, _ = torch.linalg.qr(torch.randn(shape[0], shape[2], k))
         g = u @ torch.diag_embed(torch.logspace(0, -2, k).expand(shape[0], k)) @ v.mT
-        out = train.polar_express(g, 5).float()
+        out = train.polar_express(g, 5, torch.bfloat16).float()
         assert out.shape == g.shape
         s = torch.linalg.svdvals(out)
         assert s.min() > 0.8 and s.max() < 1.2, (shape, s.min(), s.max())
@@ -41,8 +42,8 @@ def muon_update(params, grads, weight_decay, lr=0.1):
     p = params.clone()
     momentum = torch.zeros_like(p)
     second = torch.zeros(p.size(0), p.size(1), 1) if p.size(-2) >= p.size(-1) else torch.zeros(p.size(0), 1, p.size(2))
-    train.muon_step(p, grads, momentum, second, torch.tensor(lr), torch.tensor(0.9), torch.tensor(weight_decay),
-                    torch.tensor(0.95), 5)
+    train.muon_step(p, grads.clone(), momentum, second, torch.tensor(lr), torch.tensor(0.9),
+                    torch.tensor(weight_decay), torch.tensor(0.95), 5, torch.float32)
     return p
 
 
@@ -64,7 +65,7 @@ def test_normuon_keeps_the_update_norm():
     torch.manual_seed(0)
     params, grads = torch.randn(1, 32, 16), torch.randn(1, 32, 16)
     u = (params - muon_update(params, grads, 0.0, lr=1.0))
-    orth = train.polar_express(grads.lerp(grads * 0.1, 0.9), 5).float()  # Nesterov of a fresh buffer
+    orth = train.polar_express(grads.lerp(grads * 0.1, 0.9), 5, torch.float32)  # Nesterov of a fresh buffer
     assert u.norm().item() == pytest.approx(orth.norm().item(), rel=1e-3)
 
 
@@ -101,3 +102,86 @@ def test_momentum_and_weight_decay_schedules():
     assert train.get_weight_decay(0.0) == pytest.approx(0.2)
     assert train.get_weight_decay(0.5) == pytest.approx(0.1)
     assert train.get_weight_decay(1.0) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference's numerics (SPEC.md, "Optimizer numerics"), written out plainly, one matrix at a time
+
+PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def spec_adamw(p, g, m, v, t, lr, b1, b2, eps, wd):
+    """Moments in p's dtype, the update in place in p's dtype; hyperparameters fp32 0-d tensors."""
+    p *= 1 - lr * wd
+    m.lerp_(g, 1 - b1)
+    v.lerp_(g * g, 1 - b2)
+    p -= (lr / (1 - b1 ** t)) * m / (torch.sqrt(v / (1 - b2 ** t)) + eps)
+
+
+def spec_muon(P, G, M, V, lr, mu, wd, beta2):
+    """P, G, M: lists of fp32 matrices; V: fp32 second moments of the reduced shape."""
+    for i in range(len(P)):
+        M[i].lerp_(G[i], 1 - mu)
+        g = G[i].lerp(M[i], mu)                                   # Nesterov
+        X = g.to(torch.bfloat16)
+        X = X / (1.02 * torch.linalg.matrix_norm(X) + 1e-6)       # Polar Express in bf16
+        rows, cols = X.shape
+        for a, b, c in PE:
+            if rows > cols:
+                A = X.T @ X
+                X = a * X + X @ (b * A + c * (A @ A))
+            else:
+                A = X @ X.T
+                X = a * X + (b * A + c * (A @ A)) @ X
+        dim = 1 if rows >= cols else 0                             # NorMuon: per row, or per column if wide
+        v_mean = (X.float() ** 2).mean(dim=dim, keepdim=True)
+        V[i].lerp_(v_mean, 1 - beta2)
+        step = torch.rsqrt(torch.clamp(V[i], min=1e-10))
+        n = X.shape[dim]
+        before = torch.sqrt((v_mean * n).sum())
+        after = torch.sqrt((v_mean * n * step ** 2).sum())
+        X = X * (step * before / after).to(torch.bfloat16)
+        lr16, wd16 = lr.to(torch.bfloat16), wd.to(torch.bfloat16)  # cautious weight decay, mask >= 0
+        P[i] -= lr16 * X + lr16 * wd16 * P[i] * ((X * P[i]) >= 0)
+
+
+def test_adamw_follows_the_references_dtypes():
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(64, 16).bfloat16())  # an embedding table, bf16 as on CUDA
+    mine = torch.nn.Parameter(table.detach().clone())
+    opt = train.MuonAdamW([dict(params=[mine], kind="adamw", lr=0.3, betas=(0.8, 0.95), eps=1e-10,
+                                weight_decay=0.0)])
+    p, m, v = table.detach().clone(), torch.zeros_like(table), torch.zeros_like(table)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    for t in range(1, 5):
+        g = torch.randn(64, 16).bfloat16()
+        mine.grad = g.clone()
+        opt.step()
+        spec_adamw(p, g, m, v, f32(t), f32(0.3), f32(0.8), f32(0.95), f32(1e-10), f32(0.0))
+        assert opt.state[mine]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(mine.detach(), p), t
+
+
+def test_muon_follows_the_references_dtypes():
+    torch.manual_seed(0)
+    for shape in [(3, 48, 16), (2, 16, 48), (2, 32, 32)]:  # tall, wide, square
+        params = torch.randn(shape) * 0.1
+        P, M = list(params.clone()), [torch.zeros(shape[1:]) for _ in range(shape[0])]
+        reduced = (shape[1], 1) if shape[1] >= shape[2] else (1, shape[2])
+        V = [torch.zeros(reduced) for _ in range(shape[0])]
+        mine = {low: params.clone() for low in (torch.bfloat16, torch.float32)}
+        state = {low: (torch.zeros(shape), torch.zeros((shape[0],) + reduced)) for low in mine}
+        hp = [torch.tensor(v, dtype=torch.float32) for v in (0.02, 0.9, 0.2, 0.95)]
+        for _ in range(3):
+            grads = torch.randn(shape)
+            spec_muon(P, list(grads.clone()), M, V, *hp)
+            for low, p in mine.items():
+                train.muon_step(p, grads.clone(), *state[low], *hp, 5, low)
+        spec = torch.stack(P)
+        gap = {low: (p - spec).abs().max().item() for low, p in mine.items()}
+        assert gap[torch.bfloat16] < 1e-6, (shape, gap)  # the reference's numbers
+        assert gap[torch.float32] > 100 * max(gap[torch.bfloat16], 1e-8), (shape, gap)  # (the dtypes show)

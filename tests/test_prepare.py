@@ -1,23 +1,26 @@
-"""prepare.py: --source corpora, the tokenizer (training, round trip, token bytes, no pickle), bad input."""
+"""prepare.py and cache.py: --source corpora, the tokenizer (training, round trip, token bytes, no pickle), bad input,
+the device rules (runtime.py)."""
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import cache
 import prepare
+import runtime
 from conftest import MULTILINGUAL, run_script
 from constants import DATA_DIR, SPECIAL_TOKENS, TOKENIZER_DIR, VAL_SHARD, VOCAB_SIZE, shard_name
 
 
 def all_texts(paths):
-    return [t for p in paths for batch in prepare.read_parquet_texts(p) for t in batch]
+    return [t for p in paths for batch in cache.read_parquet_texts(p) for t in batch]
 
 
 def test_source_split_is_whole_and_disjoint(prepared, corpus_docs):
-    val = all_texts(prepare.list_shards("val"))
-    train = all_texts(prepare.list_shards("train"))
-    assert prepare.list_shards("val") == [os.path.join(DATA_DIR, shard_name(VAL_SHARD))]
+    val = all_texts(cache.list_shards("val"))
+    train = all_texts(cache.list_shards("train"))
+    assert cache.list_shards("val") == [os.path.join(DATA_DIR, shard_name(VAL_SHARD))]
     assert val and train
     assert sorted(val + train) == sorted(corpus_docs)  # every document of every format, once
     assert not set(val) & set(train) - set(MULTILINGUAL)  # (the multilingual docs are repeated on purpose)
@@ -29,8 +32,8 @@ def test_source_split_does_not_depend_on_file_order(tmp_path, corpus_docs):
     write_source_corpus(str(tmp_path / "a"), docs)
     write_source_corpus(str(tmp_path / "b"), docs[::-1])
     for name in ("a", "b"):
-        prepare.write_source_shards(prepare.read_source(str(tmp_path / name))[0], str(tmp_path / f"out_{name}"))
-    val = [sorted(all_texts(prepare.list_shards("val", str(tmp_path / d)))) for d in ("out_a", "out_b")]
+        cache.write_source_shards(cache.read_source(str(tmp_path / name))[0], str(tmp_path / f"out_{name}"))
+    val = [sorted(all_texts(cache.list_shards("val", str(tmp_path / d)))) for d in ("out_a", "out_b")]
     assert val[0] == val[1] and len(val[0]) > 0
 
 
@@ -135,9 +138,9 @@ PROC_VERSION = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54
 
 def test_the_driver_version_is_read_from_proc(tmp_path):
     (tmp_path / "version").write_text(PROC_VERSION)
-    assert prepare.nvidia_driver_version(str(tmp_path / "version")) == "550.54.14"
+    assert runtime.nvidia_driver_version(str(tmp_path / "version")) == "550.54.14"
     (tmp_path / "version").write_text(PROC_VERSION.replace("Open Kernel Module for x86_64", "Kernel Module"))
-    assert prepare.nvidia_driver_version(str(tmp_path / "version")) == "550.54.14"
+    assert runtime.nvidia_driver_version(str(tmp_path / "version")) == "550.54.14"
 
 
 @pytest.mark.parametrize("cuda_available, driver, torch_cuda, expected", [
@@ -149,7 +152,7 @@ def test_the_driver_version_is_read_from_proc(tmp_path):
     (False, "550.54.14", None, ["without CUDA", "Older NVIDIA drivers"]),   # a CPU-only torch on a GPU machine
 ])
 def test_a_gpu_torch_cannot_use_is_one_line_naming_the_driver(cuda_available, driver, torch_cuda, expected):
-    problem = prepare.unusable_gpu_problem(cuda_available, driver, torch_cuda, torch_version="2.11.0")
+    problem = runtime.unusable_gpu_problem(cuda_available, driver, torch_cuda, torch_version="2.11.0")
     if expected is None:
         assert problem is None
     else:

@@ -5,6 +5,8 @@ import re
 import pytest
 import torch
 
+import constants
+import runtime
 import train
 
 from conftest import run_script
@@ -26,8 +28,7 @@ def untrained_val_bpb(tokenizer):
     torch.manual_seed(0)
     model = train.build_model(train.GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2,
                                               n_head=1, n_kv_head=1, n_embd=128), torch.device("cpu"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return evaluate_bpb(model, tokenizer, 8)
+    return evaluate_bpb(model, tokenizer, 8)
 
 
 def test_tiny_run_end_to_end(prepared, tokenizer):
@@ -41,16 +42,20 @@ def test_tiny_run_end_to_end(prepared, tokenizer):
     val_bpb = float(values["val_bpb"])
     assert math.isfinite(val_bpb)
     assert val_bpb < untrained_val_bpb(tokenizer) - 0.3
-    assert 4.0 <= float(values["training_seconds"]) < 20
-    assert int(values["num_steps"]) > 11 and values["depth"] == "2" and values["device"] == "cpu"
-    assert float(values["total_tokens_M"]) == round(int(values["num_steps"]) * 2048 / 1e6, 1)
-    assert re.search(r"^step 00011 \(\d+\.\d%\) \| loss: \d+\.\d+ \| lrm: ", proc.stdout, flags=re.M)
+    # every step counts on the CPU (nothing compiles): the budget is spent by the counted steps, and the last
+    # step is the first one past it
+    steps = int(values["num_steps"])
+    assert steps >= 2 and values["depth"] == "2" and values["device"] == "cpu"
+    assert float(values["training_seconds"]) >= 4.0
+    assert float(values["total_tokens_M"]) == round(steps * 2048 / 1e6, 1)
+    assert int(values["tok_per_sec"]) == pytest.approx(steps * 2048 / float(values["training_seconds"]), rel=0.05)
+    assert re.search(r"^step 00000 \(\d+\.\d%\) \| loss: \d+\.\d+ \| lrm: ", proc.stdout, flags=re.M)
     # a log fit for a file: newline-terminated lines, none long, progress at a bounded rate, the summary last
     assert "\r" not in proc.stdout
     assert max(len(line) for line in (proc.stdout + proc.stderr).splitlines()) < 300
     progress = re.findall(r"^step (\d{5}) ", proc.stdout, flags=re.M)
     assert progress[:2] == ["00000", "00001"] and progress[-1] == f"{int(values['num_steps']) - 1:05d}"
-    assert len(progress) <= 3 + 1 + float(values["total_seconds"]) / train.LOG_EVERY_SECONDS + 1
+    assert len(progress) <= 3 + 1 + float(values["total_seconds"]) / runtime.LOG_EVERY_SECONDS + 1
     assert float(values["startup_seconds"]) > 0 and float(values["eval_seconds"]) > 0
     assert float(values["startup_seconds"]) + float(values["training_seconds"]) <= float(values["total_seconds"])
     assert abs(float(values["train_loss"]) - float(re.findall(r"\| loss: (\S+) \|", proc.stdout)[-1])) < 1e-6
@@ -81,9 +86,9 @@ def test_bad_batch_sizes_get_a_message_not_a_crash(prepared):
 
 
 def test_importing_train_does_nothing(tmp_path):
-    proc = run_script(["-c", "import train, prepare, constants; print('ok')"],
+    proc = run_script(["-c", "import sys, train, prepare, constants; print('ok', 'torch._dynamo' in sys.modules)"],
                       env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
-    assert proc.returncode == 0 and proc.stdout == "ok\n"
+    assert proc.returncode == 0 and proc.stdout == "ok False\n"  # nothing run, no compiler stack imported
     assert not (tmp_path / "cache").exists()
 
 
@@ -169,10 +174,10 @@ def test_the_compiled_model_is_what_trains_and_evaluates(prepared, monkeypatch, 
             calls["wrapper"] += 1
             return self.inner(*args, **kwargs)
 
-    monkeypatch.setattr(train, "maybe_compile", lambda model, device: Compiled(model))
+    monkeypatch.setattr(runtime, "compile_model", lambda model, device: Compiled(model))
     train.train()
     steps = int(re.search(r"^num_steps: +(\d+)$", capsys.readouterr().out, flags=re.M).group(1))
-    eval_batches = train.EVAL_TOKENS // (8 * 128)
+    eval_batches = constants.EVAL_TOKENS // (8 * 128)
     assert calls["wrapper"] == calls["raw"] == 2 * steps + eval_batches  # nothing called the raw model directly
 
 
@@ -185,13 +190,13 @@ def test_nonstandard_settings_name_overrides_and_constants_changed_at_run_time(m
     for name, value in standard.items():
         monkeypatch.setattr(constants, name, value)
         monkeypatch.setattr(prepare, name, value, raising=False)
-    assert train.nonstandard_settings(standard) == []
+    assert runtime.nonstandard_settings(standard) == []
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 1000)
-    notes = train.nonstandard_settings({**standard, "TIME_BUDGET": 600})
+    notes = runtime.nonstandard_settings({**standard, "TIME_BUDGET": 600})
     assert sorted(notes) == ["EVAL_TOKENS = 1000 set in prepare.py at run time",
                              "TIME_BUDGET = 600 set in train.py at run time"]
     monkeypatch.setattr(constants, "METRIC_OVERRIDES", {"AUTORESEARCH_TIME_BUDGET": "60"})
-    assert train.nonstandard_settings(standard)[0] == "AUTORESEARCH_TIME_BUDGET=60"
+    assert runtime.nonstandard_settings(standard)[0] == "AUTORESEARCH_TIME_BUDGET=60"
 
 
 @pytest.mark.parametrize("names, expected", [
@@ -202,4 +207,4 @@ def test_nonstandard_settings_name_overrides_and_constants_changed_at_run_time(m
     ([("aten::mm", 5)], {}),
 ])
 def test_attention_kernels_are_named_from_profiler_events(names, expected):
-    assert train.attention_kernels(names) == expected
+    assert runtime.attention_kernels(names) == expected

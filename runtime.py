@@ -1,0 +1,339 @@
+"""The fixed plumbing around train.py's loop. DO NOT CHANGE: it decides what a run's numbers mean.
+
+The device and its precision, compiling, counting the time budget, progress lines, the attention-kernel check,
+notes on runs that do not compare with standard ones, MFU, and the summary block agents grep. train.py calls:
+
+    device = get_device()                  # CUDA, else MPS, else the CPU (AUTORESEARCH_DEVICE insists on one)
+    run = Run(device, flops_per_token, tokens_per_step, t_start)
+    while not run.done:
+        run.begin_step()
+        ...                                # forward/backward, lr from run.progress, optimizer step
+        run.end_step(loss, lrm, epoch)     # waits for the step, counts its time, prints progress
+    run.summary(val_bpb, num_params, depth)
+"""
+import contextlib
+import gc
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+import constants
+from cache import SetupError
+from constants import EVAL_TOKENS, TIME_BUDGET
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device
+
+# The oldest Linux driver each CUDA major version runs on (CUDA's minor-version compatibility; NVIDIA's CUDA
+# Toolkit release notes). torch's default Linux wheels on PyPI are built with CUDA 13.0 as of torch 2.11.
+MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+DRIVER_HELP = "see README.md, 'Older NVIDIA drivers' (or set AUTORESEARCH_DEVICE=cpu to run on the CPU anyway)"
+
+
+def nvidia_driver_version(proc_file="/proc/driver/nvidia/version"):
+    """The loaded NVIDIA kernel driver's version ('550.54.14'), or None where there is none: from
+    /proc/driver/nvidia/version on Linux, else from nvidia-smi."""
+    try:
+        with open(proc_file, encoding="utf-8", errors="replace") as f:
+            found = re.search(r"Kernel Module(?: for [\w-]+)?\s+(\d+(?:\.\d+)+)", f.read())
+        if found:
+            return found.group(1)
+    except OSError:
+        pass
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+            return out[0] if out and re.fullmatch(r"\d+(\.\d+)+", out[0]) else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return None
+
+
+def unusable_gpu_problem(cuda_available, driver_version, torch_cuda_version, torch_version=torch.__version__):
+    """One line when an NVIDIA GPU is present (a driver is loaded) but torch cannot use it, else None."""
+    if cuda_available or driver_version is None:
+        return None
+    if torch_cuda_version is None:
+        return (f"an NVIDIA GPU is present (driver {driver_version}) but torch {torch_version} is a build without "
+                f"CUDA: {DRIVER_HELP}")
+    need = MIN_DRIVER.get(int(torch_cuda_version.split(".")[0]))
+    if need is not None and int(driver_version.split(".")[0]) < need:
+        return (f"the NVIDIA driver is {driver_version}, but torch {torch_version} (CUDA {torch_cuda_version}) "
+                f"needs driver >= {need}: update the driver, or install a torch built for an older CUDA: "
+                f"{DRIVER_HELP}")
+    return (f"an NVIDIA GPU is present (driver {driver_version}) but torch {torch_version} cannot use it "
+            f"(check nvidia-smi and CUDA_VISIBLE_DEVICES): {DRIVER_HELP}")
+
+
+def get_device():
+    """The training device, detected at run time: AUTORESEARCH_DEVICE if set, else cuda, then mps, then cpu. An
+    NVIDIA GPU that torch cannot use (an old driver, a CPU-only torch) is an error, not a silent CPU run."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if constants.DEVICE == "cpu":
+        return torch.device("cpu")
+    if constants.DEVICE == "mps" and not mps:
+        raise SetupError("AUTORESEARCH_DEVICE=mps, but torch cannot use Apple's GPU here")
+    if constants.DEVICE != "mps":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        problem = unusable_gpu_problem(False, nvidia_driver_version(), torch.version.cuda)
+        if problem:
+            raise SetupError(problem)
+        if constants.DEVICE == "cuda":
+            raise SetupError("AUTORESEARCH_DEVICE=cuda, but torch finds no CUDA GPU (no NVIDIA driver is loaded)")
+    return torch.device("mps") if mps else torch.device("cpu")
+
+
+def describe_device():
+    """Which device train.py will use, in words, or why it cannot start."""
+    try:
+        device = get_device()
+    except SetupError as e:
+        return f"train.py cannot start: {e.message}"
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return f"train.py will run on {device.type}{name}"
+
+
+def low_precision(device):
+    """The dtype for what the reference keeps in bf16 (embedding and rotary tables, Muon's orthogonalization):
+    bf16 on CUDA, fp32 elsewhere (CPUs without bf16 instructions run bf16 matmuls 7-9x slower than fp32)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device):
+    """The forward pass's mixed precision: bf16 autocast on CUDA (the reference's), plain fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compile_model(model, device):
+    """torch.compile on CUDA; eager elsewhere (CPU and MPS runs are small). The loop and the eval call only what
+    this returns, so an uncompiled FlexAttention (full score matrices, slow) never runs on CUDA by accident."""
+    return torch.compile(model, dynamic=False) if device.type == "cuda" else model
+
+
+def synchronize(device):
+    """Wait for the device's queued work (so a step's wall time is its real time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MFU: peak dense bf16 tensor FLOP/s (no sparsity) from the vendors' datasheets, matched on the CUDA device name in
+# this order (the first match wins, so specific names come before general ones).
+
+PEAK_BF16_FLOPS = [
+    ("gh200", 989.5e12), ("h200", 989.5e12), ("h100 pcie", 756.0e12), ("h100 nvl", 835.0e12),
+    ("h100", 989.5e12), ("h800", 989.5e12), ("b200", 2250e12), ("a100", 312.0e12), ("a800", 312.0e12),
+    ("l40s", 362.1e12), ("l40", 181.0e12), ("rtx 6000 ada", 364.2e12), ("l4", 121.0e12), ("a10g", 70.0e12),
+    ("a10", 125.0e12), ("rtx 5090", 209.5e12), ("rtx 4090", 165.2e12), ("rtx 3090", 71.0e12),
+]
+
+
+def lookup_peak_flops(gpu_name):
+    """Peak bf16 FLOP/s of a GPU by its CUDA name, or 0.0 when it is not in the table."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in gpu_name.lower()), 0.0)
+
+
+def peak_flops(device):
+    """(peak bf16 FLOP/s or 0.0, device name, note: why MFU is 0, or "")."""
+    if device.type != "cuda":
+        return 0.0, device.type, f"MFU is not computed on {device.type}"
+    name = torch.cuda.get_device_name(device)
+    flops = lookup_peak_flops(name)
+    return flops, name, "" if flops else f"{name} is not in runtime.py's PEAK_BF16_FLOPS table: MFU reported as 0"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What ran, and whether the run compares with standard ones
+
+ATTENTION_KINDS = [("cuDNN SDPA", ("_scaled_dot_product_cudnn_attention", "cudnn_generated_fort_native_sdpa")),
+                   ("flash SDPA", ("_scaled_dot_product_flash_attention", "flash_fwd", "flash_bwd")),
+                   ("mem-efficient SDPA", ("_scaled_dot_product_efficient_attention", "fmha_cutlass")),
+                   ("math SDPA (slow)", ("_scaled_dot_product_attention_math",)),
+                   ("FlexAttention", ("flex_attention",))]
+
+
+def attention_kernels(event_names):
+    """{implementation: count} of the attention that ran, from (profiler event or kernel name, count) pairs, so
+    a silent fallback to a slower kernel shows in run.log."""
+    found = {}
+    for name, count in event_names:
+        lowered = name.lower()
+        for label, keys in ATTENTION_KINDS:
+            if any(key in lowered for key in keys):
+                found[label] = found.get(label, 0) + count
+                break
+    return found
+
+
+def nonstandard_settings(train_globals):
+    """Why this run does not compare with standard ones: AUTORESEARCH_* overrides of the metric's constants, and
+    those constants changed at run time in constants, prepare or train.py. Empty for a standard run."""
+    import prepare
+    notes = [f"{name}={value}" for name, value in constants.METRIC_OVERRIDES.items()]
+    for name, value in constants.RESOLVED.items():
+        for where, namespace in (("constants.py", vars(constants)), ("prepare.py", vars(prepare)),
+                                 ("train.py", train_globals)):
+            if name in namespace and namespace[name] != value:
+                notes.append(f"{name} = {namespace[name]} set in {where} at run time")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+LOG_EVERY_SECONDS = 5.0  # progress line interval when stdout is a file (a terminal gets one live line)
+CUDA_WARMUP_STEPS = 11  # on CUDA the first steps compile: they do not count toward the budget (elsewhere none)
+
+
+def summary_line(key, value):
+    """`key:` padded to 18 characters, then the value: the reference's aligned summary format."""
+    return f"{key + ':':<18}{value}"
+
+
+class Run:
+    """The fixed bookkeeping of one training run: which steps count toward TIME_BUDGET, their time, progress
+    lines, the end of training, and the summary. On CUDA the first 11 steps (compilation) are not counted and
+    step 1 is profiled to name the attention kernels that ran; elsewhere every step counts. Training ends with the
+    first step that brings the counted time to TIME_BUDGET."""
+
+    def __init__(self, device, flops_per_token, tokens_per_step, t_start, train_globals=None):
+        self.device, self.flops_per_token, self.tokens_per_step = device, flops_per_token, tokens_per_step
+        self.t_start, self.train_globals = t_start, train_globals or {}
+        self.warmup = CUDA_WARMUP_STEPS if device.type == "cuda" else 0
+        self.peak, self.gpu_name, mfu_note = peak_flops(device)
+        self.step, self.counted_steps, self.training_seconds, self.startup_seconds = 0, 0, 0.0, 0.0
+        self.smooth_loss, self.train_loss, self.done = 0.0, float("nan"), False
+        self.tty, self._last_log, self._profiler, self._t_trained = sys.stdout.isatty(), 0.0, None, None
+        print(f"device: {device} ({self.gpu_name}), torch {torch.__version__}")
+        if mfu_note:
+            print(f"note: {mfu_note}")
+        flops_per_step = flops_per_token * tokens_per_step
+        if device.type != "cuda" and (flops_per_step > 1e13 or EVAL_TOKENS > 2 ** 21):
+            print(f"note: no CUDA GPU, running on {device.type}: this configuration would crawl (each step is "
+                  f"{flops_per_step:.1e} FLOPs, the eval {EVAL_TOKENS:,} tokens).")
+            print("note: for a small run lower DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE (and WINDOW_PATTERN='L') "
+                  "in train.py and set AUTORESEARCH_TIME_BUDGET, AUTORESEARCH_EVAL_TOKENS, AUTORESEARCH_MAX_SEQ_LEN",
+                  flush=True)
+        if device.type != "cuda":  # (the CUDA build of torch prints an error when profiling without a GPU)
+            print(f"attention: SDPA in eager mode on {device.type} (kernels are profiled on CUDA only)", flush=True)
+
+    @property
+    def progress(self):
+        """Counted training time / TIME_BUDGET, in [0, 1]: what the schedules follow."""
+        return min(self.training_seconds / TIME_BUDGET, 1.0)
+
+    def begin_step(self):
+        """Call at the start of every step: waits for the device and starts the step's clock."""
+        synchronize(self.device)
+        self._t0 = time.time()
+        if self.step == self.warmup:  # the first counted step: everything before it is start-up
+            self.startup_seconds = self._t0 - self.t_start
+        if self.step == 1 and self.device.type == "cuda":  # compiled by now: record the kernels that run
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                torch.profiler.ProfilerActivity.CUDA],
+                                                    acc_events=True)
+            self._profiler.start()
+
+    def end_step(self, loss, lrm, epoch):
+        """Call at the end of every step with its last micro-batch's loss (a tensor), the lr multiplier and the
+        loader's epoch: waits for the step, stops the program with FAIL on a NaN or exploding loss, counts the
+        step's time, prints progress, and sets `done` when the budget is spent."""
+        loss_f = loss.item()  # waits for the step
+        if self._profiler is not None:
+            self._profiler.stop()
+            used = attention_kernels((e.key, e.count) for e in self._profiler.key_averages())
+            self._profiler = None
+            print(("\n" if self.tty else "") + "attention (profiled step 1): " + (
+                ", ".join(f"{label} x{n}" for label, n in used.items()) or "no attention kernel recognized"))
+        if not math.isfinite(loss_f) or loss_f > 100:
+            print(f"\nFAIL: loss is {loss_f} at step {self.step}", flush=True)
+            sys.exit(1)
+        synchronize(self.device)
+        dt = time.time() - self._t0
+        if self.step >= self.warmup:
+            self.training_seconds += dt
+            self.counted_steps += 1
+        self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss_f
+        self.train_loss = self.smooth_loss / (1 - 0.9 ** (self.step + 1))
+        self.done = self.step >= self.warmup and self.training_seconds >= TIME_BUDGET
+        self._print_progress(dt, lrm, epoch)
+        if self.step == 0:  # Python's GC pauses show up as slow steps; nothing cyclic is allocated after step 0
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif self.step % 5000 == 0:  # as the reference: a collection now and then on very long runs
+            gc.collect()
+        self.step += 1
+        if self.done:
+            self._t_trained = time.time()
+            if self.tty:
+                print()
+
+    def _print_progress(self, dt, lrm, epoch):
+        mfu = 100 * self.flops_per_token * self.tokens_per_step / dt / self.peak if self.peak else 0.0
+        line = (f"step {self.step:05d} ({100 * self.progress:.1f}%) | loss: {self.train_loss:.6f} | lrm: {lrm:.2f} | "
+                f"dt: {dt * 1000:.0f}ms | tok/sec: {int(self.tokens_per_step / dt):,} | mfu: {mfu:.1f}% | "
+                f"epoch: {epoch} | remaining: {max(0.0, TIME_BUDGET - self.training_seconds):.0f}s")
+        if self.tty:
+            print(f"\r{line}    ", end="", flush=True)
+        elif self.step in (0, 1, self.warmup) or self.done or time.time() - self._last_log >= LOG_EVERY_SECONDS:
+            print(line, flush=True)
+            self._last_log = time.time()
+
+    def summary(self, val_bpb, num_params, depth):
+        """Print the notes of a run that does not compare with standard ones, then `---` and the summary: the
+        reference's nine keys in its order and format, then this project's (README.md lists them)."""
+        t_end = time.time()
+        counted_tokens = self.counted_steps * self.tokens_per_step
+        mfu = (100 * self.flops_per_token * counted_tokens / self.training_seconds / self.peak
+               if self.peak and self.training_seconds else 0.0)
+        notes = nonstandard_settings(self.train_globals)
+        if notes:
+            print(f"note: not comparable with standard runs: {'; '.join(notes)}")
+        peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if self.device.type == "cuda" else 0.0
+        print("---")
+        for key, value in [
+            ("val_bpb", f"{val_bpb:.6f}"), ("training_seconds", f"{self.training_seconds:.1f}"),
+            ("total_seconds", f"{t_end - self.t_start:.1f}"), ("peak_vram_mb", f"{peak_vram_mb:.1f}"),
+            ("mfu_percent", f"{mfu:.2f}"), ("total_tokens_M", f"{self.step * self.tokens_per_step / 1e6:.1f}"),
+            ("num_steps", f"{self.step}"), ("num_params_M", f"{num_params / 1e6:.1f}"), ("depth", f"{depth}"),
+            ("train_loss", f"{self.train_loss:.6f}"), ("startup_seconds", f"{self.startup_seconds:.1f}"),
+            ("eval_seconds", f"{t_end - (self._t_trained or t_end):.1f}"),
+            ("tok_per_sec", f"{int(counted_tokens / self.training_seconds) if self.training_seconds else 0}"),
+            ("device", self.device.type), ("gpu", self.gpu_name),
+        ]:
+            print(summary_line(key, value))
+        gc.enable()
+
+
+def main(train, settings):
+    """Run train() under the fixed settings: the CUDA allocator's expandable segments, SDPA's backends in the
+    order cuDNN, flash, mem-efficient, math. Out of GPU memory ends in one line naming `settings` (the knobs that
+    set memory use, e.g. "DEVICE_BATCH_SIZE=128, DEPTH=8")."""
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])  # torch 2.9 renamed the variable
+    os.environ.setdefault("PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF",
+                          "expandable_segments:True")  # read at the first CUDA allocation
+    try:
+        if torch.cuda.is_available():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            # cuDNN first: on an H100, causal T=2048 head_dim 128 forward+backward, cuDNN 339 TFLOP/s, flash 208.
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
+                train()
+        else:
+            train()
+    except torch.OutOfMemoryError:
+        sys.exit(f"\nerror: out of GPU memory at {settings}: lower DEVICE_BATCH_SIZE (gradient accumulation keeps "
+                 "TOTAL_BATCH_SIZE) or the model size")
