@@ -42,8 +42,8 @@ TIME_BUDGET = _env("AUTORESEARCH_TIME_BUDGET", DEFAULTS["TIME_BUDGET"], float,
 EVAL_TOKENS = _env("AUTORESEARCH_EVAL_TOKENS", DEFAULTS["EVAL_TOKENS"], int, lambda v: 1 <= v <= 1 << 40,
                    "a positive integer, at least one row (MAX_SEQ_LEN)")  # tokens evaluate_bpb scores
 if EVAL_TOKENS < MAX_SEQ_LEN:  # evaluate_bpb scores EVAL_TOKENS // MAX_SEQ_LEN rows: at least one
-    raise SystemExit(f"error: AUTORESEARCH_EVAL_TOKENS={EVAL_TOKENS} is less than one row of MAX_SEQ_LEN = "
-                     f"{MAX_SEQ_LEN} tokens: it must be at least {MAX_SEQ_LEN}")
+    raise SystemExit(f"error: AUTORESEARCH_EVAL_TOKENS={str(EVAL_TOKENS)!r} is not allowed: it must be at least one "
+                     f"row of MAX_SEQ_LEN = {MAX_SEQ_LEN} tokens")
 RESOLVED = {"MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET, "EVAL_TOKENS": EVAL_TOKENS}  # as read at start
 # The overrides of the metric's constants that this process runs under (name -> raw value), for the run's notes.
 METRIC_OVERRIDES = {name: os.environ[name].strip() for name in

@@ -320,8 +320,8 @@ class Run:
 
 def main(train, settings):
     """Run train() under the fixed settings: the CUDA allocator's expandable segments, SDPA's backends in the
-    order cuDNN, flash, mem-efficient, math. Out of GPU memory ends in one line naming `settings` (the knobs that
-    set memory use, e.g. "DEVICE_BATCH_SIZE=128, DEPTH=8")."""
+    order cuDNN, flash, mem-efficient, math. Running out of memory (GPU or CPU) ends in one line naming `settings`
+    (the knobs that set memory use, e.g. "DEVICE_BATCH_SIZE=128, DEPTH=8")."""
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])  # torch 2.9 renamed the variable
     os.environ.setdefault("PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF",
                           "expandable_segments:True")  # read at the first CUDA allocation
@@ -334,6 +334,10 @@ def main(train, settings):
                 train()
         else:
             train()
-    except torch.OutOfMemoryError:
-        sys.exit(f"\nerror: out of GPU memory at {settings}: lower DEVICE_BATCH_SIZE (gradient accumulation keeps "
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        where = "GPU memory" if isinstance(e, torch.OutOfMemoryError) else "memory"
+        if not isinstance(e, torch.OutOfMemoryError) and not (
+                isinstance(e, MemoryError) or "can't allocate memory" in str(e)):  # CPU: DefaultCPUAllocator
+            raise
+        sys.exit(f"\nerror: out of {where} at {settings}: lower DEVICE_BATCH_SIZE (gradient accumulation keeps "
                  "TOTAL_BATCH_SIZE) or the model size")

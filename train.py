@@ -7,6 +7,7 @@ the MuonAdamW optimizer, the schedules and the training loop. Everything here is
 parts it calls: prepare.py (tokenizer, loader, the metric evaluate_bpb) and runtime.py (device, precision, the
 time budget, progress lines and the summary).
 """
+import sys
 import time
 from dataclasses import dataclass
 
@@ -440,13 +441,23 @@ def get_weight_decay(progress):
 # Training
 
 
+def check_config():
+    """Stop with one line, before the cache is touched, for a knob above that cannot work."""
+    for name in ("DEPTH", "ASPECT_RATIO", "HEAD_DIM", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE"):
+        value = globals()[name]
+        if not isinstance(value, int) or value <= 0:
+            sys.exit(f"error: {name} = {value!r} in train.py: it must be a positive integer")
+    if TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN):
+        sys.exit(f"error: TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE x "
+                 f"MAX_SEQ_LEN ({DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} = {DEVICE_BATCH_SIZE * MAX_SEQ_LEN}): change one")
+    if not WINDOW_PATTERN or set(WINDOW_PATTERN.upper()) - {"S", "L"}:
+        sys.exit(f"error: WINDOW_PATTERN = {WINDOW_PATTERN!r} in train.py: use only the letters S and L")
+
+
 def train():
     t_start = time.time()
-    tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
-    assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0, (
-        f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE x MAX_SEQ_LEN "
-        f"({DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} = {tokens_per_fwdbwd}): change one of them")
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
+    check_config()
+    grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * MAX_SEQ_LEN)
     device = runtime.get_device()
     torch.manual_seed(SEED)
     torch.set_float32_matmul_precision("high")

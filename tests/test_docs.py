@@ -1,4 +1,5 @@
 """analysis.ipynb runs headless on the results files an agent leaves; README and program.md name real files."""
+import copy
 import os
 import re
 
@@ -24,28 +25,45 @@ def write_results(path, rows):
         f.write(program_header() + "\n" + "".join("\t".join(r) + "\n" for r in rows))
 
 
-def run_notebook(folder, rows, others=None):
-    """Run the notebook in folder/repo (so that its `../*/results.tsv` sees only this test's worktrees) with
-    `rows` as the repo's results.tsv and `others` ({path relative to folder: rows}) beside it."""
-    repo = os.path.join(folder, "repo")
-    write_results(os.path.join(repo, "results.tsv"), rows)
-    for rel, other_rows in (others or {}).items():
-        write_results(os.path.join(folder, rel), other_rows)
+@pytest.fixture(scope="module")
+def notebook_kernel():
+    """One Jupyter kernel for every notebook test (starting one costs seconds): yields run(folder, rows, others),
+    which writes `rows` as folder/repo/results.tsv and `others` ({path relative to folder: rows}) beside it, runs
+    every cell of analysis.ipynb from folder/repo (so that its `../*/results.tsv` sees only this test's worktrees)
+    and returns the printed output."""
     nb = nbformat.read(os.path.join(ROOT, "analysis.ipynb"), as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": repo}}).execute()
-    out = ""
-    for cell in nb.cells:
-        for o in cell.get("outputs", []):
-            out += o.get("text", "")
-    return out
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    nb.cells = [nbformat.v4.new_code_cell() for _ in range(len(code) + 1)]  # (the client stores each cell run)
+    client = NotebookClient(nb, timeout=120, kernel_name="python3")
+
+    def run(folder, rows, others=None):
+        repo = os.path.join(folder, "repo")
+        write_results(os.path.join(repo, "results.tsv"), rows)
+        for rel, other_rows in (others or {}).items():
+            write_results(os.path.join(folder, rel), other_rows)
+        cells = [nbformat.v4.new_code_cell(f"import os; os.chdir({repo!r})")]
+        cells += [copy.deepcopy(c) for c in code]
+        out = ""
+        for i, cell in enumerate(cells):
+            client.execute_cell(cell, i)
+            out += "".join(o.get("text", "") for o in cell.get("outputs", []))
+        return out
+
+    with client.setup_kernel():
+        yield run
+
+
+@pytest.fixture
+def run_notebook(notebook_kernel, tmp_path):
+    return lambda rows, others=None: notebook_kernel(str(tmp_path), rows, others)
 
 
 def test_header_is_the_five_columns():
     assert program_header().split("\t") == ["commit", "val_bpb", "memory_gb", "status", "description"]
 
 
-def test_notebook_on_a_normal_night(tmp_path):
-    out = run_notebook(tmp_path, [
+def test_notebook_on_a_normal_night(run_notebook, tmp_path):
+    out = run_notebook([
         ("a1b2c3d", "0.997900", "44.0", "keep", "baseline"),
         ("b2c3d4e", "0.998100", "44.0", "discard", "baseline again (noise)"),
         ("c3d4e5f", "0.990000", "44.2", "keep", "halve TOTAL_BATCH_SIZE"),
@@ -63,15 +81,15 @@ def test_notebook_on_a_normal_night(tmp_path):
     assert "noise floor: 0.001000" in out  # one baseline run (the second row is another commit): the minimum
 
 
-def test_notebook_with_crashes_only(tmp_path):
-    out = run_notebook(tmp_path, [("a1b2c3d", "0.000000", "0.0", "crash", "typo"),
+def test_notebook_with_crashes_only(run_notebook, tmp_path):
+    out = run_notebook([("a1b2c3d", "0.000000", "0.0", "crash", "typo"),
                                   ("b2c3d4e", "0.000000", "0.0", "crash", "OOM")])
     assert "2 experiments: 0 keep, 0 discard, 2 crash" in out and "No kept result yet" in out
     assert (tmp_path / "repo" / "progress.png").exists()
 
 
-def test_notebook_with_only_the_baseline(tmp_path):
-    out = run_notebook(tmp_path, [("a1b2c3d", "0.997900", "44.0", "keep", "baseline")])
+def test_notebook_with_only_the_baseline(run_notebook):
+    out = run_notebook([("a1b2c3d", "0.997900", "44.0", "keep", "baseline")])
     assert "baseline: 0.997900" in out and "total improvement: 0.000000" in out
     assert "only the baseline so far" in out
 
@@ -92,9 +110,9 @@ def test_every_uv_run_names_a_real_file(doc):
         assert os.path.isfile(os.path.join(ROOT, name)), f"{doc} names {name}, which does not exist"
 
 
-def test_notebook_overlays_several_agents(tmp_path):
+def test_notebook_overlays_several_agents(run_notebook, tmp_path):
     from PIL import Image
-    out = run_notebook(tmp_path, [
+    out = run_notebook([
         ("a1b2c3d", "0.997900", "44.0", "keep", "baseline"),
         ("a1b2c3d", "0.995900", "44.0", "keep", "baseline (rerun)"),
         ("c3d4e5f", "0.990000", "44.2", "keep", "halve TOTAL_BATCH_SIZE"),

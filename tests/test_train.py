@@ -1,4 +1,6 @@
-"""train.py end to end on the CPU: the real loop, tiny, on the prepared test corpus."""
+"""train.py end to end on the CPU: the real loop, tiny, on the prepared test corpus; its one-line errors."""
+import contextlib
+import io
 import math
 import re
 
@@ -14,7 +16,6 @@ from conftest import run_script
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth"]
 EXTRA_KEYS = ["train_loss", "startup_seconds", "eval_seconds", "tok_per_sec", "device", "gpu"]
-TINY = "import train; train.DEPTH = 2; train.DEVICE_BATCH_SIZE = 8; train.TOTAL_BATCH_SIZE = 2 * 8 * 128; "
 
 
 def summary(stdout):
@@ -23,7 +24,6 @@ def summary(stdout):
 
 
 def untrained_val_bpb(tokenizer):
-    import train
     from prepare import evaluate_bpb
     torch.manual_seed(0)
     model = train.build_model(train.GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2,
@@ -31,58 +31,127 @@ def untrained_val_bpb(tokenizer):
     return evaluate_bpb(model, tokenizer, 8)
 
 
-def test_tiny_run_end_to_end(prepared, tokenizer):
-    proc = run_script(["-c", TINY + "train.main()"])  # stdout is a pipe here, as in `> run.log`
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = summary(proc.stdout)
-    assert [k for k, _ in rows] == SUMMARY_KEYS + EXTRA_KEYS
-    for key, value in rows:  # values aligned in one column, as the reference prints them
+TINY_KNOBS = (("DEPTH", 2), ("DEVICE_BATCH_SIZE", 8), ("TOTAL_BATCH_SIZE", 2 * 8 * 128))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(prepared):
+    """One tiny training run through train.main(), the real loop and eval, serving several checks: its output
+    (stdout is not a terminal, as in `> run.log`) and how often torch.compile's stand-in and the raw model ran."""
+    calls = {"wrapper": 0, "raw": 0}
+
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper, counting what goes through it
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+            model.register_forward_hook(lambda *a: calls.__setitem__("raw", calls["raw"] + 1))
+
+        def forward(self, *args, **kwargs):
+            calls["wrapper"] += 1
+            return self.inner(*args, **kwargs)
+
+    saved = {name: getattr(train, name) for name, _ in TINY_KNOBS}
+    compile_model = runtime.compile_model
+    out = io.StringIO()
+    try:
+        for name, value in TINY_KNOBS:
+            setattr(train, name, value)
+        runtime.compile_model = lambda model, device: Compiled(model)
+        with contextlib.redirect_stdout(out):
+            train.main()
+    finally:
+        runtime.compile_model = compile_model
+        for name, value in saved.items():
+            setattr(train, name, value)
+    stdout = out.getvalue()
+    rows = summary(stdout)
+    return dict(stdout=stdout, rows=rows, values={k: v.strip() for k, v in rows}, calls=calls)
+
+
+def test_tiny_run_prints_the_reference_summary(tiny_run):
+    assert [k for k, _ in tiny_run["rows"]] == SUMMARY_KEYS + EXTRA_KEYS
+    for key, value in tiny_run["rows"]:  # values aligned in one column, as the reference prints them
         assert len(key) + 1 + len(value) - len(value.lstrip()) == 18, key
-    values = {k: v.strip() for k, v in rows}
-    val_bpb = float(values["val_bpb"])
-    assert math.isfinite(val_bpb)
-    assert val_bpb < untrained_val_bpb(tokenizer) - 0.3
-    # every step counts on the CPU (nothing compiles): the budget is spent by the counted steps, and the last
-    # step is the first one past it
+    values = tiny_run["values"]
+    assert values["depth"] == "2" and values["device"] == "cpu" and values["gpu"] == "cpu"
+    assert float(values["peak_vram_mb"]) == 0 and float(values["mfu_percent"]) == 0  # not measured off CUDA
+
+
+def test_tiny_run_learns(tiny_run, tokenizer):
+    val_bpb = float(tiny_run["values"]["val_bpb"])
+    assert math.isfinite(val_bpb) and val_bpb < untrained_val_bpb(tokenizer) - 0.3
+
+
+def test_tiny_run_counts_every_step_toward_the_budget(tiny_run):
+    # nothing compiles on the CPU, so every step counts; training ends with the first step past the budget
+    values, stdout = tiny_run["values"], tiny_run["stdout"]
     steps = int(values["num_steps"])
-    assert steps >= 2 and values["depth"] == "2" and values["device"] == "cpu"
-    assert float(values["training_seconds"]) >= 4.0
+    assert steps >= 2 and float(values["training_seconds"]) >= constants.TIME_BUDGET
+    last_dt = float(re.findall(r"\| dt: (\d+)ms", stdout)[-1]) / 1000
+    assert float(values["training_seconds"]) - last_dt < constants.TIME_BUDGET  # not one step more than needed
     assert float(values["total_tokens_M"]) == round(steps * 2048 / 1e6, 1)
-    assert int(values["tok_per_sec"]) == pytest.approx(steps * 2048 / float(values["training_seconds"]), rel=0.05)
-    assert re.search(r"^step 00000 \(\d+\.\d%\) \| loss: \d+\.\d+ \| lrm: ", proc.stdout, flags=re.M)
-    # a log fit for a file: newline-terminated lines, none long, progress at a bounded rate, the summary last
-    assert "\r" not in proc.stdout
-    assert max(len(line) for line in (proc.stdout + proc.stderr).splitlines()) < 300
-    progress = re.findall(r"^step (\d{5}) ", proc.stdout, flags=re.M)
-    assert progress[:2] == ["00000", "00001"] and progress[-1] == f"{int(values['num_steps']) - 1:05d}"
-    assert len(progress) <= 3 + 1 + float(values["total_seconds"]) / runtime.LOG_EVERY_SECONDS + 1
+    assert int(values["tok_per_sec"]) == pytest.approx(steps * 2048 / float(values["training_seconds"]), rel=0.02)
     assert float(values["startup_seconds"]) > 0 and float(values["eval_seconds"]) > 0
     assert float(values["startup_seconds"]) + float(values["training_seconds"]) <= float(values["total_seconds"])
-    assert abs(float(values["train_loss"]) - float(re.findall(r"\| loss: (\S+) \|", proc.stdout)[-1])) < 1e-6
+
+
+def test_tiny_run_log_is_fit_for_a_file(tiny_run):
+    stdout, values = tiny_run["stdout"], tiny_run["values"]
+    assert re.search(r"^step 00000 \(\d+\.\d%\) \| loss: \d+\.\d+ \| lrm: ", stdout, flags=re.M)
+    assert "\r" not in stdout
+    assert max(len(line) for line in stdout.splitlines()) < 300
+    progress = re.findall(r"^step (\d{5}) ", stdout, flags=re.M)
+    assert progress[:2] == ["00000", "00001"] and progress[-1] == f"{int(values['num_steps']) - 1:05d}"
+    assert len(progress) <= 3 + 1 + float(values["total_seconds"]) / runtime.LOG_EVERY_SECONDS + 1
+    assert abs(float(values["train_loss"]) - float(re.findall(r"\| loss: (\S+) \|", stdout)[-1])) < 1e-6
+    assert "attention: SDPA in eager mode on cpu" in stdout
     # the run under overrides says so, in one line right before the summary
-    before = proc.stdout.split("\n---\n")[0].splitlines()
+    before = stdout.split("\n---\n")[0].splitlines()
     assert before[-1].startswith("note: not comparable with standard runs: ")
     assert "AUTORESEARCH_TIME_BUDGET=4" in before[-1] and "AUTORESEARCH_MAX_SEQ_LEN=128" in before[-1]
-    assert "attention: SDPA in eager mode on cpu" in proc.stdout
+
+
+def test_the_compiled_model_is_what_trains_and_evaluates(tiny_run):
+    steps = int(tiny_run["values"]["num_steps"])
+    eval_batches = constants.EVAL_TOKENS // (8 * 128)
+    calls = tiny_run["calls"]
+    assert calls["wrapper"] == calls["raw"] == 2 * steps + eval_batches  # nothing called the raw model directly
 
 
 def test_without_data_one_line_points_at_prepare(tmp_path):
-    proc = run_script(["-c", TINY + "train.main()"], env={"AUTORESEARCH_CACHE_DIR": str(tmp_path)})
+    # the real entry point, as `uv run train.py` starts it: one line on stderr, no traceback
+    proc = run_script(["train.py"], env={"AUTORESEARCH_CACHE_DIR": str(tmp_path)})
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "uv run prepare.py" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_a_diverging_run_prints_fail_and_exits_non_zero(prepared):
-    proc = run_script(["-c", TINY + "train.EMBEDDING_LR = float('inf'); train.main()"])
-    assert proc.returncode == 1
-    assert "FAIL" in proc.stdout and "val_bpb" not in proc.stdout
+def test_a_diverging_run_prints_fail_and_exits_non_zero(prepared, monkeypatch, capsys):
+    tiny_in_process(monkeypatch)
+    monkeypatch.setattr(train, "EMBEDDING_LR", float("inf"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main()
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 1 and "FAIL" in out and "val_bpb" not in out
 
 
-def test_bad_batch_sizes_get_a_message_not_a_crash(prepared):
-    proc = run_script(["-c", TINY + "train.TOTAL_BATCH_SIZE = 1000; train.main()"])
-    assert proc.returncode != 0
-    assert "TOTAL_BATCH_SIZE" in proc.stderr
+@pytest.mark.parametrize("knob, value, says", [
+    ("TOTAL_BATCH_SIZE", 1000, "must be a multiple of DEVICE_BATCH_SIZE"),
+    ("TOTAL_BATCH_SIZE", 0, "TOTAL_BATCH_SIZE = 0 in train.py: it must be a positive integer"),
+    ("DEVICE_BATCH_SIZE", 0, "DEVICE_BATCH_SIZE = 0 in train.py"),
+    ("DEPTH", 0, "DEPTH = 0 in train.py"),
+    ("DEPTH", 2.5, "DEPTH = 2.5 in train.py"),
+    ("WINDOW_PATTERN", "SXL", "WINDOW_PATTERN = 'SXL' in train.py: use only the letters S and L"),
+    ("WINDOW_PATTERN", "", "WINDOW_PATTERN = ''"),
+])
+def test_a_bad_knob_is_one_line_before_the_cache_is_read(knob, value, says, monkeypatch):
+    tiny_in_process(monkeypatch)
+    monkeypatch.setattr(train, knob, value)
+    monkeypatch.setattr(train, "check_cache", lambda: pytest.fail("the cache was read before the knobs"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main()
+    line = str(exit_info.value.code)
+    assert line.startswith("error: ") and "\n" not in line and says in line, line
 
 
 def test_importing_train_does_nothing(tmp_path):
@@ -92,44 +161,50 @@ def test_importing_train_does_nothing(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_cpu_run_of_the_baseline_says_how_to_shrink_it(prepared):
-    # the baseline on a CPU: the note comes first; stop the run right after it
-    proc = run_script(["-c", "import train, builtins\n"
-                             "real_print = builtins.print\n"
-                             "def stop_after_note(*a, **k):\n"
-                             "    real_print(*a, **k)\n"
-                             "    if a and str(a[0]).startswith('note: for a small run'): raise SystemExit(3)\n"
-                             "builtins.print = stop_after_note\n"
-                             "train.main()"], env={"AUTORESEARCH_EVAL_TOKENS": str(2 ** 22)})
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    note = [line for line in proc.stdout.splitlines() if line.startswith("note: no CUDA")]
+class Stop(Exception):
+    pass
+
+
+def test_cpu_run_of_the_baseline_says_how_to_shrink_it(prepared, monkeypatch, capsys):
+    # the baseline on a CPU: the note comes before the first step; stop there
+    monkeypatch.setattr(runtime.Run, "begin_step", lambda self: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        train.main()
+    out = capsys.readouterr().out
+    note = [line for line in out.splitlines() if line.startswith("note: no CUDA")]
     assert len(note) == 1
-    advice = proc.stdout.split(note[0], 1)[1]
+    advice = out.split(note[0], 1)[1]
     for knob in ("DEPTH", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE", "AUTORESEARCH_TIME_BUDGET"):
         assert knob in advice
 
 
-def test_out_of_memory_is_one_line_naming_the_knob(monkeypatch):
-    import train
-
+@pytest.mark.parametrize("error, says", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"), "out of GPU memory"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 8589934592 bytes"), "out of memory"),
+    (MemoryError(), "out of memory"),
+])
+def test_out_of_memory_is_one_line_naming_the_knob(error, says, monkeypatch):
     def oom():
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        raise error
 
     monkeypatch.setattr(train, "train", oom)
     with pytest.raises(SystemExit) as exit_info:
         train.main()
     message = str(exit_info.value.code).strip()
-    assert "\n" not in message and "DEVICE_BATCH_SIZE" in message
+    assert "\n" not in message and "DEVICE_BATCH_SIZE" in message and says in message
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+    monkeypatch.setattr(train, "train", lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        train.main()
 
 
 def tiny_in_process(monkeypatch):
-    for name, value in (("DEPTH", 2), ("DEVICE_BATCH_SIZE", 8), ("TOTAL_BATCH_SIZE", 2 * 8 * 128)):
+    for name, value in TINY_KNOBS:
         monkeypatch.setattr(train, name, value)
     return train.GPTConfig(sequence_len=128, vocab_size=8192, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
-
-
-class Stop(Exception):
-    pass
 
 
 def test_training_starts_from_the_references_initial_weights(prepared, monkeypatch):
@@ -158,27 +233,6 @@ def test_training_starts_from_the_references_initial_weights(prepared, monkeypat
     direct = train.GPT(config, "cpu")
     direct.init_weights()
     assert not torch.equal(direct.transformer.wte.weight, reference.transformer.wte.weight)
-
-
-def test_the_compiled_model_is_what_trains_and_evaluates(prepared, monkeypatch, capsys):
-    tiny_in_process(monkeypatch)
-    calls = {"wrapper": 0, "raw": 0}
-
-    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper, counting what goes through it
-        def __init__(self, model):
-            super().__init__()
-            self.inner = model
-            model.register_forward_hook(lambda *a: calls.__setitem__("raw", calls["raw"] + 1))
-
-        def forward(self, *args, **kwargs):
-            calls["wrapper"] += 1
-            return self.inner(*args, **kwargs)
-
-    monkeypatch.setattr(runtime, "compile_model", lambda model, device: Compiled(model))
-    train.train()
-    steps = int(re.search(r"^num_steps: +(\d+)$", capsys.readouterr().out, flags=re.M).group(1))
-    eval_batches = constants.EVAL_TOKENS // (8 * 128)
-    assert calls["wrapper"] == calls["raw"] == 2 * steps + eval_batches  # nothing called the raw model directly
 
 
 def test_nonstandard_settings_name_overrides_and_constants_changed_at_run_time(monkeypatch):
