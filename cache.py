@@ -4,12 +4,14 @@ Parquet shards (read, verify, write), atomic writes, the manifest (where the dat
 size and checksum), the one-writer lock, the hub download and the --source import. Imports no torch. The layout
 is in constants.py; the tokenizer, the loader and the metric are in prepare.py.
 """
+import collections
 import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import threading
@@ -46,7 +48,7 @@ class SetupError(SystemExit):
 def repair_command(source):
     """The command that rebuilds a cache from its recorded source ({"kind": "hub"|"local", ...})."""
     if source and source.get("kind") == "local":
-        return f"uv run prepare.py --source {source['path']}"
+        return f"uv run prepare.py --source {shlex.quote(source['path'])}"
     return "uv run prepare.py"
 
 
@@ -304,10 +306,11 @@ def check_token_files(manifest, name, fingerprint, check="stat"):
         refuse(manifest.path(tok_rel), f"was made from another version of {name}", manifest.source)
 
 
-def open_token_shard(manifest, name, fingerprint):
-    """(tokens, offsets, chunk_ends) of one shard, after check_token_files and a check of their structure, so
-    that a truncated, emptied, swapped or stale file is refused with one line naming it, never read."""
-    check_token_files(manifest, name, fingerprint)
+def open_token_shard(manifest, name, fingerprint, check="stat"):
+    """(tokens, offsets, chunk_ends) of one shard, after check_token_files (tokens.npy by `check`) and a check
+    of their structure, so that a truncated, emptied, swapped or stale file is refused with one line naming it,
+    never read."""
+    check_token_files(manifest, name, fingerprint, check)
     tok_rel, idx_rel = token_rels(name, fingerprint)
     try:
         tokens = np.load(manifest.path(tok_rel), mmap_mode="r", allow_pickle=False)
@@ -342,6 +345,7 @@ def cache_lock(cache_dir=CACHE_DIR):
                          "to a writable folder")
     if not os.access(cache_dir, os.W_OK | os.X_OK):
         raise SetupError(f"the cache {cache_dir} is not writable: fix its permissions or set AUTORESEARCH_CACHE_DIR")
+    check_no_links(cache_dir)
     path = os.path.join(cache_dir, os.path.basename(LOCK_PATH))
     with open(path, "a+", encoding="utf-8") as f:
         if fcntl is not None:
@@ -349,8 +353,12 @@ def cache_lock(cache_dir=CACHE_DIR):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                raise SetupError(f"another prepare.py (pid {f.read().strip() or '?'}) is working on {cache_dir}: "
-                                 "wait for it to finish")
+                pid = f.read().strip()
+                if _pid_alive(pid):
+                    raise SetupError(f"another prepare.py (pid {pid}) is working on {cache_dir}: wait for it to "
+                                     "finish")
+                raise SetupError(f"a train.py is reading the cache {cache_dir}: prepare.py never changes the data "
+                                 "under a running experiment; run it again when the run has ended")
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -362,19 +370,63 @@ def cache_lock(cache_dir=CACHE_DIR):
             f.truncate()  # the lock itself is released when the file closes
 
 
-def check_not_locked(lock_path=LOCK_PATH):
-    """Refuse to read the cache while a prepare.py is writing it."""
-    if fcntl is None or not os.path.exists(lock_path):
+_reader_lock = None  # the open lock file through which this process holds its shared lock, or None
+
+
+def hold_reader_lock(lock_path=LOCK_PATH):
+    """Refuse to read the cache while a prepare.py is writing it; then hold a shared lock on it until
+    release_reader_lock() or the end of the process, so that no prepare.py starts writing under a running
+    experiment (prepare.py takes the lock exclusively). A cache without a lock file, or a system without POSIX
+    locks, runs unlocked."""
+    global _reader_lock
+    release_reader_lock()
+    if fcntl is None:
         return
     try:
-        with open(lock_path, encoding="utf-8") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise SetupError(f"prepare.py (pid {f.read().strip() or '?'}) is writing the cache "
-                                 f"{os.path.dirname(lock_path)}: wait for it to finish, then run again")
+        f = open(lock_path, encoding="utf-8")
     except OSError:
-        return  # an unreadable lock file: nothing can hold it through us either
+        return  # no lock file: nothing was prepared here (the checks after this say so)
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = f.read().strip() or "?"
+        f.close()
+        raise SetupError(f"prepare.py (pid {pid}) is writing the cache {os.path.dirname(lock_path)}: wait for it "
+                         "to finish, then run again")
+    except OSError:
+        f.close()
+        return
+    _reader_lock = f
+
+
+def release_reader_lock():
+    """Give up this process's shared lock on the cache (closing the file releases it)."""
+    global _reader_lock
+    if _reader_lock is not None:
+        _reader_lock.close()
+        _reader_lock = None
+
+
+def _pid_alive(text):
+    try:
+        os.kill(int(text), 0)
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def check_no_links(cache_dir=CACHE_DIR):
+    """Refuse a cache whose own folders or lock file are symbolic links: prepare.py writes only inside the cache,
+    and through a link it would write (or truncate) files elsewhere. (The cache folder itself may be a link.)"""
+    own = ["data", "tokenizer", "tokens", os.path.basename(LOCK_PATH), os.path.basename(MANIFEST_PATH)]
+    tokens = os.path.join(cache_dir, "tokens")
+    if os.path.isdir(tokens) and not os.path.islink(tokens):
+        own += [os.path.join("tokens", name) for name in sorted(os.listdir(tokens))]
+    for rel in own:
+        if os.path.islink(os.path.join(cache_dir, rel)):
+            raise SetupError(f"{os.path.join(cache_dir, rel)} is a symbolic link: prepare.py writes only inside "
+                             "the cache; replace the link with a real folder (or file), or point "
+                             "AUTORESEARCH_CACHE_DIR at the folder itself")
 
 
 # The names prepare.py writes, per folder of the cache: nothing else is ever deleted there.
@@ -422,11 +474,15 @@ def load_or_reset_manifest(source):
         print(f"cache: {e.path} {e.problem}: rebuilding the cache", flush=True)
         clear_cache()
         return Manifest(source)
-    if manifest is None:
-        if any(os.path.isdir(os.path.join(CACHE_DIR, d)) for d in ("data", "tokenizer", "tokens")):
-            print(f"cache: {CACHE_DIR} has no manifest (a cache of an older version, or copied by hand): "
-                  "rebuilding it", flush=True)
-            clear_cache()
+    if manifest is None:  # a new cache, one of an older version, or shards copied in by hand: never deleted
+        shards = list_shards("train") + list_shards("val")
+        if shards and source["kind"] == "local":
+            raise SetupError(f"{DATA_DIR} holds {len(shards)} shard(s) that no manifest records (copied in by "
+                             "hand?): --source would replace them; move them away first, or run `uv run "
+                             "prepare.py` to verify and keep them")
+        if shards:
+            print(f"cache: no manifest in {CACHE_DIR}: the {len(shards)} shard(s) there are verified and kept",
+                  flush=True)
         return Manifest(source)
     old = manifest.source
     if old.get("kind") == source["kind"] == "hub" and old.get("dataset") == source["dataset"]:
@@ -462,8 +518,9 @@ class Fetched:
 class Downloader:
     """How shards are fetched: from `endpoint`, `attempts` tries each with exponential back-off (`backoff` s,
     doubling), a connection that cannot be made within `connect_timeout` s raising HubUnreachable, a body that
-    sends nothing for `stall` s or under `min_rate` bytes/s over `window` s abandoned; on_bytes(n) is told of
-    every piece received (for progress lines)."""
+    sends nothing for `stall` s or under `min_rate` bytes/s over `window` s abandoned, and so is an answer whose
+    status line and headers take over `headers_deadline` s, or whose body grows past its Content-Length (without
+    one: past `max_bytes`); on_bytes(n) is told of every piece received (for progress lines)."""
     endpoint: str = HF_ENDPOINT
     attempts: int = 5
     backoff: float = 1.0
@@ -471,7 +528,10 @@ class Downloader:
     min_rate: float = 64e3
     window: float = 60.0
     connect_timeout: float = 10.0
+    headers_deadline: float = 60.0
+    max_bytes: int = 1 << 30  # a shard of the hub's dataset is far smaller
     on_bytes: Callable[[int], None] = lambda n: None
+    cancel: Optional[threading.Event] = None  # when set, downloads in progress stop at their next piece
 
     def fetch(self, index, data_dir=DATA_DIR, known=None):
         """Fetch one shard into data_dir unless a whole copy is already there; returns a Fetched.
@@ -499,6 +559,8 @@ class Downloader:
                 return Fetched("failed", str(e))  # retrying cannot help
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
                 error = f"{type(e).__name__} for {url}: {e}"
+                if self.cancel is not None and self.cancel.is_set():
+                    break
                 if attempt < self.attempts:
                     print(f"{shard_name(index)}: attempt {attempt} failed ({error}); retrying", flush=True)
                     time.sleep(self.backoff * 2 ** (attempt - 1))
@@ -522,8 +584,7 @@ class Downloader:
     def _download(self, url, path):
         """One attempt: stream url's body into path and check it; returns its size. Raises on any failure."""
         try:
-            r = requests.get(url, stream=True, timeout=(self.connect_timeout, self.stall),
-                             headers={"Accept-Encoding": "identity"})
+            r = self._get_headers(url)
         except requests.ConnectionError as e:  # refused, unknown host, no route, connect timeout
             reason = getattr(e.args[0], "reason", None) if e.args else None
             if isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(
@@ -535,8 +596,9 @@ class Downloader:
                 raise PermanentHTTPError(f"HTTP {r.status_code} for {url}")
             r.raise_for_status()
             expected = r.headers.get("Content-Length")
+            limit = int(expected) if expected and expected.isdigit() else self.max_bytes
             with open(path, "wb") as f:
-                size = self._stream(r, f)
+                size = self._stream(r, f, limit)
         if expected is not None and size != int(expected):
             raise OSError(f"got {size} of {expected} bytes")
         problem = parquet_problem(path)
@@ -544,13 +606,43 @@ class Downloader:
             raise OSError(f"the downloaded file {problem}")
         return size
 
-    def _stream(self, r, f):
+    def _get_headers(self, url):
+        """requests.get(url, stream=True), given at most headers_deadline s for the status line and headers (the
+        socket's read timeout alone lets a server that sends a byte now and then hold us forever). An abandoned
+        request finishes, and is closed, in its own daemon thread."""
+        result, abandoned = {}, threading.Event()
+
+        def get():
+            try:
+                result["response"] = requests.get(url, stream=True, timeout=(self.connect_timeout, self.stall),
+                                                  headers={"Accept-Encoding": "identity"})
+                if abandoned.is_set():
+                    result["response"].close()
+            except Exception as e:  # handed to the caller
+                result["error"] = e
+
+        thread = threading.Thread(target=get, daemon=True)
+        thread.start()
+        thread.join(self.headers_deadline)
+        if thread.is_alive():
+            abandoned.set()
+            raise OSError(f"no status line and headers from {url} within {self.headers_deadline:.0f}s")
+        if "error" in result:
+            raise result["error"]
+        return result["response"]
+
+    def _stream(self, r, f, limit):
         """Copy a streamed body into file f; returns its size. read1 returns as soon as any bytes arrive, so a
-        body that stops (the socket's read timeout) or trickles (under min_rate over a window) is abandoned."""
+        body that stops (the socket's read timeout) or trickles (under min_rate over a window) is abandoned, and
+        so is one that grows past `limit` bytes."""
         size, window_start, window_bytes = 0, time.monotonic(), 0
         while chunk := r.raw.read1(1 << 20):
             f.write(chunk)
             size += len(chunk)
+            if size > limit:
+                raise OSError(f"the body grew past {limit:,} bytes (its Content-Length, or the limit for a shard)")
+            if self.cancel is not None and self.cancel.is_set():
+                raise OSError("cancelled")
             window_bytes += len(chunk)
             self.on_bytes(len(chunk))
             now = time.monotonic()
@@ -570,23 +662,24 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
     """Download shards in parallel: one line per shard as it ends, a progress line at least every
     `progress_every` seconds. With a manifest, each shard is checked against its record and recorded when whole
     (the manifest is saved every 10 s and at the end). Returns the names of the shards that failed; a connection
-    that cannot be made (refused, unknown host) stops the remaining shards and ends in a SetupError."""
+    that cannot be made (refused, unknown host) stops the remaining shards and ends in a SetupError. When this call
+    ends early (an exception, SIGTERM), the downloads in progress stop at their next piece."""
     downloader = downloader or Downloader()
     os.makedirs(data_dir, exist_ok=True)
     for name in os.listdir(data_dir):  # leftovers of an interrupted run
         if name.endswith((".part", ".tmp")):
             os.remove(os.path.join(data_dir, name))
     counts, failed = {"downloaded": 0, "present": 0, "failed": 0}, []
-    received, lock, unreachable = [0], threading.Lock(), []
+    received, lock, unreachable, cancel = [0], threading.Lock(), [], threading.Event()
 
     def count_bytes(n):
         with lock:
             received[0] += n
 
-    counting = dataclasses.replace(downloader, on_bytes=count_bytes)
+    counting = dataclasses.replace(downloader, on_bytes=count_bytes, cancel=cancel)
 
     def fetch_one(index):
-        if unreachable:
+        if unreachable or cancel.is_set():
             return None  # not attempted: the hub cannot be reached
         known = manifest.files.get(f"data/{shard_name(index)}") if manifest is not None else None
         try:
@@ -598,31 +691,36 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
     t0 = last_line = last_save = time.time()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending = {pool.submit(fetch_one, index): index for index in indices}
-        while pending:
-            done, _ = wait(pending, timeout=progress_every, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=lambda fu: pending[fu]):
-                index = pending.pop(future)
-                attempted = future.result()
-                result = attempted or Fetched("failed", "not attempted")
-                counts[result.status] += 1
-                if result.status == "failed":
-                    failed.append(shard_name(index))
-                if attempted is not None:
-                    print(f"[{sum(counts.values())}/{len(indices)}] {shard_name(index)}: {result.status} "
-                          f"({result.detail})", flush=True)
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=progress_every, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda fu: pending[fu]):
+                    index = pending.pop(future)
+                    attempted = future.result()
+                    result = attempted or Fetched("failed", "not attempted")
+                    counts[result.status] += 1
+                    if result.status == "failed":
+                        failed.append(shard_name(index))
+                    if attempted is not None:
+                        print(f"[{sum(counts.values())}/{len(indices)}] {shard_name(index)}: {result.status} "
+                              f"({result.detail})", flush=True)
+                        last_line = time.time()
+                    if result.record is not None and manifest is not None:
+                        manifest.files[f"data/{shard_name(index)}"] = result.record
+                if manifest is not None and time.time() - last_save >= 10:
+                    manifest.save()  # every 10 s, not per shard: 6543 records rewritten per shard add up to GBs
+                    last_save = time.time()
+                if time.time() - last_line >= progress_every:
+                    elapsed = time.time() - t0
+                    print(f"data: {sum(counts.values())}/{len(indices)} shards done, {received[0] / 1e6:.0f} MB "
+                          f"received in {elapsed:.0f}s ({received[0] / 1e6 / elapsed:.1f} MB/s)", flush=True)
                     last_line = time.time()
-                if result.record is not None and manifest is not None:
-                    manifest.files[f"data/{shard_name(index)}"] = result.record
-            if manifest is not None and time.time() - last_save >= 10:
-                manifest.save()  # every 10 s, not per shard: 6543 records rewritten per shard add up to GBs
-                last_save = time.time()
-            if time.time() - last_line >= progress_every:
-                elapsed = time.time() - t0
-                print(f"data: {sum(counts.values())}/{len(indices)} shards done, {received[0] / 1e6:.0f} MB "
-                      f"received in {elapsed:.0f}s ({received[0] / 1e6 / elapsed:.1f} MB/s)", flush=True)
-                last_line = time.time()
-    if manifest is not None:
-        manifest.save()  # (a shard not yet recorded when a run is killed is checked whole and kept next time)
+        except BaseException:
+            cancel.set()
+            raise
+        finally:
+            if manifest is not None:
+                manifest.save()  # (a shard not yet recorded when a run is killed is checked whole next time)
     print(f"data: {counts['downloaded']} downloaded, {counts['present']} already present, {counts['failed']} failed",
           flush=True)
     if unreachable:
@@ -664,7 +762,7 @@ def check_source_folder(source, cache_dir=CACHE_DIR):
 
 
 def _jsonl_documents(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # (-sig: a byte-order mark is not text)
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -683,7 +781,11 @@ def iter_source_documents(source, skipped=None):
     .txt / .md (one document per file). Opens files for reading only. Entries that are not readable regular files
     (FIFOs, sockets, broken links, no permission) are skipped and counted in `skipped` (a dict)."""
     skipped = {} if skipped is None else skipped
-    for root, dirs, files in os.walk(source):
+
+    def unreadable(error):
+        skipped["unreadable folders"] = skipped.get("unreadable folders", 0) + 1
+
+    for root, dirs, files in os.walk(source, onerror=unreadable):
         dirs.sort()
         for name in sorted(files):
             if not name.endswith(SOURCE_EXTENSIONS):
@@ -702,7 +804,7 @@ def iter_source_documents(source, skipped=None):
             elif name.endswith(".jsonl"):
                 yield from _jsonl_documents(path)
             else:
-                with open(path, encoding="utf-8", errors="replace") as f:
+                with open(path, encoding="utf-8-sig", errors="replace") as f:
                     text = f.read()
                 if text:
                     yield text
@@ -716,29 +818,48 @@ def read_source(source):
     for doc in docs:
         data = doc.encode("utf-8")
         digest.update(len(data).to_bytes(8, "little") + data)
+    read = ", ".join(f"*{ext}" for ext in SOURCE_EXTENSIONS)
     if skipped:
-        print(f"source: skipped {', '.join(f'{n} {what}' for what, n in sorted(skipped.items()))} in {source}")
+        print(f"source: read {read} files; skipped {', '.join(f'{n} {what}' for what, n in sorted(skipped.items()))}"
+              f" in {source}")
+    else:
+        print(f"source: read {read} files in {source}")
     if len(docs) < 2:
         raise SetupError(f"--source {source} holds {len(docs)} document(s) in .parquet/.jsonl/.txt/.md files; "
                          "need at least 2 (one for validation, one for training)")
     return docs, digest.hexdigest()
 
 
+SourceSplit = collections.namedtuple("SourceSplit", "train_shards val_docs val_bytes duplicates")
+
+
 def write_source_shards(docs, data_dir=DATA_DIR, val_fraction=0.1, max_val_bytes=80e6, shard_bytes=40e6):
-    """Write documents as shards in the cache layout, replacing the shards already in data_dir. The validation
-    shard holds the documents with the smallest content hashes (about val_fraction of the bytes, at most
-    max_val_bytes): the split depends only on the documents, not on how files are named or ordered. The rest
-    become training shards, in order. Returns (number of training shards, validation documents, validation
-    bytes)."""
+    """Write documents as shards in the cache layout, replacing the shards already in data_dir; returns a
+    SourceSplit. Exact duplicates are dropped first (a document in both splits would be scored after being
+    trained on). The validation shard takes documents in the order of their content hashes, each one that still
+    fits in about val_fraction of the bytes (at most max_val_bytes), so that no single huge document becomes the
+    whole validation set; the split depends only on the documents, not on how files are named or ordered. The
+    rest become training shards, in order."""
+    hashes, unique = {}, []
+    for doc in docs:
+        h = hashlib.sha1(doc.encode("utf-8")).digest()
+        if h not in hashes:
+            hashes[h] = len(unique)
+            unique.append(doc)
+    duplicates, docs = len(docs) - len(unique), unique
+    keys = list(hashes)
     sizes = [len(d.encode("utf-8")) for d in docs]
-    by_hash = sorted(range(len(docs)), key=lambda i: hashlib.sha1(docs[i].encode("utf-8")).digest())
     target = min(val_fraction * sum(sizes), max_val_bytes)
     val, val_bytes = set(), 0
-    for i in by_hash[:-1]:  # leave at least one document for training
-        if val and val_bytes >= target:
+    for i in sorted(range(len(docs)), key=keys.__getitem__):
+        if len(docs) - len(val) <= 1:  # leave at least one document for training
             break
-        val.add(i)
-        val_bytes += sizes[i]
+        if val_bytes + sizes[i] <= target:
+            val.add(i)
+            val_bytes += sizes[i]
+    if not val:  # every document is larger than the target: the smallest one
+        i = min(range(len(docs)), key=lambda i: (sizes[i], keys[i]))
+        val, val_bytes = {i}, sizes[i]
     os.makedirs(data_dir, exist_ok=True)
     for name in os.listdir(data_dir):  # only the shards: a data folder may hold other files of the user's
         if SHARD_RE.fullmatch(name):
@@ -756,4 +877,4 @@ def write_source_shards(docs, data_dir=DATA_DIR, val_fraction=0.1, max_val_bytes
     if shard:
         write_parquet(shard, os.path.join(data_dir, shard_name(n)))
         n += 1
-    return n, len(val), val_bytes
+    return SourceSplit(n, len(val), val_bytes, duplicates)

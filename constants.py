@@ -55,6 +55,9 @@ DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda
 
 # Cache layout: CACHE_DIR/data (parquet shards), CACHE_DIR/tokenizer, CACHE_DIR/tokens (pre-tokenized shards),
 # CACHE_DIR/manifest.json (what prepare.py wrote: source, sizes, checksums), CACHE_DIR/prepare.lock.
+if not os.environ.get("AUTORESEARCH_CACHE_DIR") and os.environ.get("HOME", None) == "":
+    raise SystemExit("error: HOME is set but empty, so the cache would land in /.cache: set HOME, or "
+                     "AUTORESEARCH_CACHE_DIR to the cache folder")
 CACHE_DIR = os.path.abspath(os.path.expanduser(
     os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join("~", ".cache", "autoresearch")))
 DATA_DIR = os.path.join(CACHE_DIR, "data")

@@ -18,22 +18,26 @@ import argparse
 import base64
 import bisect
 import contextlib
+import errno
 import functools
 import hashlib
 import itertools
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 
 import numpy as np
 import rustbpe
 import tiktoken
 
-from cache import (PREPARE_HINT, SHARD_RE, TOKENIZER_RELS, Downloader, Manifest, SetupError, atomic_path,
-                   cache_lock, check_not_locked, check_source_folder, check_token_files, clear_token_files,
-                   describe_source, download_shards, list_shards, load_or_reset_manifest, open_token_shard,
-                   read_parquet_texts, read_source, refuse, sample_sha256, token_rels, write_source_shards)
+from cache import (PREPARE_HINT, SHARD_RE, TOKENIZER_RELS, Downloader, Manifest, SetupError, atomic_path, cache_lock,
+                   check_source_folder, check_token_files, clear_token_files, describe_source, download_shards,
+                   hold_reader_lock, list_shards, load_or_reset_manifest, open_token_shard, read_parquet_texts,
+                   read_source, refuse, release_reader_lock, sample_sha256, token_rels, write_source_shards)
 from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, EVAL_TOKENS, HF_ENDPOINT,
                        LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MANIFEST_PATH, MAX_SEQ_LEN, MAX_SHARD,
                        SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_DIR, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS,
@@ -133,9 +137,22 @@ def check_cache():
     manifest: the tokenizer, the index files and the validation tokens by full checksum, the training tokens by
     size and spot checksum (a full one would read gigabytes at every start), every parquet by size and mtime.
     (The loader checks the token files' structure when it opens them.) Returns the tokenizer; anything else
-    ends in one line naming the file and the command that repairs it."""
+    ends in one line naming the file and the command that repairs it. From a successful check until the process
+    ends (or cache.release_reader_lock()) this process holds a shared lock on the cache: no prepare.py can start
+    writing under it."""
     t0 = time.time()
-    check_not_locked()
+    hold_reader_lock()
+    try:
+        tokenizer, manifest = _check_cache_files()
+    except BaseException:
+        release_reader_lock()
+        raise
+    print(f"cache: tokenizer, {len(manifest.shards('train'))} training shard(s) and the validation shard match the "
+          f"manifest ({describe_source(manifest.source)}; checked in {time.time() - t0:.1f}s)", flush=True)
+    return tokenizer
+
+
+def _check_cache_files():
     manifest = Manifest.load_required()
     for rel in TOKENIZER_RELS:
         manifest.require(rel)
@@ -152,9 +169,7 @@ def check_cache():
         check_token_files(manifest, name, tokenizer.fingerprint, "sha256")
     for name in train:
         check_token_files(manifest, name, tokenizer.fingerprint, "spot")
-    print(f"cache: tokenizer, {len(train)} training shard(s) and the validation shard match the manifest "
-          f"({describe_source(manifest.source)}; checked in {time.time() - t0:.1f}s)", flush=True)
-    return tokenizer
+    return tokenizer, manifest
 
 
 def get_token_bytes(device, tokenizer):
@@ -172,7 +187,8 @@ def _document_chunks(split, tokenizer):
         raise SetupError(f"no {split} shard in {DATA_DIR}: {PREPARE_HINT}")
     if manifest.data["tokenizer"] != tokenizer.fingerprint:
         refuse(manifest.path("tokens"), "were made with another tokenizer", manifest.source)
-    shards = [open_token_shard(manifest, name, tokenizer.fingerprint) for name in names]
+    check = "sha256" if split == "val" else "stat"  # the metric's data: still exactly what was verified at start
+    shards = [open_token_shard(manifest, name, tokenizer.fingerprint, check) for name in names]
     if not any(len(offsets) > 1 for _, offsets, _ in shards):
         refuse(manifest.path("tokens"), f"hold no document of the {split} split", manifest.source)
     epoch = 1
@@ -288,6 +304,9 @@ def train_tokenizer(tokenizer_dir=TOKENIZER_DIR, data_dir=DATA_DIR):
     sample = "Hello world! 12345 naïve café, 你好世界 🙂 <|reserved_0|>\n\tdone."
     assert tok.decode(tok.encode(sample)) == sample, "tokenizer round trip failed: rerun prepare.py"
     print(f"tokenizer: trained {tok.get_vocab_size()} tokens in {time.time() - t0:.1f}s -> {tokenizer_dir}")
+    if tok.get_vocab_size() < VOCAB_SIZE:
+        print(f"note: the training text holds too few distinct pieces for {VOCAB_SIZE} tokens: the tokenizer has "
+              f"{tok.get_vocab_size()}, and train.py's model follows it (val_bpb still compares: it is per byte)")
     return tok
 
 
@@ -357,13 +376,15 @@ def prepare_local_data(manifest, source_path):
     manifest.forget("data/")
     manifest.source.pop("digest", None)
     manifest.save()
-    n, n_val, val_bytes = write_source_shards(docs, DATA_DIR)
+    split = write_source_shards(docs, DATA_DIR)
     for path in list_shards("val") + list_shards("train"):
         manifest.record(path, mtime_ns=os.stat(path).st_mtime_ns)
     manifest.source["digest"] = digest
     manifest.save()
-    print(f"source: {len(docs)} documents from {source_path}: {n_val} documents ({val_bytes / 1e6:.1f} MB) in "
-          f"the validation shard, {n} training shard(s)", flush=True)
+    dropped = f" ({split.duplicates} exact duplicate(s) dropped)" if split.duplicates else ""
+    print(f"source: {len(docs)} documents from {source_path}{dropped}: {split.val_docs} documents "
+          f"({split.val_bytes / 1e6:.1f} MB) in the validation shard, {split.train_shards} training shard(s)",
+          flush=True)
     return changed or not names
 
 
@@ -415,6 +436,34 @@ def prepare_tokens(manifest, tokenizer):
         print(f"tokens: {verified} shard(s) already tokenized, verified", flush=True)
 
 
+def _stopped(signum, frame):
+    raise SetupError("prepare.py was stopped (SIGTERM): whole files are kept and the cache says what is missing; "
+                     "run it again to finish")
+
+
+def eval_coverage(tokenizer):
+    """(rows the metric scores, passes over the validation documents they take, validation documents): the
+    metric's rows are packed as evaluate_bpb packs them; more than one pass means documents repeat in its rows."""
+    rows = EVAL_TOKENS // MAX_SEQ_LEN
+    packer = pack_rows(tokenizer, 1, MAX_SEQ_LEN, "val")  # (the rows come out the same whatever B is)
+    epoch = 1
+    for _ in range(rows):
+        _, epoch = next(packer)
+    manifest = Manifest.load_required()
+    docs = sum(manifest.files[token_rels(name, tokenizer.fingerprint)[0]]["n_docs"] for name in manifest.shards("val"))
+    return rows, epoch, docs
+
+
+def report_eval_coverage(tokenizer):
+    rows, passes, docs = eval_coverage(tokenizer)
+    if passes > 1:
+        print(f"note: the metric's {rows:,} rows of {MAX_SEQ_LEN} tokens take {passes} passes over the validation "
+              f"shard's {docs:,} documents, so documents repeat in them: the corpus is too small for "
+              f"EVAL_TOKENS = {EVAL_TOKENS:,} (give --source more text)", flush=True)
+    else:
+        print(f"validation: the metric's {rows:,} rows come from one pass over {docs:,} documents", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Prepare data shards, the tokenizer and token files for train.py. "
                                              "Rerun it to verify the cache and repair what does not match.")
@@ -434,6 +483,8 @@ def main(argv=None):
     else:
         source = {"kind": "hub", "dataset": DATASET_REPO, "endpoint": HF_ENDPOINT}
     t0 = time.time()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stopped) if on_main_thread else None
     try:
         with cache_lock():
             manifest = load_or_reset_manifest(source)
@@ -445,8 +496,17 @@ def main(argv=None):
                 retrain = False
             tokenizer = prepare_tokenizer(manifest, retrain)
             prepare_tokens(manifest, tokenizer)
+            report_eval_coverage(tokenizer)
     except OSError as e:
+        free = shutil.disk_usage(CACHE_DIR).free if os.path.isdir(CACHE_DIR) else None
+        if e.errno == errno.ENOSPC or (free is not None and free < 64e6):
+            raise SetupError(f"the disk holding {CACHE_DIR} is full ({(free or 0) / 1e6:.0f} MB free): free some "
+                             "space or set AUTORESEARCH_CACHE_DIR to a larger disk, then run prepare.py again "
+                             "(whole files are kept)")
         raise SetupError(f"{e.filename or CACHE_DIR}: {e.strerror or e}")
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print(f"done in {time.time() - t0:.1f}s: {len(manifest.shards('train'))} training shard(s) + the "
           f"validation shard, tokenizer and token files in {CACHE_DIR}, all matching {MANIFEST_PATH}")
     from runtime import describe_device  # (imports torch: only now, so the data steps and --help start fast)

@@ -24,7 +24,7 @@ import time
 import torch
 
 import constants
-from cache import SetupError
+from cache import SetupError, release_reader_lock
 from constants import EVAL_TOKENS, TIME_BUDGET
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,3 +341,5 @@ def main(train, settings):
             raise
         sys.exit(f"\nerror: out of {where} at {settings}: lower DEVICE_BATCH_SIZE (gradient accumulation keeps "
                  "TOTAL_BATCH_SIZE) or the model size")
+    finally:
+        release_reader_lock()  # (taken by check_cache: no prepare.py may write the cache during the run)

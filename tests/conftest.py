@@ -93,10 +93,29 @@ def prepared(source_dir):
     return _CACHE
 
 
+@pytest.fixture
+def damageable_cache(prepared, tmp_path):
+    """The shared cache, for a test that damages it: put back byte for byte (mtimes too) afterwards, so that no
+    later test depends on this test's repair."""
+    pristine = tmp_path / "pristine"
+    shutil.copytree(_CACHE, pristine)
+    yield _CACHE
+    shutil.rmtree(_CACHE)
+    shutil.copytree(pristine, _CACHE)
+
+
 @pytest.fixture(scope="session")
 def tokenizer(prepared):
     import prepare
     return prepare.Tokenizer.from_directory()
+
+
+@pytest.fixture(autouse=True)
+def _release_the_cache():
+    """A test that ran check_cache() in process holds the cache's reader lock: give it back after each test."""
+    yield
+    import cache
+    cache.release_reader_lock()
 
 
 def run_script(args, env=None, timeout=600):

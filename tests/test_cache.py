@@ -1,9 +1,12 @@
 """The cache never lies: every kind of cache file corrupted, swapped, truncated or emptied is refused by train.py's
 start-up check with one line naming it, and a rerun of prepare.py repairs it; sources never mix; --source is
 read-only; one prepare.py at a time; bad overrides are one line before anything runs."""
+import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import pyarrow as pa
@@ -12,7 +15,7 @@ import pytest
 
 import cache
 import prepare
-from conftest import ROOT, run_script
+from conftest import ROOT, TEST_ENV, run_script
 from constants import CACHE_DIR, DATA_DIR, LOCK_PATH, MANIFEST_PATH, TOKENIZER_DIR, VAL_SHARD, shard_name
 
 
@@ -102,17 +105,6 @@ DAMAGE = {
     "a token file turned into a folder": (lambda f: make_folder(f("val.tokens")), "shard_06542.tokens.npy"),
     "manifest.json garbled": (lambda f: write(MANIFEST_PATH, "{not json"), "manifest.json"),
 }
-
-
-@pytest.fixture
-def damageable_cache(prepared, tmp_path):
-    """The shared cache, for a test that damages it: put back byte for byte (mtimes too) afterwards, so that no
-    later test depends on this test's repair."""
-    pristine = tmp_path / "pristine"
-    shutil.copytree(CACHE_DIR, pristine)
-    yield CACHE_DIR
-    shutil.rmtree(CACHE_DIR)
-    shutil.copytree(pristine, CACHE_DIR)
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
@@ -243,16 +235,40 @@ def test_jsonl_non_string_text_names_the_line_and_lone_surrogates_are_replaced(t
 # ---------------------------------------------------------------------------------------------------------------
 # One prepare.py at a time; the cache folder itself
 
-def test_one_prepare_at_a_time_and_train_waits_for_it(tmp_path):
+def test_one_prepare_at_a_time_and_none_under_a_running_train(tmp_path):
+    lock = str(tmp_path / os.path.basename(LOCK_PATH))
     with cache.cache_lock(str(tmp_path)):
         with pytest.raises(SystemExit, match=f"another prepare.py \\(pid {os.getpid()}\\)"):
             with cache.cache_lock(str(tmp_path)):
                 pass
         with pytest.raises(SystemExit, match=f"prepare.py \\(pid {os.getpid()}\\) is writing the cache"):
-            cache.check_not_locked(str(tmp_path / os.path.basename(LOCK_PATH)))
-    cache.check_not_locked(str(tmp_path / os.path.basename(LOCK_PATH)))  # released: no error
-    with cache.cache_lock(str(tmp_path)):
+            cache.hold_reader_lock(lock)
+    cache.hold_reader_lock(lock)  # prepare.py is done: a train.py takes the lock, shared
+    try:
+        with open(lock) as other_reader:  # another train.py on the same cache is welcome
+            fcntl.flock(other_reader, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match="a train.py is reading the cache"):
+            with cache.cache_lock(str(tmp_path)):
+                pass
+    finally:
+        cache.release_reader_lock()
+    with cache.cache_lock(str(tmp_path)):  # the run has ended
         pass
+
+
+def test_prepare_refuses_to_rewrite_the_data_under_a_running_train(prepared, source_dir):
+    before = snapshot(CACHE_DIR)
+    reader = subprocess.Popen([sys.executable, "-c", "import prepare, time; prepare.check_cache(); "
+                               "print('holding', flush=True); time.sleep(60)"], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, **TEST_ENV})
+    try:
+        assert "holding" in reader.stdout.readline() + reader.stdout.readline()
+        with pytest.raises(SystemExit, match="a train.py is reading the cache"):
+            prepare.main(["--source", source_dir])
+    finally:
+        reader.kill()
+        reader.wait()
+    assert snapshot(CACHE_DIR) == before
 
 
 def test_a_cache_path_that_is_a_file_is_one_line(tmp_path):

@@ -3,7 +3,10 @@ import io
 import json
 import os
 import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +17,7 @@ import pytest
 
 import cache
 from cache import Downloader
-from conftest import run_script
+from conftest import ROOT, TEST_ENV, run_script
 from constants import VAL_SHARD, shard_name
 
 
@@ -29,11 +32,13 @@ class FakeHub:
     Misbehaviour per file name: `cut[name] = n` cuts the connection half way through the body for the next n
     requests; `corrupt` names get a body with zeroed bytes in the middle (the footer still reads); `stall` names
     get headers, then nothing; `pace[name] = (bytes, seconds)` sends the body in pieces of that many bytes with
-    that pause between them."""
+    that pause between them; `slow_headers` names get their status line a byte at a time; `endless` names get a
+    body without Content-Length that never ends."""
 
     def __init__(self, files):
         self.files, self.cut, self.requests = dict(files), {}, []
         self.corrupt, self.stall, self.pace, self.stop = set(), set(), {}, threading.Event()
+        self.slow_headers, self.endless = set(), set()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,6 +51,25 @@ class FakeHub:
                     self.end_headers()
                     return
                 body = hub.files[name]
+                if name in hub.slow_headers:  # the status line, one byte every 0.5 s
+                    try:
+                        for byte in b"HTTP/1.1 200 OK\r\n":
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            if hub.stop.wait(0.5):
+                                return
+                    except OSError:
+                        pass
+                    return
+                if name in hub.endless:  # no Content-Length, and a body that never ends
+                    self.send_response(200)
+                    self.end_headers()
+                    try:
+                        while not hub.stop.is_set():
+                            self.wfile.write(bytes(65536))
+                    except OSError:
+                        pass
+                    return
                 if name in hub.corrupt:
                     middle = len(body) // 2
                     body = body[:middle] + bytes(256) + body[middle + 256:]
@@ -252,3 +276,70 @@ def test_a_shard_that_does_not_match_the_manifest_is_fetched_again(hub, tmp_path
     assert cache.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == []
     assert hub.requests == [shard_name(0)]  # shard 1 matched its checksum and was kept
     assert (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
+
+
+def test_headers_that_trickle_are_abandoned(hub, tmp_path):
+    hub.slow_headers.add(shard_name(0))  # every byte in time for the read timeout, the whole never
+    t0 = time.time()
+    result = Downloader(hub.endpoint, attempts=1, headers_deadline=1.0).fetch(0, str(tmp_path))
+    assert result.status == "failed" and "no status line and headers" in result.detail
+    assert time.time() - t0 < 30 and names_in(tmp_path) == []
+
+
+def test_an_endless_body_is_cut_at_the_size_limit(hub, tmp_path):
+    hub.endless.add(shard_name(0))
+    result = Downloader(hub.endpoint, attempts=1, max_bytes=1_000_000).fetch(0, str(tmp_path))
+    assert result.status == "failed" and "grew past 1,000,000 bytes" in result.detail
+    assert names_in(tmp_path) == []  # nothing kept, no temporary file left
+
+
+def test_shards_copied_in_by_hand_are_verified_and_kept(hub, tmp_path):
+    data = tmp_path / "cache" / "data"
+    data.mkdir(parents=True)
+    (data / shard_name(0)).write_bytes(hub.files[shard_name(0)])  # no manifest yet: an offline machine seeded
+    proc = run_script(["prepare.py", "--num-shards", "2"],
+                      env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "the 1 shard(s) there are verified and kept" in proc.stdout
+    assert shard_name(0) not in hub.requests and (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
+    # --source on such a cache would replace them: refused, nothing deleted
+    (tmp_path / "cache" / "manifest.json").unlink()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("text " * 50)
+    (tmp_path / "src" / "b.txt").write_text("more text " * 50)
+    refused = run_script(["prepare.py", "--source", str(tmp_path / "src")],
+                         env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert refused.returncode != 0 and "that no manifest records" in refused.stderr
+    assert (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
+
+
+@pytest.mark.parametrize("link", ["data", "prepare.lock"])
+def test_nothing_outside_the_cache_is_written_through_a_link(hub, tmp_path, link):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / shard_name(0)).write_bytes(b"the user's own file")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    os.symlink(mine if link == "data" else mine / shard_name(0), cache_dir / link)
+    proc = run_script(["prepare.py", "--num-shards", "1"],
+                      env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache_dir)})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "is a symbolic link" in proc.stderr.strip().splitlines()[-1]
+    assert (mine / shard_name(0)).read_bytes() == b"the user's own file" and hub.requests == []
+
+
+def test_sigterm_stops_prepare_with_a_line_and_no_partial_file(hub, tmp_path):
+    hub.pace[shard_name(0)] = (2000, 0.05)  # a slow download to interrupt
+    proc = subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "1"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **TEST_ENV, "HF_ENDPOINT": hub.endpoint,
+                                 "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.stdout.readline().startswith("data: ")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert "stopped (SIGTERM)" in err.strip().splitlines()[-1]
+    for name in names_in(tmp_path / "cache" / "data"):  # whole shards only (the fast one may have finished)
+        assert (tmp_path / "cache" / "data" / name).read_bytes() == hub.files[name]
+    assert shard_name(0) not in names_in(tmp_path / "cache" / "data")

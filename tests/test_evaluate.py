@@ -1,12 +1,15 @@
 """evaluate_bpb, the fixed metric, against sums computed by hand from the same validation rows."""
 import math
+import os
+import re
 
 import pytest
 import torch
 
+import cache
 import prepare
 from bench import plain_batches
-from constants import EVAL_TOKENS, MAX_SEQ_LEN
+from constants import EVAL_TOKENS, MAX_SEQ_LEN, VAL_SHARD, shard_name
 
 
 class TargetLoss(torch.nn.Module):
@@ -85,3 +88,17 @@ def test_the_batch_size_does_not_change_what_is_scored(tokenizer):
             expected_rows = torch.cat(seen)
         assert torch.equal(torch.cat(seen), expected_rows)
     assert len(set(results.values())) == 1, results
+
+
+def test_the_metric_refuses_validation_data_changed_after_the_start(damageable_cache, tokenizer):
+    prepare.check_cache()  # what a run verifies at start
+    rel = cache.token_rels(shard_name(VAL_SHARD), tokenizer.fingerprint)[0]
+    path = os.path.join(damageable_cache, rel)
+    with open(path, "r+b") as f:  # same size, one byte changed: a rewrite the start-up check did not see
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(SystemExit, match=f"{re.escape(rel)} does not match its checksum"):
+        prepare.evaluate_bpb(TargetLoss(tokenizer.get_bos_token_id()), tokenizer, 8)
+

@@ -1,6 +1,9 @@
-"""prepare.py and cache.py: --source corpora, the tokenizer (training, round trip, token bytes, no pickle), bad input,
-the device rules (runtime.py)."""
+"""prepare.py and cache.py: --source corpora and their split, the tokenizer (training, round trip, token bytes,
+no pickle), bad input and the messages it gets, the device rules (runtime.py)."""
+import errno
 import os
+import re
+import shlex
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +13,8 @@ import cache
 import prepare
 import runtime
 from conftest import MULTILINGUAL, run_script
-from constants import DATA_DIR, SPECIAL_TOKENS, TOKENIZER_DIR, VAL_SHARD, VOCAB_SIZE, shard_name
+from constants import (DATA_DIR, EVAL_TOKENS, MAX_SEQ_LEN, SPECIAL_TOKENS, TOKENIZER_DIR, VAL_SHARD, VOCAB_SIZE,
+                       shard_name)
 
 
 def all_texts(paths):
@@ -22,8 +26,8 @@ def test_source_split_is_whole_and_disjoint(prepared, corpus_docs):
     train = all_texts(cache.list_shards("train"))
     assert cache.list_shards("val") == [os.path.join(DATA_DIR, shard_name(VAL_SHARD))]
     assert val and train
-    assert sorted(val + train) == sorted(corpus_docs)  # every document of every format, once
-    assert not set(val) & set(train) - set(MULTILINGUAL)  # (the multilingual docs are repeated on purpose)
+    assert sorted(val + train) == sorted(set(corpus_docs))  # every document of every format, exact copies once
+    assert not set(val) & set(train)
 
 
 def test_source_split_does_not_depend_on_file_order(tmp_path, corpus_docs):
@@ -162,3 +166,99 @@ def test_a_gpu_torch_cannot_use_is_one_line_naming_the_driver(cuda_available, dr
 def test_device_choice_is_said_by_prepare(tokenizer, capsys, source_dir):
     prepare.main(["--source", source_dir])
     assert "device: train.py will run on cpu" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The --source split: no document in both splits, no single document as the whole validation set
+
+def test_exact_duplicates_are_dropped_before_the_split(tmp_path):
+    docs = ["the same document, copied many times " * 20] * 300 + [f"document {i} " * 40 for i in range(200)]
+    split = cache.write_source_shards(docs, str(tmp_path))
+    assert split.duplicates == 299
+    val = all_texts(cache.list_shards("val", str(tmp_path)))
+    train = all_texts(cache.list_shards("train", str(tmp_path)))
+    assert len(val) + len(train) == 201 and not set(val) & set(train)
+
+
+def test_a_huge_document_never_becomes_the_whole_validation_set(tmp_path):
+    huge = "one enormous document " * 50_000  # 1.1 MB, far more than a tenth of the corpus
+    docs = [huge] + [f"small document number {i} " * 40 for i in range(120)]
+    split = cache.write_source_shards(docs, str(tmp_path))
+    val = all_texts(cache.list_shards("val", str(tmp_path)))
+    assert huge not in val and len(val) == split.val_docs > 1
+    assert split.val_bytes <= 0.1 * sum(len(d) for d in docs)
+
+
+def test_prepare_says_when_the_metric_rows_repeat_validation_documents(prepared, tokenizer, source_dir, capsys):
+    rows, passes, docs = prepare.eval_coverage(tokenizer)
+    assert rows == EVAL_TOKENS // MAX_SEQ_LEN and passes > 1  # the test corpus's validation shard is small
+    prepare.main(["--source", source_dir])
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: the metric's")]
+    assert len(note) == 1 and f"{passes} passes over the validation shard's {docs:,} documents" in note[0]
+
+
+def test_a_small_corpus_says_its_vocabulary_is_smaller(tmp_path):
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        (tmp_path / "src" / f"{i}.txt").write_text(f"a tiny corpus, document {i} " * 30)
+    proc = run_script(["prepare.py", "--source", str(tmp_path / "src")],
+                      env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^note: .* too few distinct pieces for 8192 tokens: the tokenizer has \d+", proc.stdout,
+                     flags=re.M)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Messages that say what happened
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfplain text")
+    docs, _ = cache.read_source(str(tmp_path))
+    assert docs == ["first", "second", "plain text"]
+
+
+def test_repair_commands_quote_their_folder():
+    command = cache.repair_command({"kind": "local", "path": "/data/my corpus"})
+    assert command == "uv run prepare.py --source '/data/my corpus'"
+    assert shlex.split(command)[-1] == "/data/my corpus"
+
+
+def test_unreadable_folders_and_skipped_files_are_counted(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.txt").write_text("readable " * 20)
+    (tmp_path / "b.md").write_text("also readable " * 20)
+    (tmp_path / "code.py").write_text("print('not a document type')")
+    real_walk = os.walk
+
+    def walk_with_an_unreadable_folder(top, onerror=None, **kw):  # (as root every folder is readable)
+        onerror(PermissionError(13, "Permission denied", str(tmp_path / "private")))
+        yield from real_walk(top, onerror=onerror, **kw)
+
+    monkeypatch.setattr(cache.os, "walk", walk_with_an_unreadable_folder)
+    cache.read_source(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "read *.parquet, *.jsonl, *.txt, *.md files" in out
+    assert "1 other file types" in out and "1 unreadable folders" in out
+
+
+def test_an_empty_home_is_refused():
+    proc = run_script(["-c", "import constants"], env={"HOME": "", "AUTORESEARCH_CACHE_DIR": ""})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "HOME is set but empty" in proc.stderr and "AUTORESEARCH_CACHE_DIR" in proc.stderr
+
+
+def test_a_full_disk_is_said_and_leaves_no_temporary_file(damageable_cache, tmp_path, monkeypatch):
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        (tmp_path / "src" / f"{i}.txt").write_text(f"another corpus, document {i} " * 30)
+    real_write = cache.pq.write_table
+
+    def write_then_fill_the_disk(table, where, **kw):
+        real_write(table, where, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache.pq, "write_table", write_then_fill_the_disk)
+    with pytest.raises(SystemExit) as refusal:
+        prepare.main(["--source", str(tmp_path / "src")])
+    assert "is full" in str(refusal.value.code) and "AUTORESEARCH_CACHE_DIR" in str(refusal.value.code)
+    assert not [n for n in os.listdir(os.path.join(damageable_cache, "data")) if n.endswith(".tmp")]
