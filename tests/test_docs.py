@@ -41,7 +41,7 @@ def notebook_kernel():
         write_results(os.path.join(repo, "results.tsv"), rows)
         for rel, other_rows in (others or {}).items():
             write_results(os.path.join(folder, rel), other_rows)
-        cells = [nbformat.v4.new_code_cell(f"import os; os.chdir({repo!r})")]
+        cells = [nbformat.v4.new_code_cell(f"import os, sys; os.chdir({repo!r}); sys.path.insert(0, {ROOT!r})")]
         cells += [copy.deepcopy(c) for c in code]
         out = ""
         for i, cell in enumerate(cells):
@@ -124,7 +124,9 @@ def test_notebook_overlays_several_agents(run_notebook, tmp_path):
                                         ("c2", "0.980000", "44.0", "keep", "depth 9")],
     })
     assert "3 results file(s)" in out
-    assert "  #1    0.997900" in out and "  #3    0.990000" in out  # experiments numbered 1, 2, 3 per agent
+    # a baseline and its re-run are one experiment, worth their mean; experiments are numbered per agent
+    assert "  #1    0.996900" in out and "  #2    0.990000" in out
+    assert "3 experiments: 3 keep, 0 discard, 0 crash" not in out and "2 experiments: 2 keep" in out
     for agent in ("repo", "autoresearch-gpu1", "host2-gpu0"):
         assert f"== {agent} ==" in out
     assert "noise floor: 0.002000" in out  # repo's two baselines differ by 0.002
