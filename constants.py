@@ -1,8 +1,10 @@
 """Fixed constants shared by prepare.py and train.py. DO NOT CHANGE: they define the task and its metric.
 
 Every number here is the reference design's (see README.md), so that val_bpb figures compare across users.
-A few environment overrides exist for tests and small machines only; a run that sets any of them is not
-comparable with a standard one:
+A few environment overrides exist for tests and small machines only; a run that sets any of the metric's ones
+(preset, time budget, eval size, context length) compares only with runs under the same settings:
+  AUTORESEARCH_PRESET        small: the small preset (a CPU, Apple silicon, a small GPU; see README.md)
+  AUTORESEARCH_FORCE         1: run the standard configuration off CUDA anyway (it would take hours per step)
   AUTORESEARCH_CACHE_DIR     where data, tokenizer and token files live (default ~/.cache/autoresearch)
   AUTORESEARCH_TIME_BUDGET   seconds of training (default 300)
   AUTORESEARCH_EVAL_TOKENS   validation tokens scored by evaluate_bpb (default 40 * 524288)
@@ -34,12 +36,17 @@ def _env(name, default, parse, ok, allowed):
 
 # The defaults are the reference's; a run whose values differ from them is not comparable with a standard one.
 DEFAULTS = {"MAX_SEQ_LEN": 2048, "TIME_BUDGET": 300.0, "EVAL_TOKENS": 40 * 524288}
-MAX_SEQ_LEN = _env("AUTORESEARCH_MAX_SEQ_LEN", DEFAULTS["MAX_SEQ_LEN"], int, lambda v: 8 <= v <= 1 << 20,
+# The small preset, for machines without a big CUDA GPU (a CPU, Apple silicon, a small GPU): these constants, and
+# train.py's size knobs at their small values. Its runs compare with each other, not with standard ones.
+PRESET = _env("AUTORESEARCH_PRESET", "", str.lower, lambda v: v == "small", "small")
+SMALL_DEFAULTS = {"MAX_SEQ_LEN": 256, "TIME_BUDGET": 60.0, "EVAL_TOKENS": 256 * 256}
+_BASE = SMALL_DEFAULTS if PRESET == "small" else DEFAULTS
+MAX_SEQ_LEN = _env("AUTORESEARCH_MAX_SEQ_LEN", _BASE["MAX_SEQ_LEN"], int, lambda v: 8 <= v <= 1 << 20,
                    "an integer from 8 to 1048576")  # context length of training and eval
-TIME_BUDGET = _env("AUTORESEARCH_TIME_BUDGET", DEFAULTS["TIME_BUDGET"], float,
+TIME_BUDGET = _env("AUTORESEARCH_TIME_BUDGET", _BASE["TIME_BUDGET"], float,
                    lambda v: math.isfinite(v) and 0 < v <= 7 * 86400,
                    "a number of seconds above 0 (at most a week)")  # seconds of counted training time
-EVAL_TOKENS = _env("AUTORESEARCH_EVAL_TOKENS", DEFAULTS["EVAL_TOKENS"], int, lambda v: 1 <= v <= 1 << 40,
+EVAL_TOKENS = _env("AUTORESEARCH_EVAL_TOKENS", _BASE["EVAL_TOKENS"], int, lambda v: 1 <= v <= 1 << 40,
                    "a positive integer, at least one row (MAX_SEQ_LEN)")  # tokens evaluate_bpb scores
 if EVAL_TOKENS < MAX_SEQ_LEN:  # evaluate_bpb scores EVAL_TOKENS // MAX_SEQ_LEN rows: at least one
     raise SystemExit(f"error: AUTORESEARCH_EVAL_TOKENS={str(EVAL_TOKENS)!r} is not allowed: it must be at least one "
@@ -49,6 +56,11 @@ RESOLVED = {"MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET, "EVAL_TOKENS
 METRIC_OVERRIDES = {name: os.environ[name].strip() for name in
                     ("AUTORESEARCH_MAX_SEQ_LEN", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_EVAL_TOKENS")
                     if os.environ.get(name, "").strip()}
+# What a run's val_bpb compares with: "standard", or the preset and overrides it ran under (the `settings:` line).
+SETTINGS = " ".join(([f"AUTORESEARCH_PRESET={PRESET}"] if PRESET else [])
+                    + [f"{name}={value}" for name, value in sorted(METRIC_OVERRIDES.items())]) or "standard"
+# Off CUDA only the small preset runs (the standard configuration would take hours per step) unless this is set.
+FORCE = _env("AUTORESEARCH_FORCE", False, lambda v: v in ("1", "true", "yes"), lambda v: v, "1")
 VOCAB_SIZE = 8192  # 8188 learned BPE tokens + 4 special tokens
 
 DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda", "mps"), "cpu, cuda or mps")

@@ -264,9 +264,12 @@ def evaluate_bpb(model, tokenizer, batch_size):
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device, tokenizer)
     loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device)
-    total_nats, total_bytes = 0.0, 0
+    total_nats, total_bytes, last_line = 0.0, 0, time.time()
     with torch.no_grad():
         for start in range(0, rows, batch_size):
+            if time.time() - last_line >= 30:  # a long evaluation (a small machine) shows it is alive
+                print(f"eval: {start:,} of {rows:,} rows scored", flush=True)
+                last_line = time.time()
             x, y, _ = next(loader)
             x, y = x[:rows - start], y[:rows - start]
             loss = model(x, y, reduction="none").reshape(-1).float()

@@ -1,13 +1,16 @@
 """The fixed plumbing around train.py's loop. DO NOT CHANGE: it decides what a run's numbers mean.
 
-The device and its precision, compiling, counting the time budget, progress lines, the attention-kernel check,
-notes on runs that do not compare with standard ones, MFU, and the summary block agents grep. train.py calls:
+The device and its precision, compiling, counting the time budget and where a step's time goes, progress lines,
+the attention-kernel check, the run's settings and notes, MFU, and the summary block agents grep. train.py calls:
 
     device = get_device()                  # CUDA, else MPS, else the CPU (AUTORESEARCH_DEVICE insists on one)
-    run = Run(device, flops_per_token, tokens_per_step, t_start)
+    run = Run(device, flops_per_token, tokens_per_step, t_start, globals())
+    batches = run.loader(make_dataloader(...))   # counts the wait for batches
     while not run.done:
         run.begin_step()
-        ...                                # forward/backward, lr from run.progress, optimizer step
+        ...                                # forward/backward
+        run.begin_optimizer()
+        ...                                # lr from run.progress, optimizer step
         run.end_step(loss, lrm, epoch)     # waits for the step, counts its time, prints progress
     run.summary(val_bpb, num_params, depth)
 """
@@ -25,7 +28,7 @@ import torch
 
 import constants
 from cache import SetupError, release_reader_lock
-from constants import EVAL_TOKENS, TIME_BUDGET
+from constants import TIME_BUDGET
 
 # ---------------------------------------------------------------------------------------------------------------
 # Device
@@ -72,9 +75,22 @@ def unusable_gpu_problem(cuda_available, driver_version, torch_cuda_version, tor
             f"(check nvidia-smi and CUDA_VISIBLE_DEVICES): {DRIVER_HELP}")
 
 
+SMALL = constants.PRESET == "small"  # AUTORESEARCH_PRESET=small: train.py's size knobs take their small values
+
+
 def get_device():
     """The training device, detected at run time: AUTORESEARCH_DEVICE if set, else cuda, then mps, then cpu. An
-    NVIDIA GPU that torch cannot use (an old driver, a CPU-only torch) is an error, not a silent CPU run."""
+    NVIDIA GPU that torch cannot use (an old driver, a CPU-only torch) is an error, not a silent CPU run; so is
+    the standard configuration off CUDA (hours per step) unless AUTORESEARCH_PRESET=small or AUTORESEARCH_FORCE=1."""
+    device = _detect_device()
+    if device.type != "cuda" and not SMALL and not constants.FORCE:
+        raise SetupError(f"no CUDA GPU: on {device.type} the standard configuration would take hours per step; run "
+                         "the small preset, `AUTORESEARCH_PRESET=small uv run train.py` (README.md, 'Small machines'), "
+                         "or set AUTORESEARCH_FORCE=1 to run it anyway")
+    return device
+
+
+def _detect_device():
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if constants.DEVICE == "cpu":
         return torch.device("cpu")
@@ -94,9 +110,11 @@ def get_device():
 def describe_device():
     """Which device train.py will use, in words, or why it cannot start."""
     try:
-        device = get_device()
+        device = _detect_device()
     except SetupError as e:
         return f"train.py cannot start: {e.message}"
+    if device.type != "cuda":
+        return f"train.py will run on {device.type}, with AUTORESEARCH_PRESET=small (README.md, 'Small machines')"
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     return f"train.py will run on {device.type}{name}"
 
@@ -177,11 +195,11 @@ def attention_kernels(event_names):
     return found
 
 
-def nonstandard_settings(train_globals):
-    """Why this run does not compare with standard ones: AUTORESEARCH_* overrides of the metric's constants, and
-    those constants changed at run time in constants, prepare or train.py. Empty for a standard run."""
+def modified_constants(train_globals):
+    """The metric's constants changed at run time (in constants, prepare or train.py), as notes: such a run compares
+    with no other. Empty for an honest run."""
     import prepare
-    notes = [f"{name}={value}" for name, value in constants.METRIC_OVERRIDES.items()]
+    notes = []
     for name, value in constants.RESOLVED.items():
         for where, namespace in (("constants.py", vars(constants)), ("prepare.py", vars(prepare)),
                                  ("train.py", train_globals)):
@@ -203,30 +221,28 @@ def summary_line(key, value):
 
 
 class Run:
-    """The fixed bookkeeping of one training run: which steps count toward TIME_BUDGET, their time, progress
-    lines, the end of training, and the summary. On CUDA the first 11 steps (compilation) are not counted and
-    step 1 is profiled to name the attention kernels that ran; elsewhere every step counts. Training ends with the
-    first step that brings the counted time to TIME_BUDGET."""
+    """The fixed bookkeeping of one training run: which steps count toward TIME_BUDGET, their time and where it
+    goes, progress lines, the end of training, and the summary. On CUDA the first 11 steps (compilation) are not
+    counted and step 1 is profiled to name the attention kernels that ran; elsewhere every step counts. Training
+    ends with the first step that brings the counted time to TIME_BUDGET. A step's time is split into
+    forward/backward, optimizer (GPU time on CUDA) and the wait for batches from loader(); a first counted step
+    so slow that the budget holds few steps is said at once, and a budget overshot at the end is said too."""
 
     def __init__(self, device, flops_per_token, tokens_per_step, t_start, train_globals=None):
         self.device, self.flops_per_token, self.tokens_per_step = device, flops_per_token, tokens_per_step
         self.t_start, self.train_globals = t_start, train_globals or {}
-        self.warmup = CUDA_WARMUP_STEPS if device.type == "cuda" else 0
+        self.cuda = device.type == "cuda"
+        self.warmup = CUDA_WARMUP_STEPS if self.cuda else 0
         self.peak, self.gpu_name, mfu_note = peak_flops(device)
         self.step, self.counted_steps, self.training_seconds, self.startup_seconds = 0, 0, 0.0, 0.0
         self.smooth_loss, self.train_loss, self.done = 0.0, float("nan"), False
+        self.phase_seconds = {"forward_backward": 0.0, "optimizer": 0.0, "data_wait": 0.0}  # counted steps
         self.tty, self._last_log, self._profiler, self._t_trained = sys.stdout.isatty(), 0.0, None, None
-        print(f"device: {device} ({self.gpu_name}), torch {torch.__version__}")
+        self._data_wait, self._marks = 0.0, []
+        print(f"device: {device} ({self.gpu_name}), torch {torch.__version__}; settings: {constants.SETTINGS}")
         if mfu_note:
             print(f"note: {mfu_note}")
-        flops_per_step = flops_per_token * tokens_per_step
-        if device.type != "cuda" and (flops_per_step > 1e13 or EVAL_TOKENS > 2 ** 21):
-            print(f"note: no CUDA GPU, running on {device.type}: this configuration would crawl (each step is "
-                  f"{flops_per_step:.1e} FLOPs, the eval {EVAL_TOKENS:,} tokens).")
-            print("note: for a small run lower DEPTH, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE (and WINDOW_PATTERN='L') "
-                  "in train.py and set AUTORESEARCH_TIME_BUDGET, AUTORESEARCH_EVAL_TOKENS, AUTORESEARCH_MAX_SEQ_LEN",
-                  flush=True)
-        if device.type != "cuda":  # (the CUDA build of torch prints an error when profiling without a GPU)
+        if not self.cuda:  # (the CUDA build of torch prints an error when profiling without a GPU)
             print(f"attention: SDPA in eager mode on {device.type} (kernels are profiled on CUDA only)", flush=True)
 
     @property
@@ -234,22 +250,44 @@ class Run:
         """Counted training time / TIME_BUDGET, in [0, 1]: what the schedules follow."""
         return min(self.training_seconds / TIME_BUDGET, 1.0)
 
+    def loader(self, batches):
+        """Wrap the training loader: the time spent waiting for its batches is counted as data wait."""
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            self._data_wait += time.perf_counter() - t0
+            yield batch
+
+    def _mark(self):
+        """The time now: a CUDA event (the GPU's own clock, no sync) on CUDA, the wall clock elsewhere."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
     def begin_step(self):
         """Call at the start of every step: waits for the device and starts the step's clock."""
         synchronize(self.device)
         self._t0 = time.time()
+        self._data_wait, self._marks = 0.0, [self._mark()]
         if self.step == self.warmup:  # the first counted step: everything before it is start-up
             self.startup_seconds = self._t0 - self.t_start
-        if self.step == 1 and self.device.type == "cuda":  # compiled by now: record the kernels that run
+        if self.step == 1 and self.cuda:  # compiled by now: record the kernels that run
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                 torch.profiler.ProfilerActivity.CUDA],
                                                     acc_events=True)
             self._profiler.start()
 
+    def begin_optimizer(self):
+        """Call between the forward/backward passes and the optimizer step (splits the step's time)."""
+        self._marks.append(self._mark())
+
     def end_step(self, loss, lrm, epoch):
         """Call at the end of every step with its last micro-batch's loss (a tensor), the lr multiplier and the
         loader's epoch: waits for the step, stops the program with FAIL on a NaN or exploding loss, counts the
         step's time, prints progress, and sets `done` when the budget is spent."""
+        self._marks.append(self._mark())
         loss_f = loss.item()  # waits for the step
         if self._profiler is not None:
             self._profiler.stop()
@@ -262,13 +300,20 @@ class Run:
             sys.exit(1)
         synchronize(self.device)
         dt = time.time() - self._t0
+        phases = self._phases()
         if self.step >= self.warmup:
             self.training_seconds += dt
             self.counted_steps += 1
+            for name, seconds in phases.items():
+                self.phase_seconds[name] += seconds
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss_f
         self.train_loss = self.smooth_loss / (1 - 0.9 ** (self.step + 1))
         self.done = self.step >= self.warmup and self.training_seconds >= TIME_BUDGET
-        self._print_progress(dt, lrm, epoch)
+        self._print_progress(dt, lrm, epoch, phases)
+        if self.step == self.warmup and dt > TIME_BUDGET / 20 and not self.done:
+            print(f"note: one step takes {dt:.1f}s, so the {TIME_BUDGET:.0f}s budget holds about "
+                  f"{max(1, round(TIME_BUDGET / dt))} steps and the run ends with the first step past it: make "
+                  "steps smaller (TOTAL_BATCH_SIZE, DEPTH) or use the small preset", flush=True)
         if self.step == 0:  # Python's GC pauses show up as slow steps; nothing cyclic is allocated after step 0
             gc.collect()
             gc.freeze()
@@ -281,11 +326,24 @@ class Run:
             if self.tty:
                 print()
 
-    def _print_progress(self, dt, lrm, epoch):
+    def _phases(self):
+        """Seconds of the step just ended: forward/backward, optimizer, data wait (the host's wait for batches)."""
+        if len(self._marks) != 3:
+            return {"forward_backward": 0.0, "optimizer": 0.0, "data_wait": self._data_wait}
+        start, middle, end = self._marks
+        if self.cuda:
+            fb, opt = start.elapsed_time(middle) / 1000, middle.elapsed_time(end) / 1000
+        else:
+            fb, opt = middle - start - self._data_wait, end - middle
+        return {"forward_backward": fb, "optimizer": opt, "data_wait": self._data_wait}
+
+    def _print_progress(self, dt, lrm, epoch, phases):
         mfu = 100 * self.flops_per_token * self.tokens_per_step / dt / self.peak if self.peak else 0.0
+        split = "/".join(f"{1000 * phases[k]:.0f}" for k in ("forward_backward", "optimizer", "data_wait"))
         line = (f"step {self.step:05d} ({100 * self.progress:.1f}%) | loss: {self.train_loss:.6f} | lrm: {lrm:.2f} | "
                 f"dt: {dt * 1000:.0f}ms | tok/sec: {int(self.tokens_per_step / dt):,} | mfu: {mfu:.1f}% | "
-                f"epoch: {epoch} | remaining: {max(0.0, TIME_BUDGET - self.training_seconds):.0f}s")
+                f"epoch: {epoch} | remaining: {max(0.0, TIME_BUDGET - self.training_seconds):.0f}s | "
+                f"fb/opt/data: {split}ms")
         if self.tty:
             print(f"\r{line}    ", end="", flush=True)
         elif self.step in (0, 1, self.warmup) or self.done or time.time() - self._last_log >= LOG_EVERY_SECONDS:
@@ -293,16 +351,24 @@ class Run:
             self._last_log = time.time()
 
     def summary(self, val_bpb, num_params, depth):
-        """Print the notes of a run that does not compare with standard ones, then `---` and the summary: the
-        reference's nine keys in its order and format, then this project's (README.md lists them)."""
+        """Print the run's notes (settings, a budget overshot), then `---` and the summary: the reference's nine
+        keys in its order and format, then this project's (README.md lists them)."""
         t_end = time.time()
         counted_tokens = self.counted_steps * self.tokens_per_step
         mfu = (100 * self.flops_per_token * counted_tokens / self.training_seconds / self.peak
                if self.peak and self.training_seconds else 0.0)
-        notes = nonstandard_settings(self.train_globals)
-        if notes:
-            print(f"note: not comparable with standard runs: {'; '.join(notes)}")
-        peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if self.device.type == "cuda" else 0.0
+        over = self.training_seconds - TIME_BUDGET
+        if self.counted_steps and over > 0.05 * TIME_BUDGET:
+            print(f"note: training overshot the {TIME_BUDGET:.0f}s budget by {over:.1f}s: its last step took "
+                  f"{over:.1f}s or more, and a run ends with the first step past the budget")
+        modified = modified_constants(self.train_globals)
+        settings = constants.SETTINGS + (" (modified at run time)" if modified else "")
+        if modified:
+            print(f"note: not comparable with any run: {'; '.join(modified)}")
+        elif constants.SETTINGS != "standard":
+            print(f"note: settings {constants.SETTINGS}, not the standard ones: this run compares only with runs "
+                  "under the same settings")
+        peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if self.cuda else 0.0
         print("---")
         for key, value in [
             ("val_bpb", f"{val_bpb:.6f}"), ("training_seconds", f"{self.training_seconds:.1f}"),
@@ -312,7 +378,10 @@ class Run:
             ("train_loss", f"{self.train_loss:.6f}"), ("startup_seconds", f"{self.startup_seconds:.1f}"),
             ("eval_seconds", f"{t_end - (self._t_trained or t_end):.1f}"),
             ("tok_per_sec", f"{int(counted_tokens / self.training_seconds) if self.training_seconds else 0}"),
-            ("device", self.device.type), ("gpu", self.gpu_name),
+            ("fwd_bwd_seconds", f"{self.phase_seconds['forward_backward']:.1f}"),
+            ("optim_seconds", f"{self.phase_seconds['optimizer']:.1f}"),
+            ("data_seconds", f"{self.phase_seconds['data_wait']:.1f}"),
+            ("device", self.device.type), ("gpu", self.gpu_name), ("settings", settings),
         ]:
             print(summary_line(key, value))
         gc.enable()

@@ -23,12 +23,14 @@ from prepare import check_cache, evaluate_bpb, make_dataloader
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters (the agent's knobs). Sizes derive from DEPTH.
 
-DEPTH = 8                   # transformer layers; model_dim = DEPTH * ASPECT_RATIO rounded up to HEAD_DIM
+# With AUTORESEARCH_PRESET=small (a CPU, Apple silicon, a small GPU: README.md) the sizes take their second value.
+SMALL = runtime.SMALL
+DEPTH = 2 if SMALL else 8   # transformer layers; model_dim = DEPTH * ASPECT_RATIO rounded up to HEAD_DIM
 ASPECT_RATIO = 64           # model_dim per layer
 HEAD_DIM = 128              # attention head size; n_head = model_dim / HEAD_DIM
-WINDOW_PATTERN = "SSSL"     # per-layer attention window, repeated: L = full context, S = half (last layer is L)
-TOTAL_BATCH_SIZE = 2 ** 19  # tokens per optimizer step (gradient accumulation makes up the difference)
-DEVICE_BATCH_SIZE = 128     # rows per forward/backward; lower it if memory runs out
+WINDOW_PATTERN = "L" if SMALL else "SSSL"  # per-layer window, repeated: L = full context, S = half (last is L)
+TOTAL_BATCH_SIZE = 2 ** 12 if SMALL else 2 ** 19  # tokens per optimizer step (gradient accumulation fills it)
+DEVICE_BATCH_SIZE = 8 if SMALL else 128  # rows per forward/backward; lower it if memory runs out
 EMBEDDING_LR = 0.6          # AdamW lr of the token and value embeddings (scaled by (dim/768)^-0.5)
 UNEMBEDDING_LR = 0.004      # AdamW lr of lm_head (scaled by (dim/768)^-0.5)
 MATRIX_LR = 0.04            # Muon lr of the block matrices
@@ -479,7 +481,7 @@ def train():
 
     optimizer = model.setup_optimizer(UNEMBEDDING_LR, EMBEDDING_LR, MATRIX_LR, SCALAR_LR, WEIGHT_DECAY, ADAM_BETAS)
     model = runtime.compile_model(model, device)  # the one name from here on: training and eval both call it
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device)
+    train_loader = run.loader(make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device))
     x, y, epoch = next(train_loader)
 
     while not run.done:
@@ -489,6 +491,7 @@ def train():
                 loss = model(x, y)
             (loss / grad_accum_steps).backward()
             x, y, epoch = next(train_loader)
+        run.begin_optimizer()
         progress = run.progress
         lrm = get_lr_multiplier(progress)
         for group in optimizer.param_groups:

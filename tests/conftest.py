@@ -10,6 +10,7 @@ import tempfile
 _CACHE = tempfile.mkdtemp(prefix="autoresearch-test-cache-")
 TEST_ENV = {
     "AUTORESEARCH_CACHE_DIR": _CACHE,
+    "AUTORESEARCH_PRESET": "small",  # (what a CPU runs; the overrides below shrink it further)
     "AUTORESEARCH_TIME_BUDGET": "4",
     "AUTORESEARCH_MAX_SEQ_LEN": "128",
     "AUTORESEARCH_EVAL_TOKENS": str(4 * 8 * 128),  # 4 eval batches of 8 rows

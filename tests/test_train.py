@@ -15,7 +15,8 @@ from conftest import run_script
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth"]
-EXTRA_KEYS = ["train_loss", "startup_seconds", "eval_seconds", "tok_per_sec", "device", "gpu"]
+EXTRA_KEYS = ["train_loss", "startup_seconds", "eval_seconds", "tok_per_sec", "fwd_bwd_seconds", "optim_seconds",
+              "data_seconds", "device", "gpu", "settings"]
 
 
 def summary(stdout):
@@ -105,10 +106,19 @@ def test_tiny_run_log_is_fit_for_a_file(tiny_run):
     assert len(progress) <= 3 + 1 + float(values["total_seconds"]) / runtime.LOG_EVERY_SECONDS + 1
     assert abs(float(values["train_loss"]) - float(re.findall(r"\| loss: (\S+) \|", stdout)[-1])) < 1e-6
     assert "attention: SDPA in eager mode on cpu" in stdout
-    # the run under overrides says so, in one line right before the summary
+    # the run under the small preset and overrides says so, in one line right before the summary and in its key
     before = stdout.split("\n---\n")[0].splitlines()
-    assert before[-1].startswith("note: not comparable with standard runs: ")
-    assert "AUTORESEARCH_TIME_BUDGET=4" in before[-1] and "AUTORESEARCH_MAX_SEQ_LEN=128" in before[-1]
+    assert before[-1] == f"note: settings {constants.SETTINGS}, not the standard ones: this run compares only " \
+                         "with runs under the same settings"
+    assert "AUTORESEARCH_PRESET=small" in values["settings"] and "AUTORESEARCH_TIME_BUDGET=4" in values["settings"]
+
+
+def test_tiny_run_says_where_a_step_goes(tiny_run):
+    values = {k: float(v) for k, v in tiny_run["values"].items() if k.endswith("_seconds")}
+    assert values["fwd_bwd_seconds"] > 0 and values["optim_seconds"] > 0 and values["data_seconds"] >= 0
+    parts = values["fwd_bwd_seconds"] + values["optim_seconds"] + values["data_seconds"]
+    assert parts <= values["training_seconds"] + 0.2  # (each rounded to 0.1 s)
+    assert re.search(r"\| fb/opt/data: \d+/\d+/\d+ms$", tiny_run["stdout"], flags=re.M)
 
 
 def test_the_compiled_model_is_what_trains_and_evaluates(tiny_run):
@@ -165,17 +175,37 @@ class Stop(Exception):
     pass
 
 
-def test_cpu_run_of_the_baseline_says_how_to_shrink_it(prepared, monkeypatch, capsys):
-    # the baseline on a CPU: the note comes before the first step; stop there
-    monkeypatch.setattr(runtime.Run, "begin_step", lambda self: (_ for _ in ()).throw(Stop()))
-    with pytest.raises(Stop):
+def test_the_standard_configuration_off_cuda_is_one_line_naming_the_preset(monkeypatch):
+    monkeypatch.setattr(runtime, "SMALL", False)
+    monkeypatch.setattr(train, "check_cache", lambda: pytest.fail("the cache was read before the device check"))
+    with pytest.raises(SystemExit) as exit_info:
         train.main()
+    line = str(exit_info.value.code)
+    assert "\n" not in line and "AUTORESEARCH_PRESET=small" in line and "AUTORESEARCH_FORCE=1" in line
+    monkeypatch.setattr(constants, "FORCE", True)  # insisting works
+    assert runtime.get_device().type == "cpu"
+
+
+def test_a_step_too_slow_for_the_budget_is_said_at_once(prepared, monkeypatch, capsys):
+    tiny_in_process(monkeypatch)
+    real_time = runtime.time.time
+    clock = {"offset": 0.0}
+
+    def slow_clock():  # every step appears to take 3 s of the 4-s budget
+        return real_time() + clock["offset"]
+
+    real_end = runtime.Run.end_step
+
+    def end_step(self, *a):
+        clock["offset"] += 3.0
+        return real_end(self, *a)
+
+    monkeypatch.setattr(runtime.time, "time", slow_clock)
+    monkeypatch.setattr(runtime.Run, "end_step", end_step)
+    train.main()
     out = capsys.readouterr().out
-    note = [line for line in out.splitlines() if line.startswith("note: no CUDA")]
-    assert len(note) == 1
-    advice = out.split(note[0], 1)[1]
-    for knob in ("DEPTH", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE", "AUTORESEARCH_TIME_BUDGET"):
-        assert knob in advice
+    assert re.search(r"^note: one step takes 3\.\ds, so the 4s budget holds about 1 steps", out, flags=re.M)
+    assert re.search(r"^note: training overshot the 4s budget by \d+\.\ds", out, flags=re.M)
 
 
 @pytest.mark.parametrize("error, says", [
@@ -235,22 +265,14 @@ def test_training_starts_from_the_references_initial_weights(prepared, monkeypat
     assert not torch.equal(direct.transformer.wte.weight, reference.transformer.wte.weight)
 
 
-def test_nonstandard_settings_name_overrides_and_constants_changed_at_run_time(monkeypatch):
-    import constants
+def test_constants_changed_at_run_time_make_a_run_comparable_with_none(monkeypatch):
     import prepare
-    monkeypatch.setattr(constants, "METRIC_OVERRIDES", {})
-    monkeypatch.setattr(constants, "RESOLVED", dict(constants.DEFAULTS))
-    standard = {name: value for name, value in constants.DEFAULTS.items()}
-    for name, value in standard.items():
-        monkeypatch.setattr(constants, name, value)
-        monkeypatch.setattr(prepare, name, value, raising=False)
-    assert runtime.nonstandard_settings(standard) == []
+    standard = dict(constants.RESOLVED)
+    assert runtime.modified_constants(standard) == []
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 1000)
-    notes = runtime.nonstandard_settings({**standard, "TIME_BUDGET": 600})
+    notes = runtime.modified_constants({**standard, "TIME_BUDGET": 600})
     assert sorted(notes) == ["EVAL_TOKENS = 1000 set in prepare.py at run time",
                              "TIME_BUDGET = 600 set in train.py at run time"]
-    monkeypatch.setattr(constants, "METRIC_OVERRIDES", {"AUTORESEARCH_TIME_BUDGET": "60"})
-    assert runtime.nonstandard_settings(standard)[0] == "AUTORESEARCH_TIME_BUDGET=60"
 
 
 @pytest.mark.parametrize("names, expected", [
