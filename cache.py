@@ -31,7 +31,8 @@ try:
 except ImportError:
     fcntl = None
 
-from constants import CACHE_DIR, DATA_DIR, HF_ENDPOINT, LOCK_PATH, MANIFEST_PATH, VAL_SHARD, shard_name, shard_url
+from constants import (CACHE_DIR, DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, LOCK_PATH, MANIFEST_PATH, VAL_SHARD,
+                       shard_name, shard_url)
 
 PREPARE_HINT = "run `uv run prepare.py` (or `uv run prepare.py --source DIR` for a local corpus) first"
 
@@ -512,6 +513,7 @@ class Fetched:
     status: str
     detail: str
     record: Optional[dict] = None
+    missing: bool = False  # the hub answered that the file is not there (HTTP 404, 410): asking again cannot help
 
 
 @dataclasses.dataclass
@@ -532,6 +534,8 @@ class Downloader:
     max_bytes: int = 1 << 30  # a shard of the hub's dataset is far smaller
     on_bytes: Callable[[int], None] = lambda n: None
     cancel: Optional[threading.Event] = None  # when set, downloads in progress stop at their next piece
+    offline: bool = HF_HUB_OFFLINE  # never download (HF_HUB_OFFLINE=1): only verify what is already there
+    token: str = HF_TOKEN  # sent as a bearer token (HF_TOKEN), for gated datasets and private mirrors
 
     def fetch(self, index, data_dir=DATA_DIR, known=None):
         """Fetch one shard into data_dir unless a whole copy is already there; returns a Fetched.
@@ -547,6 +551,8 @@ class Downloader:
             print(f"{shard_name(index)}: {kept}: fetching it again", flush=True)
             os.remove(final)
         url = shard_url(index, self.endpoint)
+        if self.offline:
+            return Fetched("failed", "not downloaded: HF_HUB_OFFLINE is set")
         error = "no attempt made"
         for attempt in range(1, self.attempts + 1):
             t0 = time.time()
@@ -556,7 +562,7 @@ class Downloader:
                 return Fetched("downloaded", f"{size / 1e6:.1f} MB in {time.time() - t0:.1f}s",
                                {"size": size, "sha256": file_sha256(final), "mtime_ns": os.stat(final).st_mtime_ns})
             except PermanentHTTPError as e:
-                return Fetched("failed", str(e))  # retrying cannot help
+                return Fetched("failed", str(e), missing=e.missing)  # retrying cannot help
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
                 error = f"{type(e).__name__} for {url}: {e}"
                 if self.cancel is not None and self.cancel.is_set():
@@ -593,7 +599,11 @@ class Downloader:
             raise
         with r:
             if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
-                raise PermanentHTTPError(f"HTTP {r.status_code} for {url}")
+                missing = r.status_code in (404, 410)
+                raise PermanentHTTPError(f"HTTP {r.status_code} for {url}" + (
+                    ": the file is not there" if missing else
+                    ": access refused (a gated or private dataset needs HF_TOKEN)" if r.status_code in (401, 403)
+                    else ""), missing)
             r.raise_for_status()
             expected = r.headers.get("Content-Length")
             limit = int(expected) if expected and expected.isdigit() else self.max_bytes
@@ -614,8 +624,11 @@ class Downloader:
 
         def get():
             try:
+                headers = {"Accept-Encoding": "identity"}
+                if self.token:
+                    headers["Authorization"] = f"Bearer {self.token}"
                 result["response"] = requests.get(url, stream=True, timeout=(self.connect_timeout, self.stall),
-                                                  headers={"Accept-Encoding": "identity"})
+                                                  headers=headers)
                 if abandoned.is_set():
                     result["response"].close()
             except Exception as e:  # handed to the caller
@@ -655,21 +668,25 @@ class Downloader:
 
 
 class PermanentHTTPError(Exception):
-    """A 4xx answer other than 408/429: the file is not there, and asking again cannot help."""
+    """A 4xx answer other than 408/429: asking again cannot help. `missing`: the file is not there (404, 410)."""
+
+    def __init__(self, message, missing=False):
+        super().__init__(message)
+        self.missing = missing
 
 
 def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, manifest=None, progress_every=30.0):
     """Download shards in parallel: one line per shard as it ends, a progress line at least every
     `progress_every` seconds. With a manifest, each shard is checked against its record and recorded when whole
-    (the manifest is saved every 10 s and at the end). Returns the names of the shards that failed; a connection
-    that cannot be made (refused, unknown host) stops the remaining shards and ends in a SetupError. When this call
-    ends early (an exception, SIGTERM), the downloads in progress stop at their next piece."""
+    (the manifest is saved every 10 s and at the end). Returns {name: Fetched} of the shards that failed; a
+    connection that cannot be made (refused, unknown host) stops the remaining shards and ends in a SetupError.
+    When this call ends early (an exception, SIGTERM), the downloads in progress stop at their next piece."""
     downloader = downloader or Downloader()
     os.makedirs(data_dir, exist_ok=True)
     for name in os.listdir(data_dir):  # leftovers of an interrupted run
         if name.endswith((".part", ".tmp")):
             os.remove(os.path.join(data_dir, name))
-    counts, failed = {"downloaded": 0, "present": 0, "failed": 0}, []
+    counts, failed = {"downloaded": 0, "present": 0, "failed": 0}, {}
     received, lock, unreachable, cancel = [0], threading.Lock(), [], threading.Event()
 
     def count_bytes(n):
@@ -700,7 +717,7 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
                     result = attempted or Fetched("failed", "not attempted")
                     counts[result.status] += 1
                     if result.status == "failed":
-                        failed.append(shard_name(index))
+                        failed[shard_name(index)] = result
                     if attempted is not None:
                         print(f"[{sum(counts.values())}/{len(indices)}] {shard_name(index)}: {result.status} "
                               f"({result.detail})", flush=True)
@@ -724,8 +741,9 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
     print(f"data: {counts['downloaded']} downloaded, {counts['present']} already present, {counts['failed']} failed",
           flush=True)
     if unreachable:
-        raise SetupError(f"{unreachable[0]}: check the network or HF_ENDPOINT, then run prepare.py again "
-                         f"({counts['failed']} of {len(indices)} shards not fetched; whole shards are kept)")
+        raise SetupError(f"{unreachable[0]}: check the network or HF_ENDPOINT and run prepare.py again "
+                         f"({counts['failed']} of {len(indices)} shards not fetched; whole shards are kept), or "
+                         "prepare offline from text of your own: `uv run prepare.py --source DIR`")
     return failed
 
 

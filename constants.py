@@ -9,7 +9,9 @@ A few environment overrides exist for tests and small machines only; a run that 
   AUTORESEARCH_TIME_BUDGET   seconds of training (default 300)
   AUTORESEARCH_EVAL_TOKENS   validation tokens scored by evaluate_bpb (default 40 * 524288)
   AUTORESEARCH_MAX_SEQ_LEN   context length (default 2048)
+  AUTORESEARCH_GPU_MEMORY_GB the GPU memory train.py fits DEVICE_BATCH_SIZE to (default: what is free)
   HF_ENDPOINT                the dataset hub, for mirrors (default https://huggingface.co)
+  HF_HUB_OFFLINE, HF_TOKEN   the hub's conventions: 1 = never download; a token sent with every download
   AUTORESEARCH_DEVICE        cpu, cuda or mps: the training device (default: CUDA if torch can use it, else MPS,
                              else the CPU; an NVIDIA GPU that torch cannot use is an error unless this says cpu)
 Each is checked here, where it is read: a bad value stops the program with one line.
@@ -61,6 +63,9 @@ SETTINGS = " ".join(([f"AUTORESEARCH_PRESET={PRESET}"] if PRESET else [])
                     + [f"{name}={value}" for name, value in sorted(METRIC_OVERRIDES.items())]) or "standard"
 # Off CUDA only the small preset runs (the standard configuration would take hours per step) unless this is set.
 FORCE = _env("AUTORESEARCH_FORCE", False, lambda v: v in ("1", "true", "yes"), lambda v: v, "1")
+# The GPU memory train.py may plan for, in GB (default: what the GPU has free), e.g. to try a 24 GB card's batch.
+GPU_MEMORY_GB = _env("AUTORESEARCH_GPU_MEMORY_GB", 0.0, float, lambda v: math.isfinite(v) and v > 0,
+                     "a positive number of GB")
 VOCAB_SIZE = 8192  # 8188 learned BPE tokens + 4 special tokens
 
 DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda", "mps"), "cpu, cuda or mps")
@@ -82,6 +87,9 @@ LOCK_PATH = os.path.join(CACHE_DIR, "prepare.lock")  # held by the one prepare.p
 HF_ENDPOINT = _env("HF_ENDPOINT", "https://huggingface.co", lambda v: v.rstrip("/"),
                    lambda v: v.startswith(("http://", "https://")) and len(v) > len("https://"),
                    "an http:// or https:// address")
+HF_HUB_OFFLINE = _env("HF_HUB_OFFLINE", False, str.lower, lambda v: v in ("1", "true", "yes", "0", "false", "no"),
+                      "1 or 0") in ("1", "true", "yes")  # the hub's convention: never download
+HF_TOKEN = os.environ.get("HF_TOKEN", "").strip()  # the hub's convention: sent as a bearer token when set
 DATASET_REPO = "karpathy/climbmix-400b-shuffle"
 MAX_SHARD = 6542  # shards are shard_00000.parquet ... shard_06542.parquet
 VAL_SHARD = MAX_SHARD

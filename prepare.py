@@ -34,12 +34,14 @@ import numpy as np
 import rustbpe
 import tiktoken
 
+import constants
+
 from cache import (PREPARE_HINT, SHARD_RE, TOKENIZER_RELS, Downloader, Manifest, SetupError, atomic_path, cache_lock,
                    check_source_folder, check_token_files, clear_token_files, describe_source, download_shards,
                    hold_reader_lock, list_shards, load_or_reset_manifest, open_token_shard, read_parquet_texts,
                    read_source, refuse, release_reader_lock, sample_sha256, token_rels, write_source_shards)
 from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, EVAL_TOKENS, HF_ENDPOINT,
-                       LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MANIFEST_PATH, MAX_SEQ_LEN, MAX_SHARD,
+                       HF_HUB_OFFLINE, LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MANIFEST_PATH, MAX_SEQ_LEN, MAX_SHARD,
                        SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_DIR, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS,
                        VAL_SHARD, VOCAB_SIZE)
 
@@ -353,9 +355,17 @@ def prepare_hub_data(manifest, num_shards, workers):
           f"validation shard) from {HF_ENDPOINT} into {DATA_DIR}", flush=True)
     failed = download_shards(indices, downloader=Downloader(), workers=workers, manifest=manifest)
     if failed:
-        shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-        raise SetupError(f"{len(failed)} of {len(indices)} shards failed to download: {shown} "
-                         "(run prepare.py again to retry; whole shards are kept)")
+        names = sorted(failed)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        if HF_HUB_OFFLINE:
+            why = ("HF_HUB_OFFLINE=1 forbids downloading them: unset it, or prepare from text of your own with "
+                   "`uv run prepare.py --source DIR`")
+        elif all(f.missing for f in failed.values()):
+            why = (f"{HF_ENDPOINT} does not have them (HTTP 404): a mirror that lacks them, or the wrong "
+                   "HF_ENDPOINT; --num-shards fewer asks for less")
+        else:
+            why = "run prepare.py again to retry (whole shards are kept)"
+        raise SetupError(f"{len(names)} of {len(indices)} shards are missing: {shown}: {why}")
 
 
 def prepare_local_data(manifest, source_path):
@@ -439,16 +449,29 @@ def prepare_tokens(manifest, tokenizer):
         print(f"tokens: {verified} shard(s) already tokenized, verified", flush=True)
 
 
+def remove_empty_cache(cache_dir=CACHE_DIR):
+    """After a first run that failed: remove the cache folder it created if nothing usable came of it (no shard):
+    its manifest, its lock and empty folders; a file of anyone else's keeps the folder."""
+    if list_shards("train", os.path.join(cache_dir, "data")) + list_shards("val", os.path.join(cache_dir, "data")):
+        return
+    for name in (os.path.basename(MANIFEST_PATH), "prepare.lock"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(cache_dir, name))
+    for folder in ("data", "tokenizer", "tokens", ""):
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(cache_dir, folder))  # only when empty
+
+
 def _stopped(signum, frame):
     raise SetupError("prepare.py was stopped (SIGTERM): whole files are kept and the cache says what is missing; "
                      "run it again to finish")
 
 
-def eval_coverage(tokenizer):
+def eval_coverage(tokenizer, eval_tokens=EVAL_TOKENS, seq_len=MAX_SEQ_LEN):
     """(rows the metric scores, passes over the validation documents they take, validation documents): the
     metric's rows are packed as evaluate_bpb packs them; more than one pass means documents repeat in its rows."""
-    rows = EVAL_TOKENS // MAX_SEQ_LEN
-    packer = pack_rows(tokenizer, 1, MAX_SEQ_LEN, "val")  # (the rows come out the same whatever B is)
+    rows = eval_tokens // seq_len
+    packer = pack_rows(tokenizer, 1, seq_len, "val")  # (the rows come out the same whatever B is)
     epoch = 1
     for _ in range(rows):
         _, epoch = next(packer)
@@ -458,13 +481,21 @@ def eval_coverage(tokenizer):
 
 
 def report_eval_coverage(tokenizer):
-    rows, passes, docs = eval_coverage(tokenizer)
-    if passes > 1:
-        print(f"note: the metric's {rows:,} rows of {MAX_SEQ_LEN} tokens take {passes} passes over the validation "
-              f"shard's {docs:,} documents, so documents repeat in them: the corpus is too small for "
-              f"EVAL_TOKENS = {EVAL_TOKENS:,} (give --source more text)", flush=True)
-    else:
-        print(f"validation: the metric's {rows:,} rows come from one pass over {docs:,} documents", flush=True)
+    """Say whether the validation shard fills the metric's rows without repeating documents, under these settings
+    and, where they are the standard ones, under the small preset too."""
+    cases = [(constants.SETTINGS, EVAL_TOKENS, MAX_SEQ_LEN)]
+    if constants.SETTINGS == "standard":
+        small = constants.SMALL_DEFAULTS
+        cases.append(("AUTORESEARCH_PRESET=small", small["EVAL_TOKENS"], small["MAX_SEQ_LEN"]))
+    for settings, eval_tokens, seq_len in cases:
+        rows, passes, docs = eval_coverage(tokenizer, eval_tokens, seq_len)
+        if passes > 1:
+            print(f"note: under settings {settings} the metric's {rows:,} rows of {seq_len} tokens take {passes} "
+                  f"passes over the validation shard's {docs:,} documents, so documents repeat in them: the corpus "
+                  "is too small for them (give --source more text)", flush=True)
+        else:
+            print(f"validation: under settings {settings} the metric's {rows:,} rows come from one pass over "
+                  f"{docs:,} documents", flush=True)
 
 
 def main(argv=None):
@@ -486,6 +517,7 @@ def main(argv=None):
     else:
         source = {"kind": "hub", "dataset": DATASET_REPO, "endpoint": HF_ENDPOINT}
     t0 = time.time()
+    new_cache = not os.path.exists(CACHE_DIR)
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stopped) if on_main_thread else None
     try:
@@ -500,7 +532,11 @@ def main(argv=None):
             tokenizer = prepare_tokenizer(manifest, retrain)
             prepare_tokens(manifest, tokenizer)
             report_eval_coverage(tokenizer)
-    except OSError as e:
+    except BaseException as e:
+        if new_cache:
+            remove_empty_cache()
+        if not isinstance(e, OSError):
+            raise
         free = shutil.disk_usage(CACHE_DIR).free if os.path.isdir(CACHE_DIR) else None
         if e.errno == errno.ENOSPC or (free is not None and free < 64e6):
             raise SetupError(f"the disk holding {CACHE_DIR} is full ({(free or 0) / 1e6:.0f} MB free): free some "

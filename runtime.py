@@ -16,6 +16,7 @@ the attention-kernel check, the run's settings and notes, MFU, and the summary b
 """
 import contextlib
 import gc
+import importlib.util
 import math
 import os
 import re
@@ -132,10 +133,78 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
+def can_compile(device):
+    """torch.compile runs on CUDA where Triton is installed (not on native Windows); CPU and MPS runs are eager."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
 def compile_model(model, device):
-    """torch.compile on CUDA; eager elsewhere (CPU and MPS runs are small). The loop and the eval call only what
-    this returns, so an uncompiled FlexAttention (full score matrices, slow) never runs on CUDA by accident."""
-    return torch.compile(model, dynamic=False) if device.type == "cuda" else model
+    """torch.compile where can_compile(device), eager elsewhere. The loop and the eval call only what this returns,
+    so an uncompiled FlexAttention (full score matrices, slow) never runs on CUDA by accident."""
+    if device.type == "cuda" and not can_compile(device):
+        print("note: Triton is not installed (native Windows?): running eagerly, several times slower; WSL2 "
+              "compiles (README.md, 'Windows')", flush=True)
+    return torch.compile(model, dynamic=False) if can_compile(device) else model
+
+
+# GPU memory: the baseline's peak on the reference's H100 run (DEVICE_BATCH_SIZE 128, T 2048, 8 layers of 512,
+# vocab 8192) was 45,060 MiB. Per token of a micro-batch that is 180 KB: about 10 bytes per vocab entry (fp32
+# logits and their soft cap) and 24 bytes per layer and model dimension (the activations kept for backward).
+BYTES_PER_TOKEN_VOCAB, BYTES_PER_TOKEN_LAYER_DIM = 10, 24
+BYTES_PER_PARAM = 16  # fp32 weight and gradient, two optimizer moments
+
+
+def estimate_memory(num_params, n_layer, n_embd, vocab_size, seq_len):
+    """(fixed bytes, bytes per row of a micro-batch) of a training step, from the reference's measured peak."""
+    per_token = BYTES_PER_TOKEN_VOCAB * vocab_size + BYTES_PER_TOKEN_LAYER_DIM * n_layer * n_embd
+    return BYTES_PER_PARAM * num_params, per_token * seq_len
+
+
+def largest_fitting_rows(rows, total_rows, fixed_bytes, row_bytes, budget_bytes):
+    """The largest power of two <= rows that divides total_rows and whose estimated peak fits in budget_bytes
+    (rows itself when it fits), or 0 when not even one row fits."""
+    fits = lambda r: fixed_bytes + r * row_bytes <= budget_bytes and total_rows % r == 0  # noqa: E731
+    if fits(rows):
+        return rows
+    r = 1 << (rows.bit_length() - 1)
+    while r >= 1 and not fits(r):
+        r //= 2
+    return max(r, 0)
+
+
+def fit_device_batch(device, rows, total_rows, fixed_bytes, row_bytes):
+    """DEVICE_BATCH_SIZE as it fits this GPU: `rows` when its estimated peak fits in 90% of the free memory
+    (AUTORESEARCH_GPU_MEMORY_GB overrides what is free), else the largest power of two that does, said in one
+    line (gradient accumulation keeps TOTAL_BATCH_SIZE, so results stay comparable). Off CUDA: `rows`."""
+    if device.type != "cuda":
+        return rows
+    budget = constants.GPU_MEMORY_GB * 1e9 if constants.GPU_MEMORY_GB else torch.cuda.mem_get_info(device)[0]
+    fitted = largest_fitting_rows(rows, total_rows, fixed_bytes, row_bytes, 0.9 * budget)
+    if fitted == 0:
+        raise SetupError(f"not even one row of the model fits in the {budget / 1e9:.1f} GB of GPU memory free "
+                         f"(estimated {(fixed_bytes + row_bytes) / 1e9:.1f} GB): make the model smaller (DEPTH)")
+    if fitted != rows:
+        print(f"note: DEVICE_BATCH_SIZE {rows} needs about {(fixed_bytes + rows * row_bytes) / 1e9:.0f} GB, more than "
+              f"the {budget / 1e9:.1f} GB free: {fitted} rows per micro-batch instead (TOTAL_BATCH_SIZE kept)",
+              flush=True)
+    return fitted
+
+
+def flex_kernel_options(device, head_dim):
+    """FlexAttention's Triton block sizes for this GPU: None (the defaults) unless its shared memory per block is
+    too small for the default backward kernel, as on consumer cards (about 100 KB: sm86, sm89, sm120) with heads
+    over 128 wide (pytorch/pytorch#133254, #198224); then smaller blocks."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return flex_options_for(getattr(props, "shared_memory_per_block_optin", 0), head_dim)
+
+
+def flex_options_for(shared_memory_bytes, head_dim):
+    """The decision of flex_kernel_options, from the figures (testable without the GPU)."""
+    if shared_memory_bytes == 0 or shared_memory_bytes >= 160 * 1024 or head_dim <= 128:
+        return None
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
 
 
 def synchronize(device):

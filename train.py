@@ -55,6 +55,7 @@ class GPTConfig:
     n_kv_head: int = 4
     n_embd: int = 512
     window_pattern: str = "SSSL"
+    flex_kernel_options: dict = None  # FlexAttention block sizes for GPUs with little shared memory (runtime.py)
 
 
 def norm(x):
@@ -110,7 +111,7 @@ def block_masks(T, windows, device):
     return _block_mask_cache[key]
 
 
-def attention(q, k, v, window, block_mask):
+def attention(q, k, v, window, block_mask, kernel_options=None):
     """Causal attention. q: [B, T, H, D], k, v: [B, T, KV, D] -> [B, T, H, D].
 
     Full-window layers use SDPA (on CUDA cuDNN first, see runtime.main); windowed layers use FlexAttention with a
@@ -122,7 +123,7 @@ def attention(q, k, v, window, block_mask):
     if window >= T:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     elif block_mask is not None:
-        y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=kernel_options)
     else:
         i = torch.arange(T, device=q.device)
         diff = i[:, None] - i[None, :]
@@ -141,6 +142,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.ve_gate_channels = 32
+        self.flex_kernel_options = config.flex_kernel_options
         self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if has_value_embedding(layer_idx, config.n_layer) else None)
 
@@ -153,7 +155,7 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # [B, T, KV]
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        y = attention(q, k, v, window, block_mask)
+        y = attention(q, k, v, window, block_mask, self.flex_kernel_options)
         return self.c_proj(y.contiguous().view(B, T, C))
 
 
@@ -459,7 +461,6 @@ def check_config():
 def train():
     t_start = time.time()
     check_config()
-    grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * MAX_SEQ_LEN)
     device = runtime.get_device()
     torch.manual_seed(SEED)
     torch.set_float32_matmul_precision("high")
@@ -469,19 +470,22 @@ def train():
     model_dim = ((DEPTH * ASPECT_RATIO + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
     config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
                        n_head=model_dim // HEAD_DIM, n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim,
-                       window_pattern=WINDOW_PATTERN)
+                       window_pattern=WINDOW_PATTERN, flex_kernel_options=runtime.flex_kernel_options(device, HEAD_DIM))
     model = build_model(config, device)
     num_params = model.param_counts()["total"]
     flops_per_token = model.estimate_flops()
+    memory = runtime.estimate_memory(num_params, DEPTH, model_dim, config.vocab_size, MAX_SEQ_LEN)
+    device_batch = runtime.fit_device_batch(device, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // MAX_SEQ_LEN, *memory)
+    grad_accum_steps = TOTAL_BATCH_SIZE // (device_batch * MAX_SEQ_LEN)
     run = runtime.Run(device, flops_per_token, TOTAL_BATCH_SIZE, t_start, globals())
     print(f"model: depth {DEPTH}, dim {model_dim}, {config.n_head} heads, windows {model.windows}, "
           f"{num_params:,} parameters, {flops_per_token:.4e} FLOPs/token")
-    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {DEVICE_BATCH_SIZE} rows x {MAX_SEQ_LEN} x "
+    print(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {device_batch} rows x {MAX_SEQ_LEN} x "
           f"{grad_accum_steps} accumulation steps", flush=True)
 
     optimizer = model.setup_optimizer(UNEMBEDDING_LR, EMBEDDING_LR, MATRIX_LR, SCALAR_LR, WEIGHT_DECAY, ADAM_BETAS)
     model = runtime.compile_model(model, device)  # the one name from here on: training and eval both call it
-    train_loader = run.loader(make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device))
+    train_loader = run.loader(make_dataloader(tokenizer, device_batch, MAX_SEQ_LEN, "train", device))
     x, y, epoch = next(train_loader)
 
     while not run.done:
@@ -505,7 +509,7 @@ def train():
 
     model.eval()
     with autocast:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = evaluate_bpb(model, tokenizer, device_batch)
     run.summary(val_bpb, num_params, DEPTH)
 
 

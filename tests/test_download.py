@@ -38,13 +38,14 @@ class FakeHub:
     def __init__(self, files):
         self.files, self.cut, self.requests = dict(files), {}, []
         self.corrupt, self.stall, self.pace, self.stop = set(), set(), {}, threading.Event()
-        self.slow_headers, self.endless = set(), set()
+        self.slow_headers, self.endless, self.authorization = set(), set(), []
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 name = self.path.rsplit("/", 1)[-1]
                 hub.requests.append(name)
+                hub.authorization.append(self.headers.get("Authorization"))
                 if "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/" not in self.path or name not in hub.files:
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
@@ -131,7 +132,7 @@ def names_in(folder):
 
 def test_download_success(hub, tmp_path):
     failed = cache.download_shards([0, 1, VAL_SHARD], str(tmp_path), Downloader(hub.endpoint), workers=3)
-    assert failed == []
+    assert failed == {}
     assert names_in(tmp_path) == [shard_name(0), shard_name(1), shard_name(VAL_SHARD)]
     for name in names_in(tmp_path):
         assert (tmp_path / name).read_bytes() == hub.files[name]
@@ -161,12 +162,12 @@ def test_404_fails_at_once_naming_the_url(hub, tmp_path):
 def test_resume_after_an_interrupted_run(hub, tmp_path):
     hub.cut[shard_name(1)] = 2
     failed = cache.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0), workers=2)
-    assert failed == [shard_name(1)]
+    assert list(failed) == [shard_name(1)]
     assert names_in(tmp_path) == [shard_name(0), shard_name(2)]
     (tmp_path / f"{shard_name(1)}.999.part").write_bytes(b"left by a killed run")
     hub.requests.clear()
     failed = cache.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0), workers=2)
-    assert failed == []
+    assert failed == {}
     assert hub.requests == [shard_name(1)]  # whole shards are not fetched again
     assert names_in(tmp_path) == [shard_name(0), shard_name(1), shard_name(2)]
 
@@ -212,11 +213,36 @@ def test_cli_exits_non_zero_naming_the_failed_shards(hub, tmp_path):
     assert shard_name(3) not in names_in(tmp_path / "data")
 
 
-def test_cli_without_network_says_which_url_failed(tmp_path):
+def test_cli_without_network_names_the_url_and_the_offline_way_and_leaves_nothing(tmp_path):
     proc = run_script(["prepare.py", "--num-shards", "1"],
-                      env={"HF_ENDPOINT": "http://127.0.0.1:9", "AUTORESEARCH_CACHE_DIR": str(tmp_path)})
+                      env={"HF_ENDPOINT": "http://127.0.0.1:9", "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "cannot connect to http://127.0.0.1:9/datasets/" in proc.stderr.strip().splitlines()[-1]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "cannot connect to http://127.0.0.1:9/datasets/" in line and "uv run prepare.py --source DIR" in line
+    assert not (tmp_path / "cache").exists()  # a first run that fetched nothing leaves nothing behind
+
+
+def test_a_mirror_without_the_files_says_so_not_retry(hub, tmp_path):
+    hub.files.pop(shard_name(1))
+    proc = run_script(["prepare.py", "--num-shards", "2"],
+                      env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and shard_name(1) in line and "does not have them (HTTP 404)" in line
+    assert "retry" not in line
+
+
+def test_hf_hub_offline_downloads_nothing_and_says_so(hub, tmp_path):
+    proc = run_script(["prepare.py", "--num-shards", "1"],
+                      env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "1",
+                           "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode != 0 and hub.requests == []
+    assert "HF_HUB_OFFLINE=1 forbids downloading" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_hf_token_is_sent_with_every_download(hub, tmp_path):
+    assert Downloader(hub.endpoint, token="hf_secret").fetch(0, str(tmp_path)).status == "downloaded"
+    assert Downloader(hub.endpoint, token="").fetch(1, str(tmp_path)).status == "downloaded"
+    assert hub.authorization == ["Bearer hf_secret", None]
 
 
 def test_a_body_that_does_not_decode_never_gets_the_final_name(hub, tmp_path):
@@ -258,14 +284,14 @@ def test_progress_is_printed_during_a_long_download(hub, tmp_path, capsys):
     hub.pace[shard_name(0)] = (20_000, 0.1)  # takes a second or two, fast enough to finish
     failed = cache.download_shards([0], str(tmp_path), Downloader(hub.endpoint), workers=1, progress_every=0.3)
     out = capsys.readouterr().out
-    assert failed == [] and "MB received in" in out
+    assert failed == {} and "MB received in" in out
     assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
 
 
 def test_a_shard_that_does_not_match_the_manifest_is_fetched_again(hub, tmp_path):
     manifest = cache.Manifest({"kind": "hub", "dataset": "x", "endpoint": hub.endpoint}, str(tmp_path))
     data = tmp_path / "data"
-    assert cache.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == []
+    assert cache.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == {}
     assert manifest.files["data/" + shard_name(0)]["sha256"] == cache.file_sha256(str(data / shard_name(0)))
     saved = json.loads((tmp_path / "manifest.json").read_text())
     assert set(saved["files"]) == {"data/" + shard_name(0), "data/" + shard_name(1)}
@@ -273,7 +299,7 @@ def test_a_shard_that_does_not_match_the_manifest_is_fetched_again(hub, tmp_path
     body[100] ^= 0xFF  # same size, one byte changed
     (data / shard_name(0)).write_bytes(bytes(body))
     hub.requests.clear()
-    assert cache.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == []
+    assert cache.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == {}
     assert hub.requests == [shard_name(0)]  # shard 1 matched its checksum and was kept
     assert (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
 

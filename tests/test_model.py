@@ -156,3 +156,46 @@ def test_a_shorter_sequence_than_the_model_was_made_for_runs():
     assert model(torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))).isfinite()
     with pytest.raises(AssertionError, match="sequence length"):
         model(torch.randint(0, 96, (1, model.config.sequence_len + 1)))
+
+
+GB = 1e9
+
+
+@pytest.mark.parametrize("budget_gb, expected", [(80 * 0.9, 128), (24 * 0.9, 32), (12 * 0.9, 16), (0.5, 0)])
+def test_the_device_batch_is_fitted_to_the_memory_present(budget_gb, expected):
+    # the baseline's estimate: ~48 GB at 128 rows (the reference measured 45,060 MiB on an H100)
+    fixed, per_row = runtime.estimate_memory(50_332_176, 8, 512, 8192, 2048)
+    assert 44e9 < fixed + 128 * per_row < 52e9
+    rows = runtime.largest_fitting_rows(128, 2 ** 19 // 2048, fixed, per_row, budget_gb * GB)
+    assert rows == expected
+    if rows:
+        assert (2 ** 19 // 2048) % rows == 0 and fixed + rows * per_row <= budget_gb * GB
+
+
+def test_the_fitted_batch_keeps_dividing_the_total_batch():
+    # 96 rows requested of a 192-row step, room for 40: 32 (a power of two that divides 192)
+    assert runtime.largest_fitting_rows(96, 192, 0, 1, 40) == 32
+    assert runtime.largest_fitting_rows(96, 192, 0, 1, 96) == 96  # what was asked, when it fits
+
+
+@pytest.mark.parametrize("shared_memory, head_dim, smaller", [
+    (227 * 1024, 128, False), (227 * 1024, 256, False),  # H100
+    (99 * 1024, 128, False),                             # RTX 4090 (sm89), heads of 128: the defaults compile
+    (99 * 1024, 256, True), (101376, 192, True),         # sm89 / sm120 with wider heads: smaller blocks
+    (0, 256, False),                                     # unknown: the defaults
+])
+def test_flex_attention_block_sizes_follow_the_shared_memory(shared_memory, head_dim, smaller):
+    options = runtime.flex_options_for(shared_memory, head_dim)
+    assert (options is not None) == smaller
+    if smaller:
+        assert all(options[k] <= 64 for k in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"))
+
+
+def test_no_triton_means_eager_with_a_note(monkeypatch, capsys):
+    cuda = torch.device("cuda")  # (only its type is looked at: no GPU needed)
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
+    assert not runtime.can_compile(cuda)
+    model = torch.nn.Linear(2, 2)
+    assert runtime.compile_model(model, cuda) is model
+    assert "Triton is not installed" in capsys.readouterr().out
+    assert not runtime.can_compile(torch.device("cpu"))

@@ -193,7 +193,7 @@ def test_prepare_says_when_the_metric_rows_repeat_validation_documents(prepared,
     rows, passes, docs = prepare.eval_coverage(tokenizer)
     assert rows == EVAL_TOKENS // MAX_SEQ_LEN and passes > 1  # the test corpus's validation shard is small
     prepare.main(["--source", source_dir])
-    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: the metric's")]
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: under settings")]
     assert len(note) == 1 and f"{passes} passes over the validation shard's {docs:,} documents" in note[0]
 
 
