@@ -166,3 +166,15 @@ def test_program_md_lists_every_fixed_call_train_py_makes():
         assert f"`{name}(" in table, f"program.md does not list prepare.{name}"
     for name in used:
         assert f"`runtime.{name}" in table, f"program.md does not list runtime.{name}"
+
+
+def test_notebook_explains_bad_results_files_and_still_renders(run_notebook, tmp_path):
+    (tmp_path / "repo" / "results").mkdir(parents=True)
+    (tmp_path / "repo" / "results" / "empty.tsv").write_text("")
+    out = run_notebook([("a1b2c3d", "0.997900", "44.0", "keep", "baseline\twith a tab"),
+                        ("b2c3d4e", "N/A", "44.0", "keep", "lost its value"),
+                        ("c3d4e5f", "0.990000", "44.0", "keep", "halve the batch")])
+    assert "empty.tsv is empty (not even the header line): skipped" in out
+    assert "a tab inside the description" in out and "without a val_bpb ('N/A')" in out
+    assert "best:     0.990000" in out and "nan" not in out.lower()
+    assert (tmp_path / "repo" / "progress.png").stat().st_size > 10_000
