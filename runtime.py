@@ -139,12 +139,29 @@ def can_compile(device):
 
 
 def compile_model(model, device):
-    """torch.compile where can_compile(device), eager elsewhere. The loop and the eval call only what this returns,
-    so an uncompiled FlexAttention (full score matrices, slow) never runs on CUDA by accident."""
+    """torch.compile where can_compile(device), eager elsewhere; returns the model to call. A model with a
+    compiled_regions() method is compiled region by region (PyTorch's regional compilation: a graph per kind of
+    region, reused by every region of that kind, so compile time does not grow with depth); any other model
+    whole. On CUDA nothing else is ever called, so an uncompiled FlexAttention (full score matrices) never runs."""
     if device.type == "cuda" and not can_compile(device):
         print("note: Triton is not installed (native Windows?): running eagerly, several times slower; WSL2 "
               "compiles (README.md, 'Windows')", flush=True)
-    return torch.compile(model, dynamic=False) if can_compile(device) else model
+    if not can_compile(device):
+        return model
+    if hasattr(model, "compiled_regions"):
+        return compile_regions(model)
+    return torch.compile(model, dynamic=False)
+
+
+def compile_regions(model, backend="inductor"):
+    """Compile each of model.compiled_regions() in place (nn.Module.compile) and return the model. Graphs are
+    cached per region kind and grad mode (training, evaluation), so the recompile limit is raised above the
+    few kinds a model has."""
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for region in model.compiled_regions():
+        region.compile(backend=backend, dynamic=False)
+    return model
 
 
 # GPU memory: the baseline's peak on the reference's H100 run (DEVICE_BATCH_SIZE 128, T 2048, 8 layers of 512,

@@ -98,12 +98,10 @@ def sliding_window_mask(window):
 _block_mask_cache = {}
 
 
-# Built eagerly, outside any compiled graph (torch._disable_dynamo is torch.compiler.disable, imported at the
-# first call rather than when train.py is imported).
-@torch._disable_dynamo
 def block_masks(T, windows, device):
     """FlexAttention block masks {window: BlockMask} for the windows shorter than the sequence length T actually
-    seen, built once per (T, windows, device), so a shorter sequence or another window pattern just works."""
+    seen, built once per (T, windows, device), so a shorter sequence or another window pattern just works. Called
+    from GPT.forward, which runs eagerly (only its regions are compiled): the masks are data for the blocks."""
     key = (T, windows, str(device))
     if key not in _block_mask_cache:
         _block_mask_cache[key] = {w: create_block_mask(sliding_window_mask(w), None, None, T, T, device=device)
@@ -175,9 +173,26 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window, block_mask):
+    def forward(self, x, x0, resid_lambda, x0_lambda, ve, cos, sin, window, block_mask):
+        """x, x0: [B, T, C]; resid_lambda, x0_lambda: this layer's 0-d mixing weights (inputs, so that every
+        block runs the same compiled code)."""
+        x = resid_lambda * x + x0_lambda * x0
         x = x + self.attn(norm(x), ve, cos, sin, window, block_mask)
         return x + self.mlp(norm(x))
+
+
+class SoftcapHead(nn.Linear):
+    """The untied lm_head with what follows it: final RMSNorm, logits in fp32 soft-capped to +-SOFTCAP, and the
+    cross-entropy (compiled as one region: the [B, T, V] fp32 logits are never kept whole in several copies)."""
+
+    def forward(self, x, targets=None, reduction="mean"):
+        logits = super().forward(norm(x)).float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
 
 
 class GPT(nn.Module):
@@ -196,7 +211,7 @@ class GPT(nn.Module):
                 "wte": table(config.vocab_size, config.n_embd),
                 "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             })
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = SoftcapHead(config.n_embd, config.vocab_size, bias=False)
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
             kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
@@ -284,19 +299,19 @@ class GPT(nn.Module):
         assert T <= self.config.sequence_len, f"sequence length {T} > the model's {self.config.sequence_len}"
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         masks = block_masks(T, tuple(self.windows), idx.device) if idx.device.type == "cuda" else {}
-        x = norm(self.transformer.wte(idx))
-        x0 = x
+        x0 = norm(self.transformer.wte(idx))
+        x = x0.clone()  # (x aliasing x0 would make the first block a compiled graph of its own)
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i], masks.get(self.windows[i]))
-        logits = self.lm_head(norm(x)).float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=reduction)
-        return loss.view(B, T) if reduction == "none" else loss
+            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, cos, sin, self.windows[i],
+                      masks.get(self.windows[i]))
+        return self.lm_head(x, targets, reduction)
+
+    def compiled_regions(self):
+        """What runtime.compile_model compiles, one region at a time: the blocks (one compiled graph serves every
+        block of a kind: with or without a value embedding, full or windowed attention; DEPTH adds none) and the
+        head with its loss. The embeddings in between run eagerly (a few small kernels)."""
+        return list(self.transformer.h) + [self.lm_head]
 
 
 def build_model(config, device):

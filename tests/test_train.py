@@ -89,9 +89,11 @@ def test_tiny_run_counts_every_step_toward_the_budget(tiny_run):
     steps = int(values["num_steps"])
     assert steps >= 2 and float(values["training_seconds"]) >= constants.TIME_BUDGET
     last_dt = float(re.findall(r"\| dt: (\d+)ms", stdout)[-1]) / 1000
-    assert float(values["training_seconds"]) - last_dt < constants.TIME_BUDGET  # not one step more than needed
+    # not one step more than needed (training_seconds is rounded to 0.1 s, dt to 1 ms)
+    assert float(values["training_seconds"]) - last_dt < constants.TIME_BUDGET + 0.06
     assert float(values["total_tokens_M"]) == round(steps * 2048 / 1e6, 1)
-    assert int(values["tok_per_sec"]) == pytest.approx(steps * 2048 / float(values["training_seconds"]), rel=0.02)
+    tok_per_sec = [steps * 2048 / (float(values["training_seconds"]) + d) for d in (0.05, -0.05)]
+    assert tok_per_sec[0] <= int(values["tok_per_sec"]) <= tok_per_sec[1] + 1
     assert float(values["startup_seconds"]) > 0 and float(values["eval_seconds"]) > 0
     assert float(values["startup_seconds"]) + float(values["training_seconds"]) <= float(values["total_seconds"])
 
