@@ -197,10 +197,12 @@ class Manifest:
 
     @property
     def source(self):
+        """Where the data came from: {"kind": "hub", "dataset", "endpoint"} or {"kind": "local", "path", "digest"}."""
         return self.data["source"]
 
     @property
     def files(self):
+        """{path relative to the cache: its record (size, sha256, and per kind mtime_ns, sample, from, ...)}."""
         return self.data["files"]
 
     @classmethod
@@ -229,14 +231,17 @@ class Manifest:
         return manifest
 
     def save(self):
+        """Write the manifest to CACHE_DIR/manifest.json, atomically."""
         with atomic_path(os.path.join(self.cache_dir, os.path.basename(MANIFEST_PATH))) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(self.data, f, indent=1, sort_keys=True)
 
     def path(self, rel):
+        """The absolute path of a manifest path."""
         return os.path.join(self.cache_dir, rel)
 
     def rel(self, path):
+        """The manifest path (relative, with /) of a file in the cache."""
         return os.path.relpath(path, self.cache_dir).replace(os.sep, "/")
 
     def shards(self, split):
@@ -248,6 +253,7 @@ class Manifest:
         self.files[self.rel(path)] = {"size": os.path.getsize(path), "sha256": file_sha256(path), **extra}
 
     def forget(self, prefix):
+        """Drop the records of every file whose manifest path starts with prefix."""
         for rel in [r for r in self.files if r.startswith(prefix)]:
             del self.files[rel]
 

@@ -97,10 +97,12 @@ DEFAULT_NUM_SHARDS = 10  # training shards that prepare.py downloads by default
 
 
 def shard_name(index):
+    """The file name of shard `index`: shard_00042.parquet."""
     return f"shard_{index:05d}.parquet"
 
 
 def shard_url(index, endpoint=HF_ENDPOINT):
+    """Where the hub (or a mirror at endpoint) serves shard `index`."""
     return f"{endpoint}/datasets/{DATASET_REPO}/resolve/main/{shard_name(index)}"
 
 

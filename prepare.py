@@ -62,6 +62,7 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):
+        """The tokenizer saved in tokenizer_dir; a SetupError naming the repair when it is missing or corrupt."""
         ranks_path = os.path.join(tokenizer_dir, "ranks.txt")
         meta_path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not (os.path.exists(ranks_path) and os.path.exists(meta_path)):
@@ -96,9 +97,11 @@ class Tokenizer:
                     f.write(f"{base64.b64encode(bytes(token)).decode('ascii')} {rank}\n")
 
     def get_vocab_size(self):
+        """Learned tokens + special tokens (8192 unless the training text was too small)."""
         return self.enc.n_vocab
 
     def get_bos_token_id(self):
+        """The id of <|reserved_0|>, which starts every document."""
         return self.bos_token_id
 
     def encode(self, text, prepend=None, num_threads=8):
@@ -113,6 +116,7 @@ class Tokenizer:
         return [head + ids for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
 
     def decode(self, ids):
+        """The text of a list of token ids."""
         return self.enc.decode(list(ids))
 
     def token_byte_lengths(self):
@@ -499,6 +503,7 @@ def report_eval_coverage(tokenizer):
 
 
 def main(argv=None):
+    """The command: parse argv, then data, tokenizer and token files under the cache's lock (module docstring)."""
     ap = argparse.ArgumentParser(description="Prepare data shards, the tokenizer and token files for train.py. "
                                              "Rerun it to verify the cache and repair what does not match.")
     ap.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS,

@@ -59,6 +59,7 @@ def read_rows(path, problems):
 
 
 def to_float(text):
+    """The number in a results cell, or nan for anything else (N/A, empty, inf)."""
     try:
         value = float(text)
     except ValueError:
@@ -69,7 +70,7 @@ def to_float(text):
 def experiments(rows, agent="", problems=None):
     """One agent's experiments from its rows: consecutive rows of one commit whose later descriptions end in
     " (rerun)" are one experiment, worth the mean val_bpb of its finished runs. Each experiment is a dict:
-    number (1, 2, ...), commit, description, status (the last row's), runs (val_bpb of each finished run),
+    number (1, 2, ...), commit, description, status (the last row's), rows, runs (val_bpb of each finished run),
     value (their mean, nan if none finished), finished (a value and not a crash)."""
     problems = [] if problems is None else problems
     out = []
@@ -86,9 +87,10 @@ def experiments(rows, agent="", problems=None):
         if out and row["description"].endswith(RERUN) and out[-1]["commit"] == row["commit"]:
             out[-1]["runs"] += run
             out[-1]["status"] = status
+            out[-1]["rows"] += 1
         else:
             out.append(dict(number=len(out) + 1, commit=row["commit"], description=row["description"],
-                            status=status, runs=run))
+                            status=status, runs=run, rows=1))
     for e in out:
         e["value"] = sum(e["runs"]) / len(e["runs"]) if e["runs"] else math.nan
         e["finished"] = e["status"] != "crash" and bool(e["runs"])
@@ -132,10 +134,11 @@ def summary_lines(paths, agents, problems):
     for agent, exps in agents.items():
         counts = {s: sum(e["status"] == s for e in exps) for s in STATUSES}
         decided = counts["keep"] + counts["discard"]
-        runs = sum(len(e["runs"]) for e in exps) + sum(not e["runs"] for e in exps)
+        runs = sum(e["rows"] for e in exps)
         lines += ["", f"== {agent} ==",
-                  f"{len(exps)} experiments: {counts['keep']} keep, {counts['discard']} discard, {counts['crash']} crash"
-                  + (f" ({runs} runs: the re-runs of a commit are one experiment)" if runs != len(exps) else ""),
+                  f"{len(exps)} experiments: {counts['keep']} keep, {counts['discard']} discard, "
+                  f"{counts['crash']} crash" + (f" ({runs} runs: the re-runs of a commit are one experiment)"
+                                                if runs != len(exps) else ""),
                   f"keep rate: {counts['keep'] / decided:.1%} of the experiments that finished" if decided
                   else "keep rate: no experiment finished",
                   f"noise floor: {noise_floor(exps):.6f}"]
@@ -246,6 +249,7 @@ def crash_reason(text):
 
 
 def git_commit():
+    """The short hash of HEAD in the current folder, or one line saying this is not a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -314,6 +318,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir="run
 
 
 def main(argv=None):
+    """The command: `record STATUS DESCRIPTION`, or the summary."""
     ap = argparse.ArgumentParser(description="Record a run in results.tsv, or summarize the results.")
     sub = ap.add_subparsers(dest="command")
     rec = sub.add_parser("record", help="append the row of the run in run.log")
