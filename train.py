@@ -7,6 +7,7 @@ the MuonAdamW optimizer, the schedules and the training loop. Everything here is
 parts it calls: prepare.py (tokenizer, loader, the metric evaluate_bpb) and runtime.py (device, precision, the
 time budget, progress lines and the summary).
 """
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -95,18 +96,13 @@ def sliding_window_mask(window):
     return mask_mod
 
 
-_block_mask_cache = {}
-
-
+@functools.lru_cache(maxsize=None)
 def block_masks(T, windows, device):
     """FlexAttention block masks {window: BlockMask} for the windows shorter than the sequence length T actually
     seen, built once per (T, windows, device), so a shorter sequence or another window pattern just works. Called
     from GPT.forward, which runs eagerly (only its regions are compiled): the masks are data for the blocks."""
-    key = (T, windows, str(device))
-    if key not in _block_mask_cache:
-        _block_mask_cache[key] = {w: create_block_mask(sliding_window_mask(w), None, None, T, T, device=device)
-                                  for w in sorted(set(windows)) if w < T}
-    return _block_mask_cache[key]
+    return {w: create_block_mask(sliding_window_mask(w), None, None, T, T, device=device)
+            for w in sorted(set(windows)) if w < T}
 
 
 def attention(q, k, v, window, block_mask, kernel_options=None):
