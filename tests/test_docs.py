@@ -148,7 +148,7 @@ def test_program_md_states_the_loop_rules():
         "timeout 600", "as a crash", "never through `tee`",                   # timeouts, a small context
         "uv run results.py record", "(typo)", "off CUDA torch measures none", # one-step bookkeeping, memory_gb
         "AUTORESEARCH_PRESET=small", "the same settings",                     # comparability
-        "AUTORESEARCH_", "not comparable with standard runs",                 # the metric is not the agent's
+        "AUTORESEARCH_", "not comparable with any run",                 # the metric is not the agent's
         'grep "^step', "the same `%`",                                        # reading the progress lines
     ]:
         assert rule in text, f"program.md does not say {rule!r}"
