@@ -74,7 +74,7 @@ def test_compiled_optimizer_matches_eager():
 
 def test_tiny_training_run_on_cuda_names_its_attention_kernels(prepared):
     script = ("import train; train.DEPTH = 2; train.DEVICE_BATCH_SIZE = 8; train.TOTAL_BATCH_SIZE = 8 * 128; "
-              "train.main()")
+              "train.WINDOW_PATTERN = 'SL'; train.main()")  # one windowed layer (Flex), one full (cuDNN)
     proc = run_script(["-c", script], env={"AUTORESEARCH_DEVICE": "cuda", "AUTORESEARCH_TIME_BUDGET": "20"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = re.search(r"^attention \(profiled step 1\): (.*)$", proc.stdout, flags=re.M).group(1)
