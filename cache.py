@@ -813,7 +813,8 @@ def iter_source_documents(source, skipped=None):
         dirs.sort()
         for name in sorted(files):
             if not name.endswith(SOURCE_EXTENSIONS):
-                skipped["other file types"] = skipped.get("other file types", 0) + 1
+                kind = f"{os.path.splitext(name)[1] or 'extensionless'} files"
+                skipped[kind] = skipped.get(kind, 0) + 1
                 continue
             path = os.path.join(root, name)
             try:

@@ -212,7 +212,7 @@ def test_fifos_broken_links_and_other_files_are_skipped_and_counted(tmp_path, ca
     docs, _ = result[0]
     assert sorted(docs) == sorted(["first document " * 20, "second document " * 20])
     out = capsys.readouterr().out
-    assert "1 other file types" in out and "2 not readable regular files" in out
+    assert "1 .png files" in out and "2 not readable regular files" in out
 
 
 @pytest.mark.parametrize("values", [[1, 2, 3], [b"bytes", b"more"], [["a", "list"], ["b"]]])

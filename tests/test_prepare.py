@@ -238,7 +238,7 @@ def test_unreadable_folders_and_skipped_files_are_counted(tmp_path, monkeypatch,
     cache.read_source(str(tmp_path))
     out = capsys.readouterr().out
     assert "read *.parquet, *.jsonl, *.txt, *.md files" in out
-    assert "1 other file types" in out and "1 unreadable folders" in out
+    assert "1 .py files" in out and "1 unreadable folders" in out
 
 
 def test_an_empty_home_is_refused():
