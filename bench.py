@@ -3,6 +3,7 @@
     uv run bench.py loader            # this project's loader vs a plain single-threaded one (any machine)
     uv run bench.py attention         # attention kernels alone, forward + backward (CUDA)
     uv run bench.py run               # one full `train.py` run, its summary (CUDA, ~6 minutes)
+    uv run bench.py startup           # start-up and eval time as is, again, after an lr and a DEPTH edit (~5 minutes)
     uv run bench.py all
 
 `plain_batches` is the straightforward form of the packing algorithm (stream parquet row groups, batch-encode
@@ -126,9 +127,41 @@ def bench_run():
                                                  "mfu_percent", "total_tokens_M", "num_steps", "tok_per_sec", "gpu")]
 
 
+# The edits of the start-up benchmark (issue "every experiment starts fast"): the lines of train.py they change.
+EDITS = [("same train.py again", None, None),
+         ("after an MATRIX_LR edit", "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 "),
+         ("after a DEPTH edit (+1 layer)", "DEPTH = 2 if SMALL else 8 ", "DEPTH = 3 if SMALL else 9 ")]
+
+
+def bench_startup(budget=20):
+    """start-up and eval seconds of train.py as it is (first on this machine when the compile cache is cold), again,
+    and after the edits an agent makes most: each run a copy of train.py in a temporary folder, with a short
+    training budget (AUTORESEARCH_TIME_BUDGET) since only what comes before and after the training is timed."""
+    import tempfile
+    root = os.path.dirname(os.path.abspath(__file__))
+    source = open(os.path.join(root, "train.py"), encoding="utf-8").read()
+    env = {**os.environ, "AUTORESEARCH_TIME_BUDGET": str(budget), "PYTHONPATH": root}
+    out = []
+    with tempfile.TemporaryDirectory() as folder:
+        for label, old, new in [("train.py as it is", None, None)] + EDITS:
+            if old is not None:
+                assert old in source, f"train.py no longer has {old!r}: update bench.py's EDITS"
+            path = os.path.join(folder, "train.py")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(source if old is None else source.replace(old, new))
+            proc = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env, cwd=root)
+            keys = dict(re.findall(r"^(\w+):\s+(.*)$", proc.stdout, flags=re.M))
+            if proc.returncode != 0 or "startup_seconds" not in keys:
+                out.append((f"start-up: {label}", f"failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"))
+                continue
+            out.append((f"start-up: {label}", ", ".join(f"{k} {keys[k]}" for k in (
+                "startup_seconds", "eval_seconds", "total_seconds", "tok_per_sec", "num_steps"))))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description="Benchmarks on the prepared cache.")
-    ap.add_argument("what", choices=["loader", "attention", "run", "all"])
+    ap.add_argument("what", choices=["loader", "attention", "run", "startup", "all"])
     args = ap.parse_args()
     rows = []
     if args.what in ("loader", "all"):
@@ -137,6 +170,8 @@ def main():
         rows += bench_attention()
     if args.what in ("run", "all"):
         rows += bench_run()
+    if args.what in ("startup", "all"):
+        rows += bench_startup()
     import torch
     print(f"| measurement ({os.uname().nodename}, torch {torch.__version__}) | result |\n|---|---|")
     for name, value in rows:
