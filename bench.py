@@ -60,9 +60,9 @@ def plain_batches(tokenizer, B, T, split):
 def bench_loader(B=32, T=MAX_SEQ_LEN, seconds=10.0):
     """Tokens per second of each loader; make_dataloader delivers to the training device (copies included)."""
     import torch
-    from runtime import get_device
+    from runtime import detect_device
     tokenizer = Tokenizer.from_directory()
-    device = get_device()
+    device = detect_device()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = []
     for name, batches in [("plain single-threaded loader", plain_batches(tokenizer, B, T, "train")),

@@ -83,7 +83,7 @@ def get_device():
     """The training device, detected at run time: AUTORESEARCH_DEVICE if set, else cuda, then mps, then cpu. An
     NVIDIA GPU that torch cannot use (an old driver, a CPU-only torch) is an error, not a silent CPU run; so is
     the standard configuration off CUDA (hours per step) unless AUTORESEARCH_PRESET=small or AUTORESEARCH_FORCE=1."""
-    device = _detect_device()
+    device = detect_device()
     if device.type != "cuda" and not SMALL and not constants.FORCE:
         raise SetupError(f"no CUDA GPU: on {device.type} the standard configuration would take hours per step; run "
                          "the small preset, `AUTORESEARCH_PRESET=small uv run train.py` (README.md, 'Small machines'), "
@@ -91,7 +91,8 @@ def get_device():
     return device
 
 
-def _detect_device():
+def detect_device():
+    """The device present, by the rules of get_device but without its size rule (for benchmarks and prepare.py)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if constants.DEVICE == "cpu":
         return torch.device("cpu")
@@ -111,7 +112,7 @@ def _detect_device():
 def describe_device():
     """Which device train.py will use, in words, or why it cannot start."""
     try:
-        device = _detect_device()
+        device = detect_device()
     except SetupError as e:
         return f"train.py cannot start: {e.message}"
     if device.type != "cuda":
