@@ -471,6 +471,19 @@ def clear_cache(cache_dir=CACHE_DIR):
         os.remove(os.path.join(cache_dir, os.path.basename(MANIFEST_PATH)))
 
 
+def remove_empty_cache(cache_dir=CACHE_DIR):
+    """After a first prepare.py that failed: remove what it made if no shard came of it (clear_cache, then the
+    lock and the empty folder itself); a file of anyone else's keeps the folder."""
+    data = os.path.join(cache_dir, "data")
+    if list_shards("train", data) + list_shards("val", data):
+        return
+    clear_cache(cache_dir)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(cache_dir, os.path.basename(LOCK_PATH)))
+    with contextlib.suppress(OSError):
+        os.rmdir(cache_dir)  # only when empty
+
+
 def load_or_reset_manifest(source):
     """The manifest prepare.py builds on: the cache's own when it comes from the same source. Otherwise the cache
     is CLEARED (saying so) and a new manifest started, except that a hub run on a cache built from --source is
@@ -551,10 +564,10 @@ class Downloader:
         name only after its byte count matches Content-Length and every row group decodes."""
         final = os.path.join(data_dir, shard_name(index))
         if os.path.exists(final):
-            kept = self._keep_existing(final, known)
-            if isinstance(kept, Fetched):
+            kept, problem = self._keep_existing(final, known)
+            if kept is not None:
                 return kept
-            print(f"{shard_name(index)}: {kept}: fetching it again", flush=True)
+            print(f"{shard_name(index)}: {problem}: fetching it again", flush=True)
             os.remove(final)
         url = shard_url(index, self.endpoint)
         if self.offline:
@@ -580,18 +593,18 @@ class Downloader:
 
     @staticmethod
     def _keep_existing(final, known):
-        """A Fetched('present') when the file under the final name is whole, else why it is not."""
+        """(Fetched('present'), None) when the file under the final name is whole, else (None, why it is not)."""
         if known is not None:
             if os.path.getsize(final) == known["size"] and file_sha256(final) == known["sha256"]:
                 return Fetched("present", "already present, checksum matches",
-                               {**known, "mtime_ns": os.stat(final).st_mtime_ns})
-            return "does not match the manifest"
+                               {**known, "mtime_ns": os.stat(final).st_mtime_ns}), None
+            return None, "does not match the manifest"
         problem = parquet_problem(final)
-        if problem is None:
-            st = os.stat(final)
-            return Fetched("present", "already present, whole",
-                           {"size": st.st_size, "sha256": file_sha256(final), "mtime_ns": st.st_mtime_ns})
-        return problem
+        if problem is not None:
+            return None, problem
+        st = os.stat(final)
+        return Fetched("present", "already present, whole",
+                       {"size": st.st_size, "sha256": file_sha256(final), "mtime_ns": st.st_mtime_ns}), None
 
     def _download(self, url, path):
         """One attempt: stream url's body into path and check it; returns its size. Raises on any failure."""

@@ -39,7 +39,8 @@ import constants
 from cache import (PREPARE_HINT, SHARD_RE, TOKENIZER_RELS, Downloader, Manifest, SetupError, atomic_path, cache_lock,
                    check_source_folder, check_token_files, clear_token_files, describe_source, download_shards,
                    hold_reader_lock, list_shards, load_or_reset_manifest, open_token_shard, read_parquet_texts,
-                   read_source, refuse, release_reader_lock, sample_sha256, token_rels, write_source_shards)
+                   read_source, refuse, release_reader_lock, remove_empty_cache, sample_sha256, token_rels,
+                   write_source_shards)
 from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, EVAL_TOKENS, HF_ENDPOINT,
                        HF_HUB_OFFLINE, LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MANIFEST_PATH, MAX_SEQ_LEN, MAX_SHARD,
                        SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_DIR, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS,
@@ -451,19 +452,6 @@ def prepare_tokens(manifest, tokenizer):
               flush=True)
     if verified:
         print(f"tokens: {verified} shard(s) already tokenized, verified", flush=True)
-
-
-def remove_empty_cache(cache_dir=CACHE_DIR):
-    """After a first run that failed: remove the cache folder it created if nothing usable came of it (no shard):
-    its manifest, its lock and empty folders; a file of anyone else's keeps the folder."""
-    if list_shards("train", os.path.join(cache_dir, "data")) + list_shards("val", os.path.join(cache_dir, "data")):
-        return
-    for name in (os.path.basename(MANIFEST_PATH), "prepare.lock"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(cache_dir, name))
-    for folder in ("data", "tokenizer", "tokens", ""):
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(cache_dir, folder))  # only when empty
 
 
 def _stopped(signum, frame):

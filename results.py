@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import sys
 
+from cache import atomic_path
+
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash")
 MIN_FLOOR = 0.001  # program.md: the noise floor is the gap between the two baseline runs, at least this
@@ -307,10 +309,8 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir="run
             row["status"] = status
     row = dict(commit=commit, val_bpb=val_bpb, memory_gb=memory, status=status, description=description)
     rows.append(row)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("\t".join(COLUMNS) + "\n" + "".join("\t".join(r[c] for c in COLUMNS) + "\n" for r in rows))
-    os.replace(tmp, path)
     os.makedirs(runs_dir, exist_ok=True)
     shutil.copyfile(log, os.path.join(runs_dir, f"{len(rows):03d}-{commit}.log"))
     print("\t".join(row[c] for c in COLUMNS))

@@ -187,7 +187,7 @@ def largest_fitting_rows(rows, total_rows, fixed_bytes, row_bytes, budget_bytes)
     r = 1 << (rows.bit_length() - 1)
     while r >= 1 and not fits(r):
         r //= 2
-    return max(r, 0)
+    return r
 
 
 def fit_device_batch(device, rows, total_rows, fixed_bytes, row_bytes):
@@ -474,9 +474,9 @@ class Run:
         gc.enable()
 
 
-def main(train, settings):
+def main(train, knobs):
     """Run train() under the fixed settings: the CUDA allocator's expandable segments, SDPA's backends in the
-    order cuDNN, flash, mem-efficient, math. Running out of memory (GPU or CPU) ends in one line naming `settings`
+    order cuDNN, flash, mem-efficient, math. Running out of memory (GPU or CPU) ends in one line naming `knobs`
     (the knobs that set memory use, e.g. "DEVICE_BATCH_SIZE=128, DEPTH=8")."""
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])  # torch 2.9 renamed the variable
     os.environ.setdefault("PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF",
@@ -490,12 +490,11 @@ def main(train, settings):
                 train()
         else:
             train()
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        where = "GPU memory" if isinstance(e, torch.OutOfMemoryError) else "memory"
-        if not isinstance(e, torch.OutOfMemoryError) and not (
-                isinstance(e, MemoryError) or "can't allocate memory" in str(e)):  # CPU: DefaultCPUAllocator
+    except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
+        gpu = isinstance(e, torch.OutOfMemoryError)
+        if not (gpu or isinstance(e, MemoryError) or "can't allocate memory" in str(e)):  # CPU: DefaultCPUAllocator
             raise
-        sys.exit(f"\nerror: out of {where} at {settings}: lower DEVICE_BATCH_SIZE (gradient accumulation keeps "
-                 "TOTAL_BATCH_SIZE) or the model size")
+        sys.exit(f"\nerror: out of {'GPU memory' if gpu else 'memory'} at {knobs}: lower DEVICE_BATCH_SIZE (gradient "
+                 "accumulation keeps TOTAL_BATCH_SIZE) or the model size")
     finally:
         release_reader_lock()  # (taken by check_cache: no prepare.py may write the cache during the run)
