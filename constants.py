@@ -20,9 +20,10 @@ import math
 import os
 
 
-def _env(name, default, parse, ok, allowed):
+def _env(name, default, parse, ok, allowed, unset_means=None):
     """An override read from the environment and checked here, where it is read: a value that does not parse or
-    is out of range stops the program with one line naming the variable and what it may be."""
+    is out of range stops the program with one line naming the variable, what it may be and what unsetting it
+    gives (unset_means, else the default's value)."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -31,8 +32,8 @@ def _env(name, default, parse, ok, allowed):
     except ValueError:
         value = None
     if value is None or not ok(value):
-        raise SystemExit(f"error: {name}={raw!r} is not allowed: it must be {allowed} (unset it for the "
-                         f"default, {default})")
+        raise SystemExit(f"error: {name}={raw!r} is not allowed: it must be {allowed} (unset it for "
+                         f"{unset_means or f'the default, {default}'})")
     return value
 
 
@@ -40,7 +41,7 @@ def _env(name, default, parse, ok, allowed):
 DEFAULTS = {"MAX_SEQ_LEN": 2048, "TIME_BUDGET": 300.0, "EVAL_TOKENS": 40 * 524288}
 # The small preset, for machines without a big CUDA GPU (a CPU, Apple silicon, a small GPU): these constants, and
 # train.py's size knobs at their small values. Its runs compare with each other, not with standard ones.
-PRESET = _env("AUTORESEARCH_PRESET", "", str.lower, lambda v: v == "small", "small")
+PRESET = _env("AUTORESEARCH_PRESET", "", str.lower, lambda v: v == "small", "small", "the standard settings")
 SMALL_DEFAULTS = {"MAX_SEQ_LEN": 256, "TIME_BUDGET": 60.0, "EVAL_TOKENS": 256 * 256}
 _BASE = SMALL_DEFAULTS if PRESET == "small" else DEFAULTS
 MAX_SEQ_LEN = _env("AUTORESEARCH_MAX_SEQ_LEN", _BASE["MAX_SEQ_LEN"], int, lambda v: 8 <= v <= 1 << 20,
@@ -62,13 +63,14 @@ METRIC_OVERRIDES = {name: os.environ[name].strip() for name in
 SETTINGS = " ".join(([f"AUTORESEARCH_PRESET={PRESET}"] if PRESET else [])
                     + [f"{name}={value}" for name, value in sorted(METRIC_OVERRIDES.items())]) or "standard"
 # Off CUDA only the small preset runs (the standard configuration would take hours per step) unless this is set.
-FORCE = _env("AUTORESEARCH_FORCE", False, lambda v: v in ("1", "true", "yes"), lambda v: v, "1")
+FORCE = _env("AUTORESEARCH_FORCE", False, lambda v: v in ("1", "true", "yes"), lambda v: v, "1", "no forcing")
 # The GPU memory train.py may plan for, in GB (default: what the GPU has free), e.g. to try a 24 GB card's batch.
 GPU_MEMORY_GB = _env("AUTORESEARCH_GPU_MEMORY_GB", 0.0, float, lambda v: math.isfinite(v) and v > 0,
-                     "a positive number of GB")
+                     "a positive number of GB", "the memory the GPU has free")
 VOCAB_SIZE = 8192  # 8188 learned BPE tokens + 4 special tokens
 
-DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda", "mps"), "cpu, cuda or mps")
+DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda", "mps"), "cpu, cuda or mps",
+              "the best device found")
 
 # Cache layout: CACHE_DIR/data (parquet shards), CACHE_DIR/tokenizer, CACHE_DIR/tokens (pre-tokenized shards),
 # CACHE_DIR/manifest.json (what prepare.py wrote: source, sizes, checksums), CACHE_DIR/prepare.lock.
@@ -88,7 +90,7 @@ HF_ENDPOINT = _env("HF_ENDPOINT", "https://huggingface.co", lambda v: v.rstrip("
                    lambda v: v.startswith(("http://", "https://")) and len(v) > len("https://"),
                    "an http:// or https:// address")
 HF_HUB_OFFLINE = _env("HF_HUB_OFFLINE", False, str.lower, lambda v: v in ("1", "true", "yes", "0", "false", "no"),
-                      "1 or 0") in ("1", "true", "yes")  # the hub's convention: never download
+                      "1 or 0", "downloads allowed") in ("1", "true", "yes")  # the hub's convention: never download
 HF_TOKEN = os.environ.get("HF_TOKEN", "").strip()  # the hub's convention: sent as a bearer token when set
 DATASET_REPO = "karpathy/climbmix-400b-shuffle"
 MAX_SHARD = 6542  # shards are shard_00000.parquet ... shard_06542.parquet

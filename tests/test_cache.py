@@ -4,6 +4,7 @@ read-only; one prepare.py at a time; bad overrides are one line before anything 
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -287,12 +288,16 @@ def test_a_cache_path_that_is_a_file_is_one_line(tmp_path):
     ("AUTORESEARCH_MAX_SEQ_LEN", "12.5"), ("AUTORESEARCH_EVAL_TOKENS", "0"), ("AUTORESEARCH_EVAL_TOKENS", "1e6"),
     ("HF_ENDPOINT", "ftp://example.org"), ("AUTORESEARCH_DEVICE", "tpu"),
     ("AUTORESEARCH_EVAL_TOKENS", "100"),  # less than one row of MAX_SEQ_LEN (128 in the tests)
+    ("AUTORESEARCH_PRESET", "tiny"), ("AUTORESEARCH_FORCE", "maybe"), ("AUTORESEARCH_GPU_MEMORY_GB", "-24"),
+    ("HF_HUB_OFFLINE", "sometimes"),
 ])
 def test_bad_overrides_are_one_line_naming_the_variable(name, value):
     proc = run_script(["-c", "import constants"], env={name: value})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     line = proc.stderr.strip()
     assert "\n" not in line and line.startswith(f"error: {name}={value!r}") and "must be" in line
+    unset = re.search(r"\(unset it for (.*)\)$", line)  # what the variable's absence gives, in words
+    assert (unset or "must be at least one row" in line) and (not unset or unset.group(1).strip(" ,") != "the default")
 
 
 def test_manifest_is_plain_json_naming_the_source(prepared, source_dir, tokenizer):
