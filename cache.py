@@ -31,8 +31,8 @@ try:
 except ImportError:
     fcntl = None
 
-from constants import (CACHE_DIR, DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, LOCK_PATH, MANIFEST_PATH, VAL_SHARD,
-                       shard_name, shard_url)
+from constants import (CACHE_DIR, DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, LOADER_BUFFER_DOCS, LOCK_PATH,
+                       MANIFEST_PATH, VAL_SHARD, shard_name, shard_url)
 
 PREPARE_HINT = "run `uv run prepare.py` (or `uv run prepare.py --source DIR` for a local corpus) first"
 
@@ -876,8 +876,11 @@ def write_source_shards(docs, data_dir=DATA_DIR, val_fraction=0.1, max_val_bytes
     SourceSplit. Exact duplicates are dropped first (a document in both splits would be scored after being
     trained on). The validation shard takes documents in the order of their content hashes, each one that still
     fits in about val_fraction of the bytes (at most max_val_bytes), so that no single huge document becomes the
-    whole validation set; the split depends only on the documents, not on how files are named or ordered. The
-    rest become training shards, in order."""
+    whole validation set; the split depends only on the documents, not on how files are named or ordered.
+    Then, up to a quarter of the documents, more of the small ones (each under a tenth of that byte target) until
+    it holds 2 x LOADER_BUFFER_DOCS: the loader looks that far ahead, and with fewer documents its look-ahead
+    wraps around the shard and the metric's rows can repeat documents. The rest become training shards, in
+    order."""
     hashes, unique = {}, []
     for doc in docs:
         h = hashlib.sha1(doc.encode("utf-8")).digest()
@@ -898,6 +901,13 @@ def write_source_shards(docs, data_dir=DATA_DIR, val_fraction=0.1, max_val_bytes
     if not val:  # every document is larger than the target: the smallest one
         i = min(range(len(docs)), key=lambda i: (sizes[i], keys[i]))
         val, val_bytes = {i}, sizes[i]
+    want = min(2 * LOADER_BUFFER_DOCS, len(docs) // 4)
+    for i in sorted(range(len(docs)), key=keys.__getitem__):
+        if len(val) >= want:
+            break
+        if i not in val and sizes[i] <= target / 10:
+            val.add(i)
+            val_bytes += sizes[i]
     os.makedirs(data_dir, exist_ok=True)
     for name in os.listdir(data_dir):  # only the shards: a data folder may hold other files of the user's
         if SHARD_RE.fullmatch(name):

@@ -13,8 +13,8 @@ import cache
 import prepare
 import runtime
 from conftest import MULTILINGUAL, run_script
-from constants import (DATA_DIR, EVAL_TOKENS, MAX_SEQ_LEN, SPECIAL_TOKENS, TOKENIZER_DIR, VAL_SHARD, VOCAB_SIZE,
-                       shard_name)
+from constants import (DATA_DIR, EVAL_TOKENS, LOADER_BUFFER_DOCS, MAX_SEQ_LEN, SPECIAL_TOKENS, TOKENIZER_DIR,
+                       VAL_SHARD, VOCAB_SIZE, shard_name)
 
 
 def all_texts(paths):
@@ -187,6 +187,19 @@ def test_a_huge_document_never_becomes_the_whole_validation_set(tmp_path):
     val = all_texts(cache.list_shards("val", str(tmp_path)))
     assert huge not in val and len(val) == split.val_docs > 1
     assert split.val_bytes <= 0.1 * sum(len(d) for d in docs)
+
+
+def test_validation_holds_enough_documents_for_the_loaders_look_ahead(tmp_path):
+    docs = [f"document {i} " + "words " * (20 + i % 50) for i in range(4000)]
+    split = cache.write_source_shards(docs, str(tmp_path))
+    val = all_texts(cache.list_shards("val", str(tmp_path)))
+    train = all_texts(cache.list_shards("train", str(tmp_path)))
+    # a tenth of the bytes is ~400 documents; the loader looks 1000 ahead: a quarter of them (at most 2 x 1000)
+    assert split.val_docs == len(val) == 1000 and len(train) == 3000 and not set(val) & set(train)
+    assert split.val_bytes == sum(len(d) for d in val) > 0.1 * sum(len(d) for d in docs)
+    many = cache.write_source_shards([f"document {i} " + "words " * (20 + i % 50) for i in range(12_000)],
+                                     str(tmp_path / "many"))
+    assert many.val_docs == 2 * LOADER_BUFFER_DOCS  # a larger corpus: twice the look-ahead, not a quarter
 
 
 def test_prepare_says_when_the_metric_rows_repeat_validation_documents(prepared, tokenizer, source_dir, capsys):
