@@ -3,6 +3,7 @@ import contextlib
 import io
 import math
 import re
+import types
 
 import pytest
 import torch
@@ -33,12 +34,38 @@ def untrained_val_bpb(tokenizer):
 
 
 TINY_KNOBS = (("DEPTH", 2), ("DEVICE_BATCH_SIZE", 8), ("TOTAL_BATCH_SIZE", 2 * 8 * 128))
+STEP_SECONDS = 0.19  # what every step of the tiny run lasts on runtime's clock: the 4-s budget ends at step 22
+
+
+def stepped_clock(monkeypatch, seconds=STEP_SECONDS):
+    """runtime's clocks for a tiny run, so that every training step lasts exactly `seconds` on a fast, a slow or
+    a busy machine: at the end of a step both clocks jump to its start + STEP_SECONDS, and its parts (forward and
+    backward, optimizer, data wait) are scaled to fit. The budget then holds the same steps anywhere, and what
+    the run learns in them never depends on the machine's load."""
+    import time
+    offset = {"time": 0.0, "perf": 0.0}
+    clock = types.SimpleNamespace(time=lambda: time.time() + offset["time"],
+                                  perf_counter=lambda: time.perf_counter() + offset["perf"])
+    end_step = runtime.Run.end_step
+
+    def stepped_end_step(self, *args):
+        start, middle = self._marks  # (the CPU's marks: perf_counter readings)
+        scale = seconds / (clock.perf_counter() - start)
+        self._marks[1] = start + (middle - start) * scale
+        self._data_wait *= scale
+        offset["perf"] += start + seconds - clock.perf_counter()
+        offset["time"] += self._t0 + seconds - clock.time()
+        return end_step(self, *args)
+
+    monkeypatch.setattr(runtime, "time", clock)
+    monkeypatch.setattr(runtime.Run, "end_step", stepped_end_step)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(prepared):
     """One tiny training run through train.main(), the real loop and eval, serving several checks: its output
-    (stdout is not a terminal, as in `> run.log`) and how often torch.compile's stand-in and the raw model ran."""
+    (stdout is not a terminal, as in `> run.log`) and how often torch.compile's stand-in and the raw model ran.
+    Its steps last STEP_SECONDS each (stepped_clock)."""
     calls = {"wrapper": 0, "raw": 0}
 
     class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper, counting what goes through it
@@ -58,7 +85,8 @@ def tiny_run(prepared):
         for name, value in TINY_KNOBS:
             setattr(train, name, value)
         runtime.compile_model = lambda model, device: Compiled(model)
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as monkeypatch:
+            stepped_clock(monkeypatch)
             train.main()
     finally:
         runtime.compile_model = compile_model
@@ -87,7 +115,8 @@ def test_tiny_run_counts_every_step_toward_the_budget(tiny_run):
     # nothing compiles on the CPU, so every step counts; training ends with the first step past the budget
     values, stdout = tiny_run["values"], tiny_run["stdout"]
     steps = int(values["num_steps"])
-    assert steps >= 2 and float(values["training_seconds"]) >= constants.TIME_BUDGET
+    assert steps == math.ceil(constants.TIME_BUDGET / STEP_SECONDS) == 22
+    assert float(values["training_seconds"]) >= constants.TIME_BUDGET
     last_dt = float(re.findall(r"\| dt: (\d+)ms", stdout)[-1]) / 1000
     # not one step more than needed (training_seconds is rounded to 0.1 s, dt to 1 ms)
     assert float(values["training_seconds"]) - last_dt < constants.TIME_BUDGET + 0.06
@@ -192,24 +221,11 @@ def test_the_standard_configuration_off_cuda_is_one_line_naming_the_preset(monke
 
 def test_a_step_too_slow_for_the_budget_is_said_at_once(prepared, monkeypatch, capsys):
     tiny_in_process(monkeypatch)
-    real_time = runtime.time.time
-    clock = {"offset": 0.0}
-
-    def slow_clock():  # every step appears to take 3 s of the 4-s budget
-        return real_time() + clock["offset"]
-
-    real_end = runtime.Run.end_step
-
-    def end_step(self, *a):
-        clock["offset"] += 3.0
-        return real_end(self, *a)
-
-    monkeypatch.setattr(runtime.time, "time", slow_clock)
-    monkeypatch.setattr(runtime.Run, "end_step", end_step)
+    stepped_clock(monkeypatch, 3.0)  # every step takes 3 s of the 4-s budget
     train.main()
     out = capsys.readouterr().out
-    assert re.search(r"^note: one step takes 3\.\ds, so the 4s budget holds about 1 steps", out, flags=re.M)
-    assert re.search(r"^note: training overshot the 4s budget by \d+\.\ds", out, flags=re.M)
+    assert re.search(r"^note: one step takes 3\.0s, so the 4s budget holds about 1 steps", out, flags=re.M)
+    assert re.search(r"^note: training overshot the 4s budget by 2\.0s", out, flags=re.M)
 
 
 @pytest.mark.parametrize("error, says", [
