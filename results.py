@@ -24,7 +24,7 @@ from cache import atomic_path
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash")
 MIN_FLOOR = 0.001  # program.md: the noise floor is the gap between the two baseline runs, at least this
-RESULTS = ["results.tsv", "../*/results.tsv", "results/*.tsv"]  # this folder's, its worktrees', gathered ones
+RESULTS = ["results.tsv", "results/*.tsv"]  # this folder's and gathered ones; load() adds the other worktrees'
 RERUN = " (rerun)"
 
 
@@ -114,8 +114,23 @@ def agent_name(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def load(patterns=RESULTS):
-    """{agent: experiments} for every results file the patterns find, and the problems met reading them."""
+def worktree_results():
+    """The results.tsv of every git worktree of the repository here (one agent each, e.g. ../autoresearch-gpu1),
+    as glob patterns; none outside a git checkout. (Other folders beside it are not this repository's.)"""
+    try:
+        out = subprocess.run(["git", "worktree", "list", "--porcelain"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [os.path.join(glob.escape(line[len("worktree "):]), "results.tsv")
+            for line in out.stdout.splitlines() if line.startswith("worktree ")]
+
+
+def load(patterns=RESULTS, worktrees=True):
+    """{agent: experiments} for every results file the patterns find (and, with worktrees, every git worktree's
+    results.tsv), and the problems met reading them."""
+    patterns = list(patterns) + (worktree_results() if worktrees else [])
     paths = sorted({os.path.abspath(p) for pattern in patterns for p in glob.glob(pattern)})
     agents, problems = {}, []
     for path in paths:

@@ -2,6 +2,7 @@
 import copy
 import os
 import re
+import subprocess
 
 import numpy as np
 
@@ -27,17 +28,23 @@ def write_results(path, rows):
 
 @pytest.fixture(scope="module")
 def notebook_kernel():
-    """One Jupyter kernel for every notebook test (starting one costs seconds): yields run(folder, rows, others),
-    which writes `rows` as folder/repo/results.tsv and `others` ({path relative to folder: rows}) beside it, runs
-    every cell of analysis.ipynb from folder/repo (so that its `../*/results.tsv` sees only this test's worktrees)
-    and returns the printed output."""
+    """One Jupyter kernel for every notebook test (starting one costs seconds): yields run(folder, rows, others,
+    worktrees), which makes folder/repo a git repository with `worktrees` (folder names) added beside it, writes
+    `rows` as folder/repo/results.tsv and `others` ({path relative to folder: rows}), runs every cell of
+    analysis.ipynb from folder/repo and returns the printed output."""
     nb = nbformat.read(os.path.join(ROOT, "analysis.ipynb"), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     nb.cells = [nbformat.v4.new_code_cell() for _ in range(len(code) + 1)]  # (the client stores each cell run)
     client = NotebookClient(nb, timeout=120, kernel_name="python3")
 
-    def run(folder, rows, others=None):
+    def run(folder, rows, others=None, worktrees=()):
         repo = os.path.join(folder, "repo")
+        os.makedirs(repo, exist_ok=True)
+        git = ["git", "-c", "user.name=agent", "-c", "user.email=agent@example.org", "-C", repo]
+        subprocess.run(git + ["init", "-q"], check=True)
+        subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "baseline"], check=True)
+        for name in worktrees:
+            subprocess.run(git + ["worktree", "add", "-q", "-b", name, os.path.join(folder, name)], check=True)
         write_results(os.path.join(repo, "results.tsv"), rows)
         for rel, other_rows in (others or {}).items():
             write_results(os.path.join(folder, rel), other_rows)
@@ -55,7 +62,7 @@ def notebook_kernel():
 
 @pytest.fixture
 def run_notebook(notebook_kernel, tmp_path):
-    return lambda rows, others=None: notebook_kernel(str(tmp_path), rows, others)
+    return lambda rows, others=None, worktrees=(): notebook_kernel(str(tmp_path), rows, others, worktrees)
 
 
 def test_header_is_the_five_columns():
@@ -122,8 +129,9 @@ def test_notebook_overlays_several_agents(run_notebook, tmp_path):
         "repo/results/host2-gpu0.tsv": [("c1", "0.998000", "44.0", "keep", "baseline"),
                                         ("c1", "0.998500", "44.0", "keep", "baseline (rerun)"),
                                         ("c2", "0.980000", "44.0", "keep", "depth 9")],
-    })
-    assert "3 results file(s)" in out
+        "another-project/results.tsv": [("d1", "1.500000", "0.0", "keep", "not this repository's")],
+    }, worktrees=["autoresearch-gpu1"])
+    assert "3 results file(s)" in out and "another-project" not in out  # a folder beside it, not a worktree
     # a baseline and its re-run are one experiment, worth their mean; experiments are numbered per agent
     assert "  #1    0.996900" in out and "  #2    0.990000" in out
     assert "3 experiments: 3 keep, 0 discard, 0 crash" not in out and "2 experiments: 2 keep" in out

@@ -80,7 +80,7 @@ def test_a_night_of_the_loop(prepared, tmp_path):
         text = open(os.path.join(repo, "runs", log)).read()
         assert re.search(r"^note: settings AUTORESEARCH_PRESET=small .*: this run compares only with runs under "
                          r"the same settings$", text, flags=re.M)
-    paths, agents, problems = results.load([os.path.join(repo, "results.tsv")])
+    paths, agents, problems = results.load([os.path.join(repo, "results.tsv")], worktrees=False)
     summary = "\n".join(results.summary_lines(paths, agents, problems))
     assert "3 experiments: 1 keep, 1 discard, 1 crash (5 runs" in summary and problems == []
     assert "baseline: " in summary and "(mean of 2 runs)" in summary
