@@ -27,8 +27,8 @@ import requests
 import urllib3
 
 try:
-    import fcntl  # POSIX file locks; without them (Windows) prepare.py runs unlocked
-except ImportError:
+    import fcntl  # POSIX file locks, shared and exclusive
+except ImportError:  # Windows: an exclusive lock through filelock (a torch dependency) instead, see cache_lock
     fcntl = None
 
 from constants import (CACHE_DIR, DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, LOADER_BUFFER_DOCS, LOCK_PATH,
@@ -354,6 +354,18 @@ def cache_lock(cache_dir=CACHE_DIR):
         raise SetupError(f"the cache {cache_dir} is not writable: fix its permissions or set AUTORESEARCH_CACHE_DIR")
     check_no_links(cache_dir)
     path = os.path.join(cache_dir, os.path.basename(LOCK_PATH))
+    if fcntl is None:  # (Windows) no shared locks: train.py checks this lock at start instead of holding it
+        import filelock
+        lock = filelock.FileLock(path)
+        try:
+            lock.acquire(timeout=2)  # (a starting train.py holds it for an instant to check it)
+        except filelock.Timeout:
+            raise SetupError(f"another prepare.py is working on {cache_dir}: wait for it to finish") from None
+        try:
+            yield
+        finally:
+            lock.release()
+        return
     with open(path, "a+", encoding="utf-8") as f:
         if fcntl is not None:
             try:
@@ -383,11 +395,21 @@ _reader_lock = None  # the open lock file through which this process holds its s
 def hold_reader_lock(lock_path=LOCK_PATH):
     """Refuse to read the cache while a prepare.py is writing it; then hold a shared lock on it until
     release_reader_lock() or the end of the process, so that no prepare.py starts writing under a running
-    experiment (prepare.py takes the lock exclusively). A cache without a lock file, or a system without POSIX
-    locks, runs unlocked."""
+    experiment (prepare.py takes the lock exclusively). A cache without a lock file runs unlocked. Without POSIX
+    locks (Windows) the refusal holds but nothing is held: a prepare.py started during the run is not refused,
+    and the metric's own check of the validation tokens is what stops it from scoring changed data."""
     global _reader_lock
     release_reader_lock()
     if fcntl is None:
+        if os.path.exists(lock_path):
+            import filelock
+            lock = filelock.FileLock(lock_path)
+            try:
+                lock.acquire(timeout=0)
+            except filelock.Timeout:
+                raise SetupError(f"prepare.py is writing the cache {os.path.dirname(lock_path)}: wait for it to "
+                                 "finish, then run again") from None
+            lock.release()
         return
     try:
         f = open(lock_path, encoding="utf-8")

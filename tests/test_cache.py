@@ -257,6 +257,20 @@ def test_one_prepare_at_a_time_and_none_under_a_running_train(tmp_path):
         pass
 
 
+def test_without_posix_locks_prepare_is_still_one_at_a_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "fcntl", None)  # as on native Windows: filelock's exclusive lock instead
+    lock = str(tmp_path / os.path.basename(LOCK_PATH))
+    with cache.cache_lock(str(tmp_path)):
+        with pytest.raises(SystemExit, match="another prepare.py is working on"):
+            with cache.cache_lock(str(tmp_path)):
+                pass
+        with pytest.raises(SystemExit, match="prepare.py is writing the cache"):
+            cache.hold_reader_lock(lock)
+    cache.hold_reader_lock(lock)  # prepare.py is done: a train.py starts (and holds nothing)
+    with cache.cache_lock(str(tmp_path)):
+        pass
+
+
 def test_prepare_refuses_to_rewrite_the_data_under_a_running_train(prepared, source_dir):
     before = snapshot(CACHE_DIR)
     reader = subprocess.Popen([sys.executable, "-c", "import prepare, time; prepare.check_cache(); "
