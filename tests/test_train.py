@@ -39,7 +39,7 @@ STEP_SECONDS = 0.19  # what every step of the tiny run lasts on runtime's clock:
 
 def stepped_clock(monkeypatch, seconds=STEP_SECONDS):
     """runtime's clocks for a tiny run, so that every training step lasts exactly `seconds` on a fast, a slow or
-    a busy machine: at the end of a step both clocks jump to its start + STEP_SECONDS, and its parts (forward and
+    a busy machine: at the end of a step both clocks jump to its start + `seconds`, and its parts (forward and
     backward, optimizer, data wait) are scaled to fit. The budget then holds the same steps anywhere, and what
     the run learns in them never depends on the machine's load."""
     import time
