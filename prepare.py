@@ -475,6 +475,9 @@ def eval_coverage(tokenizer, eval_tokens=EVAL_TOKENS, seq_len=MAX_SEQ_LEN):
 def report_eval_coverage(tokenizer):
     """Say whether the validation shard fills the metric's rows without repeating documents, under these settings
     and, where they are the standard ones, under the small preset too."""
+    local = Manifest.load_required().source.get("kind") == "local"
+    why = ("the corpus is too small for them (give --source more text)" if local else
+           "this validation shard is too small for them (the hub's is not: was it placed by hand?)")
     cases = [(constants.SETTINGS, EVAL_TOKENS, MAX_SEQ_LEN)]
     if constants.SETTINGS == "standard":
         small = constants.SMALL_DEFAULTS
@@ -483,8 +486,8 @@ def report_eval_coverage(tokenizer):
         rows, passes, docs = eval_coverage(tokenizer, eval_tokens, seq_len)
         if passes > 1:
             print(f"note: under settings {settings} the metric's {rows:,} rows of {seq_len} tokens take {passes} "
-                  f"passes over the validation shard's {docs:,} documents, so documents repeat in them: the corpus "
-                  "is too small for them (give --source more text)", flush=True)
+                  f"passes over the validation shard's {docs:,} documents, so documents repeat in them: {why}",
+                  flush=True)
         else:
             print(f"validation: under settings {settings} the metric's {rows:,} rows come from one pass over "
                   f"{docs:,} documents", flush=True)

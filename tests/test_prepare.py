@@ -208,6 +208,7 @@ def test_prepare_says_when_the_metric_rows_repeat_validation_documents(prepared,
     prepare.main(["--source", source_dir])
     note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: under settings")]
     assert len(note) == 1 and f"{passes} passes over the validation shard's {docs:,} documents" in note[0]
+    assert note[0].endswith("the corpus is too small for them (give --source more text)")
 
 
 def test_a_small_corpus_says_its_vocabulary_is_smaller(tmp_path):
