@@ -3,7 +3,7 @@
     uv run bench.py loader            # this project's loader vs a plain single-threaded one (any machine)
     uv run bench.py attention         # attention kernels alone, forward + backward (CUDA)
     uv run bench.py run               # one full `train.py` run, its summary (CUDA, ~6 minutes)
-    uv run bench.py startup           # start-up and eval time as is, again, after an lr and a DEPTH edit (~5 minutes)
+    uv run bench.py startup           # start-up and eval time as is, again, after an lr and a DEPTH edit (CUDA)
     uv run bench.py all
 
 `plain_batches` is the straightforward form of the packing algorithm (stream parquet row groups, batch-encode
@@ -12,15 +12,14 @@ an independent reference for the tests: prepare.make_dataloader must produce the
 """
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
 
-
 from cache import list_shards, read_parquet_texts
 from constants import LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
 from prepare import Tokenizer, make_dataloader
+from results import run_summary
 
 
 def plain_batches(tokenizer, B, T, split):
@@ -59,20 +58,19 @@ def plain_batches(tokenizer, B, T, split):
 
 def bench_loader(B=32, T=MAX_SEQ_LEN, seconds=10.0):
     """Tokens per second of each loader; make_dataloader delivers to the training device (copies included)."""
-    import torch
-    from runtime import detect_device
+    from runtime import detect_device, synchronize
     tokenizer = Tokenizer.from_directory()
     device = detect_device()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = []
     for name, batches in [("plain single-threaded loader", plain_batches(tokenizer, B, T, "train")),
-                          (f"prepare.make_dataloader (to {device.type})", make_dataloader(tokenizer, B, T, "train", device))]:
+                          (f"prepare.make_dataloader (to {device.type})",
+                           make_dataloader(tokenizer, B, T, "train", device))]:
         next(batches)  # warm up: first shard opened, buffer filled
         n, t0 = 0, time.time()
         while time.time() - t0 < seconds:
             next(batches)
             n += 1
-        sync()
+        synchronize(device)
         out.append((f"loader: {name}, B={B} T={T}", f"{n * B * T / (time.time() - t0) / 1e6:.2f}M tok/s"))
     return out
 
@@ -120,7 +118,7 @@ def bench_attention(B=32, H=4, T=MAX_SEQ_LEN, D=128, iters=20):
 
 def bench_run():
     proc = subprocess.run([sys.executable, "train.py"], capture_output=True, text=True)
-    keys = dict(re.findall(r"^(\w+):\s+(.*)$", proc.stdout, flags=re.M))
+    keys = run_summary(proc.stdout)
     if proc.returncode != 0 or "val_bpb" not in keys:
         return [("train.py run", f"failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")]
     return [(f"train.py: {k}", keys[k]) for k in ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb",
@@ -150,7 +148,7 @@ def bench_startup(budget=20):
             with open(path, "w", encoding="utf-8") as f:
                 f.write(source if old is None else source.replace(old, new))
             proc = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env, cwd=root)
-            keys = dict(re.findall(r"^(\w+):\s+(.*)$", proc.stdout, flags=re.M))
+            keys = run_summary(proc.stdout)
             if proc.returncode != 0 or "startup_seconds" not in keys:
                 out.append((f"start-up: {label}", f"failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"))
                 continue

@@ -340,6 +340,15 @@ def open_token_shard(manifest, name, fingerprint, check="stat"):
 # ---------------------------------------------------------------------------------------------------------------
 # The lock (one prepare.py at a time, no train.py while one writes) and the cache's own files
 
+def _prepare_running(cache_dir, pid="", reader=False):
+    """The refusal while a prepare.py holds the cache's lock (its pid when the lock file says it), to another
+    prepare.py or to a reader (train.py)."""
+    who = f"prepare.py (pid {pid})" if pid else "prepare.py"
+    if reader:
+        return SetupError(f"{who} is writing the cache {cache_dir}: wait for it to finish, then run again")
+    return SetupError(f"another {who} is working on {cache_dir}: wait for it to finish")
+
+
 @contextlib.contextmanager
 def cache_lock(cache_dir=CACHE_DIR):
     """Hold the cache's lock for the whole of prepare.py: one writer at a time, and train.py waits for none."""
@@ -360,7 +369,7 @@ def cache_lock(cache_dir=CACHE_DIR):
         try:
             lock.acquire(timeout=2)  # (a starting train.py holds it for an instant to check it)
         except filelock.Timeout:
-            raise SetupError(f"another prepare.py is working on {cache_dir}: wait for it to finish") from None
+            raise _prepare_running(cache_dir) from None
         try:
             yield
         finally:
@@ -374,8 +383,7 @@ def cache_lock(cache_dir=CACHE_DIR):
                 f.seek(0)
                 pid = f.read().strip()
                 if _pid_alive(pid):
-                    raise SetupError(f"another prepare.py (pid {pid}) is working on {cache_dir}: wait for it to "
-                                     "finish")
+                    raise _prepare_running(cache_dir, pid)
                 raise SetupError(f"a train.py is reading the cache {cache_dir}: prepare.py never changes the data "
                                  "under a running experiment; run it again when the run has ended")
         f.seek(0)
@@ -407,8 +415,7 @@ def hold_reader_lock(lock_path=LOCK_PATH):
             try:
                 lock.acquire(timeout=0)
             except filelock.Timeout:
-                raise SetupError(f"prepare.py is writing the cache {os.path.dirname(lock_path)}: wait for it to "
-                                 "finish, then run again") from None
+                raise _prepare_running(os.path.dirname(lock_path), reader=True) from None
             lock.release()
         return
     try:
@@ -418,10 +425,9 @@ def hold_reader_lock(lock_path=LOCK_PATH):
     try:
         fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        pid = f.read().strip() or "?"
+        pid = f.read().strip()
         f.close()
-        raise SetupError(f"prepare.py (pid {pid}) is writing the cache {os.path.dirname(lock_path)}: wait for it "
-                         "to finish, then run again")
+        raise _prepare_running(os.path.dirname(lock_path), pid, reader=True)
     except OSError:
         f.close()
         return

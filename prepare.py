@@ -459,7 +459,7 @@ def _stopped(signum, frame):
                      "run it again to finish")
 
 
-def eval_coverage(tokenizer, eval_tokens=EVAL_TOKENS, seq_len=MAX_SEQ_LEN):
+def eval_coverage(tokenizer, eval_tokens=EVAL_TOKENS, seq_len=MAX_SEQ_LEN, manifest=None):
     """(rows the metric scores, passes over the validation documents they take, validation documents): the
     metric's rows are packed as evaluate_bpb packs them; more than one pass means documents repeat in its rows."""
     rows = eval_tokens // seq_len
@@ -467,15 +467,15 @@ def eval_coverage(tokenizer, eval_tokens=EVAL_TOKENS, seq_len=MAX_SEQ_LEN):
     epoch = 1
     for _ in range(rows):
         _, epoch = next(packer)
-    manifest = Manifest.load_required()
+    manifest = manifest or Manifest.load_required()
     docs = sum(manifest.files[token_rels(name, tokenizer.fingerprint)[0]]["n_docs"] for name in manifest.shards("val"))
     return rows, epoch, docs
 
 
-def report_eval_coverage(tokenizer):
+def report_eval_coverage(tokenizer, manifest):
     """Say whether the validation shard fills the metric's rows without repeating documents, under these settings
     and, where they are the standard ones, under the small preset too."""
-    local = Manifest.load_required().source.get("kind") == "local"
+    local = manifest.source.get("kind") == "local"
     why = ("the corpus is too small for them (give --source more text)" if local else
            "this validation shard is too small for them (the hub's is not: was it placed by hand?)")
     cases = [(constants.SETTINGS, EVAL_TOKENS, MAX_SEQ_LEN)]
@@ -483,7 +483,7 @@ def report_eval_coverage(tokenizer):
         small = constants.SMALL_DEFAULTS
         cases.append(("AUTORESEARCH_PRESET=small", small["EVAL_TOKENS"], small["MAX_SEQ_LEN"]))
     for settings, eval_tokens, seq_len in cases:
-        rows, passes, docs = eval_coverage(tokenizer, eval_tokens, seq_len)
+        rows, passes, docs = eval_coverage(tokenizer, eval_tokens, seq_len, manifest)
         if passes > 1:
             print(f"note: under settings {settings} the metric's {rows:,} rows of {seq_len} tokens take {passes} "
                   f"passes over the validation shard's {docs:,} documents, so documents repeat in them: {why}",
@@ -527,7 +527,7 @@ def main(argv=None):
                 retrain = False
             tokenizer = prepare_tokenizer(manifest, retrain)
             prepare_tokens(manifest, tokenizer)
-            report_eval_coverage(tokenizer)
+            report_eval_coverage(tokenizer, manifest)
     except BaseException as e:
         if new_cache:
             remove_empty_cache()

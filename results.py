@@ -82,10 +82,10 @@ def experiments(rows, agent="", problems=None):
             problems.append(f"{agent}: a row of {row['commit'] or '?'} has status {row['status']!r}, not one of "
                             f"{', '.join(STATUSES)}: counted as a crash")
             status = "crash"
-        if status != "crash" and not value > 0:
+        run = [value] if status != "crash" and value > 0 else []
+        if status != "crash" and not run:
             problems.append(f"{agent}: {row['commit'] or '?'} is `{status}` without a val_bpb "
                             f"({row['val_bpb']!r}): counted as not finished")
-        run = [value] if status != "crash" and value > 0 else []
         if out and row["description"].endswith(RERUN) and out[-1]["commit"] == row["commit"]:
             out[-1]["runs"] += run
             out[-1]["status"] = status
@@ -277,6 +277,16 @@ def git_commit():
     return out.stdout.strip()
 
 
+def first_finished_run(runs_dir):
+    """(path, summary) of the first archived run that ended in a summary (the baseline), or None."""
+    for path in sorted(glob.glob(os.path.join(runs_dir, "*.log"))):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            summary = run_summary(f.read())
+        if "val_bpb" in summary:
+            return path, summary
+    return None
+
+
 def record(status, description, log="run.log", path="results.tsv", runs_dir="runs"):
     """Append the row of the run in `log` to `path` (see the module's docstring); returns the row."""
     if status not in STATUSES:
@@ -305,14 +315,13 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir="run
         memory = f"{to_float(summary.get('peak_vram_mb', '0')) / 1024:.1f}"
     problems = []
     rows = read_rows(path, problems) if os.path.exists(path) else []
-    archived = sorted(glob.glob(os.path.join(runs_dir, "*.log")))
-    if "val_bpb" in summary and archived:
-        with open(archived[0], encoding="utf-8", errors="replace") as f:
-            baseline_settings = run_summary(f.read()).get("settings", "standard")
-        settings = summary.get("settings", "standard")
+    baseline = first_finished_run(runs_dir)
+    if "val_bpb" in summary and baseline is not None:
+        settings, (baseline_log, baseline_summary) = summary.get("settings", "standard"), baseline
+        baseline_settings = baseline_summary.get("settings", "standard")
         if settings != baseline_settings:
             raise SystemExit(f"error: this run's settings ({settings}) differ from the baseline's "
-                             f"({baseline_settings}, {archived[0]}): its val_bpb does not compare; not recorded. "
+                             f"({baseline_settings}, {baseline_log}): its val_bpb does not compare; not recorded. "
                              "Run it again with the baseline's settings")
     commit = git_commit()
     if rows and rows[-1]["commit"] == commit and status != "crash" and rows[-1]["status"] != "crash":

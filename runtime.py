@@ -117,8 +117,7 @@ def describe_device():
         return f"train.py cannot start: {e.message}"
     if device.type != "cuda":
         return f"train.py will run on {device.type}, with AUTORESEARCH_PRESET=small (README.md, 'Small machines')"
-    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    return f"train.py will run on {device.type}{name}"
+    return f"train.py will run on cuda ({torch.cuda.get_device_name(device)})"
 
 
 def low_precision(device):
@@ -321,7 +320,7 @@ class Run:
         self.cuda = device.type == "cuda"
         self.warmup = CUDA_WARMUP_STEPS if self.cuda else 0
         self.peak, self.gpu_name, mfu_note = peak_flops(device)
-        self.step, self.counted_steps, self.training_seconds, self.startup_seconds = 0, 0, 0.0, 0.0
+        self.step, self.training_seconds, self.startup_seconds = 0, 0.0, 0.0
         self.smooth_loss, self.train_loss, self.done = 0.0, float("nan"), False
         self.phase_seconds = {"forward_backward": 0.0, "optimizer": 0.0, "data_wait": 0.0}  # counted steps
         self.tty, self._last_log, self._profiler, self._t_trained = sys.stdout.isatty(), 0.0, None, None
@@ -331,6 +330,11 @@ class Run:
             print(f"note: {mfu_note}")
         if not self.cuda:  # (the CUDA build of torch prints an error when profiling without a GPU)
             print(f"attention: SDPA in eager mode on {device.type} (kernels are profiled on CUDA only)", flush=True)
+
+    @property
+    def counted_steps(self):
+        """The steps that counted toward the budget so far: every step after the warm-up."""
+        return max(0, self.step - self.warmup)
 
     @property
     def progress(self):
@@ -390,7 +394,6 @@ class Run:
         phases = self._phases()
         if self.step >= self.warmup:
             self.training_seconds += dt
-            self.counted_steps += 1
             for name, seconds in phases.items():
                 self.phase_seconds[name] += seconds
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss_f

@@ -192,9 +192,7 @@ class SoftcapHead(nn.Linear):
 
 
 class GPT(nn.Module):
-    """Built as the reference builds it: on the `meta` device (no memory, no random draws), materialized with
-    to_empty() on the training device, then init_weights(), so the first random draws after the seed are
-    init_weights' own and the initial weights equal the reference's at the same seed (see build_model)."""
+    """The model; build it with build_model() (the reference's construction, so its initial weights)."""
 
     def __init__(self, config, device="meta"):
         super().__init__()

@@ -119,6 +119,13 @@ def _release_the_cache():
     cache.release_reader_lock()
 
 
+def git(repo, *args):
+    """Run git in repo as a fixed test identity; returns its stdout (fails the test on a git error)."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.org",
+           "GIT_COMMITTER_NAME": "agent", "GIT_COMMITTER_EMAIL": "agent@example.org"}
+    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
+
+
 def run_script(args, env=None, timeout=600):
     """Run a Python command from the repo root with the test environment; returns the CompletedProcess."""
     full_env = {**os.environ, **TEST_ENV, **(env or {})}

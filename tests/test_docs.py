@@ -2,7 +2,6 @@
 import copy
 import os
 import re
-import subprocess
 
 import numpy as np
 
@@ -10,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import ROOT, git
 
 
 def program_header():
@@ -40,11 +39,10 @@ def notebook_kernel():
     def run(folder, rows, others=None, worktrees=()):
         repo = os.path.join(folder, "repo")
         os.makedirs(repo, exist_ok=True)
-        git = ["git", "-c", "user.name=agent", "-c", "user.email=agent@example.org", "-C", repo]
-        subprocess.run(git + ["init", "-q"], check=True)
-        subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "baseline"], check=True)
+        git(repo, "init", "-q")
+        git(repo, "commit", "-q", "--allow-empty", "-m", "baseline")
         for name in worktrees:
-            subprocess.run(git + ["worktree", "add", "-q", "-b", name, os.path.join(folder, name)], check=True)
+            git(repo, "worktree", "add", "-q", "-b", name, os.path.join(folder, name))
         write_results(os.path.join(repo, "results.tsv"), rows)
         for rel, other_rows in (others or {}).items():
             write_results(os.path.join(folder, rel), other_rows)

@@ -7,15 +7,9 @@ import subprocess
 import sys
 
 import results
-from conftest import ROOT, TEST_ENV
+from conftest import ROOT, TEST_ENV, git
 
 FILES = ["train.py", "prepare.py", "cache.py", "runtime.py", "constants.py", "results.py"]
-
-
-def git(repo, *args):
-    env = {**os.environ, "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "a@a", "GIT_COMMITTER_NAME": "agent",
-           "GIT_COMMITTER_EMAIL": "a@a"}
-    return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
 
 
 def edit(repo, old, new, message):

@@ -1,11 +1,11 @@
 """results.py: recording a run from its log and git, re-runs, refused settings; reading bad results files; the
 summary and the plot."""
 import os
-import subprocess
 
 import pytest
 
 import results
+from conftest import git
 from test_docs import write_results
 
 SUMMARY = """---
@@ -30,16 +30,14 @@ def log_text(val="0.997900", settings="standard"):
 def repo(tmp_path, monkeypatch):
     """A git checkout with one commit, as the current folder; commit(msg) adds another and returns its hash."""
     monkeypatch.chdir(tmp_path)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
 
     def commit(message):
         (tmp_path / "train.py").write_text(message)
-        subprocess.run(["git", "add", "train.py"], check=True, env=env, capture_output=True)
-        subprocess.run(["git", "commit", "-qm", message], check=True, env=env, capture_output=True)
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        git(tmp_path, "add", "train.py")
+        git(tmp_path, "commit", "-qm", message)
+        return git(tmp_path, "rev-parse", "--short", "HEAD").strip()
 
-    subprocess.run(["git", "init", "-q"], check=True, capture_output=True)
+    git(tmp_path, "init", "-q")
     return commit
 
 
@@ -107,6 +105,16 @@ def test_a_run_under_other_settings_is_refused(repo, tmp_path):
                                          r"\(AUTORESEARCH_PRESET=small"):
         results.record("keep", "change")
     assert len(rows()) == 1
+
+
+def test_the_baseline_settings_are_the_first_finished_runs(repo, tmp_path):
+    repo("typo")
+    (tmp_path / "run.log").write_text("Traceback (most recent call last):\nNameError: name 'x' is not defined\n")
+    results.record("crash", "a first run that crashed")
+    repo("baseline")
+    (tmp_path / "run.log").write_text(log_text(settings="AUTORESEARCH_PRESET=small"))
+    results.record("keep", "baseline")  # the crash's log has no settings: it does not set the baseline's
+    assert [r["status"] for r in rows()] == ["crash", "keep"]
 
 
 def test_record_outside_git_and_without_a_log_are_one_line(tmp_path, monkeypatch):
