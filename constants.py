@@ -19,6 +19,8 @@ Each is checked here, where it is read: a bad value stops the program with one l
 import math
 import os
 
+from autoresearch.errors import UserError
+
 
 def _env(name, default, parse, ok, allowed, unset_means=None):
     """An override read from the environment and checked here, where it is read: a value that does not parse or
@@ -32,7 +34,7 @@ def _env(name, default, parse, ok, allowed, unset_means=None):
     except ValueError:
         value = None
     if value is None or not ok(value):
-        raise SystemExit(f"error: {name}={raw!r} is not allowed: it must be {allowed} (unset it for "
+        raise UserError(f"{name}={raw!r} is not allowed: it must be {allowed} (unset it for "
                          f"{unset_means or f'the default, {default}'})")
     return value
 
@@ -52,7 +54,7 @@ TIME_BUDGET = _env("AUTORESEARCH_TIME_BUDGET", _BASE["TIME_BUDGET"], float,
 EVAL_TOKENS = _env("AUTORESEARCH_EVAL_TOKENS", _BASE["EVAL_TOKENS"], int, lambda v: 1 <= v <= 1 << 40,
                    "a positive integer, at least one row (MAX_SEQ_LEN)")  # tokens evaluate_bpb scores
 if EVAL_TOKENS < MAX_SEQ_LEN:  # evaluate_bpb scores EVAL_TOKENS // MAX_SEQ_LEN rows: at least one
-    raise SystemExit(f"error: AUTORESEARCH_EVAL_TOKENS={str(EVAL_TOKENS)!r} is not allowed: it must be at least one "
+    raise UserError(f"AUTORESEARCH_EVAL_TOKENS={str(EVAL_TOKENS)!r} is not allowed: it must be at least one "
                      f"row of MAX_SEQ_LEN = {MAX_SEQ_LEN} tokens")
 RESOLVED = {"MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET, "EVAL_TOKENS": EVAL_TOKENS}  # as read at start
 # The overrides of the metric's constants that this process runs under (name -> raw value), for the run's notes.
@@ -73,9 +75,9 @@ DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda
               "the best device found")
 
 # Cache layout: CACHE_DIR/data (parquet shards), CACHE_DIR/tokenizer, CACHE_DIR/tokens (pre-tokenized shards),
-# CACHE_DIR/manifest.json (what prepare.py wrote: source, sizes, checksums), CACHE_DIR/prepare.lock.
+# CACHE_DIR/manifest.json (what prepare.py wrote: source, sizes, checksums), CACHE_DIR/cache.lock.
 if not os.environ.get("AUTORESEARCH_CACHE_DIR") and os.environ.get("HOME", None) == "":
-    raise SystemExit("error: HOME is set but empty, so the cache would land in /.cache: set HOME, or "
+    raise UserError("HOME is set but empty, so the cache would land in /.cache: set HOME, or "
                      "AUTORESEARCH_CACHE_DIR to the cache folder")
 CACHE_DIR = os.path.abspath(os.path.expanduser(
     os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join("~", ".cache", "autoresearch")))
@@ -83,7 +85,7 @@ DATA_DIR = os.path.join(CACHE_DIR, "data")
 TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
 TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")
 MANIFEST_PATH = os.path.join(CACHE_DIR, "manifest.json")  # where every cached file came from, its size and checksum
-LOCK_PATH = os.path.join(CACHE_DIR, "prepare.lock")  # held by the one prepare.py that may write the cache
+LOCK_PATH = os.path.join(CACHE_DIR, "cache.lock")  # one prepare.py writing, or train.py runs reading
 
 # Data: one `text` column per parquet shard. The last shard is pinned as validation; training uses the others.
 HF_ENDPOINT = _env("HF_ENDPOINT", "https://huggingface.co", lambda v: v.rstrip("/"),

@@ -11,8 +11,9 @@ each step skipped when its output is already in the cache and verifies:
 2. tokenizer: byte-level BPE trained with rustbpe, stored as plain text + JSON (no pickle) and run by tiktoken;
 3. tokens: every shard tokenized once into a flat uint16 array + document offsets, so the training loader
    only packs rows and never tokenizes on the hot path.
-cache.py holds the machinery (download, --source, the manifest, the lock); constants.py the layout. torch is
-imported only by the functions that need it.
+The package autoresearch/ holds the machinery (the cache's files and lock, the download, --source); constants.py
+the layout and the metric's constants, read where they are used. torch is imported only by the functions that
+need it.
 """
 import argparse
 import base64
@@ -36,15 +37,17 @@ import tiktoken
 
 import constants
 
-from cache import (PREPARE_HINT, SHARD_RE, TOKENIZER_RELS, Downloader, Manifest, SetupError, atomic_path, cache_lock,
-                   check_source_folder, check_token_files, clear_token_files, describe_source, download_shards,
-                   hold_reader_lock, list_shards, load_or_reset_manifest, open_token_shard, read_parquet_texts,
-                   read_source, refuse, release_reader_lock, remove_empty_cache, sample_sha256, token_rels,
-                   write_source_shards)
-from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, EVAL_TOKENS, HF_ENDPOINT,
-                       HF_HUB_OFFLINE, LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MANIFEST_PATH, MAX_SEQ_LEN, MAX_SHARD,
-                       SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_DIR, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS,
-                       VAL_SHARD, VOCAB_SIZE)
+from autoresearch.cache import (PREPARE_HINT, SHARD_RE, TOKENIZER_RELS, Manifest, atomic_path, cache_lock,
+                                check_token_files, clear_token_files, describe_source, list_shards,
+                                load_or_reset_manifest, open_token_shard, read_parquet_texts, refuse,
+                                remove_empty_cache, sample_sha256, token_rels)
+from autoresearch.download import Downloader, download_shards
+from autoresearch.errors import UserError
+from autoresearch.source import check_source_folder, read_source, write_source_shards
+from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, HF_ENDPOINT, HF_HUB_OFFLINE,
+                       LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MANIFEST_PATH, MAX_SHARD, SPECIAL_TOKENS,
+                       SPLIT_PATTERN, TOKENIZER_DIR, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS, VAL_SHARD,
+                       VOCAB_SIZE)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The tokenizer
@@ -63,11 +66,11 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):
-        """The tokenizer saved in tokenizer_dir; a SetupError naming the repair when it is missing or corrupt."""
+        """The tokenizer saved in tokenizer_dir; a UserError naming the repair when it is missing or corrupt."""
         ranks_path = os.path.join(tokenizer_dir, "ranks.txt")
         meta_path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not (os.path.exists(ranks_path) and os.path.exists(meta_path)):
-            raise SetupError(f"no tokenizer in {tokenizer_dir}: {PREPARE_HINT}")
+            raise UserError(f"no tokenizer in {tokenizer_dir}: {PREPARE_HINT}")
         try:
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
@@ -79,7 +82,7 @@ class Tokenizer:
             enc = tiktoken.Encoding(name="autoresearch", pat_str=meta["pattern"], mergeable_ranks=ranks,
                                     special_tokens={k: int(v) for k, v in meta["special_tokens"].items()})
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise SetupError(f"the tokenizer in {tokenizer_dir} is corrupt ({e}): run prepare.py again to "
+            raise UserError(f"the tokenizer in {tokenizer_dir} is corrupt ({e}): run prepare.py again to "
                              "repair it")
         return cls(enc)
 
@@ -140,20 +143,13 @@ class Tokenizer:
 # The cache check, the loader and the metric: what every run reads
 
 def check_cache():
-    """train.py's first step: no prepare.py is writing the cache, and every file train.py will read matches the
-    manifest: the tokenizer, the index files and the validation tokens by full checksum, the training tokens by
-    size and spot checksum (a full one would read gigabytes at every start), every parquet by size and mtime.
-    (The loader checks the token files' structure when it opens them.) Returns the tokenizer; anything else
-    ends in one line naming the file and the command that repairs it. From a successful check until the process
-    ends (or cache.release_reader_lock()) this process holds a shared lock on the cache: no prepare.py can start
-    writing under it."""
+    """train.py's first step: every file train.py will read matches the manifest: the tokenizer, the index files
+    and the validation tokens by full checksum, the training tokens by size and spot checksum (a full one would
+    read gigabytes at every start), every parquet by size and mtime. (The loader checks the token files'
+    structure when it opens them; runtime.main holds the cache for reading during the whole run.) Returns the
+    tokenizer; anything else ends in one line naming the file and the command that repairs it."""
     t0 = time.time()
-    hold_reader_lock()
-    try:
-        tokenizer, manifest = _check_cache_files()
-    except BaseException:
-        release_reader_lock()
-        raise
+    tokenizer, manifest = _check_cache_files()
     print(f"cache: tokenizer, {len(manifest.shards('train'))} training shard(s) and the validation shard match the "
           f"manifest ({describe_source(manifest.source)}; checked in {time.time() - t0:.1f}s)", flush=True)
     return tokenizer
@@ -168,7 +164,7 @@ def _check_cache_files():
         refuse(manifest.path("tokenizer"), "is not the tokenizer the token files were made with", manifest.source)
     val, train = manifest.shards("val"), manifest.shards("train")
     if not val or not train:
-        raise SetupError(f"the cache has no {'validation' if not val else 'training'} shard: {PREPARE_HINT}")
+        raise UserError(f"the cache has no {'validation' if not val else 'training'} shard: {PREPARE_HINT}")
     present = {os.path.basename(p) for p in list_shards("train") + list_shards("val")}
     for name in sorted(present - set(val + train)):
         refuse(os.path.join(DATA_DIR, name), "is not in the cache's manifest", manifest.source)
@@ -190,13 +186,9 @@ def _document_chunks(split, tokenizer):
     chunks of the parquet row groups. epoch counts passes over the split, starting at 1."""
     manifest = Manifest.load_required()
     names = manifest.shards(split)
-    if not names:
-        raise SetupError(f"no {split} shard in {DATA_DIR}: {PREPARE_HINT}")
-    if manifest.data["tokenizer"] != tokenizer.fingerprint:
-        refuse(manifest.path("tokens"), "were made with another tokenizer", manifest.source)
     check = "sha256" if split == "val" else "stat"  # the metric's data: still exactly what was verified at start
     shards = [open_token_shard(manifest, name, tokenizer.fingerprint, check) for name in names]
-    if not any(len(offsets) > 1 for _, offsets, _ in shards):
+    if not any(len(offsets) > 1 for _, offsets, _ in shards):  # (no shard at all included)
         refuse(manifest.path("tokens"), f"hold no document of the {split} split", manifest.source)
     epoch = 1
     while True:
@@ -267,10 +259,10 @@ def evaluate_bpb(model, tokenizer, batch_size):
     one byte, divided by ln(2) times the sum of their bytes. Special tokens (BOS) as targets are excluded from
     both sums. The model is called as model(x, y, reduction='none') and returns per-token losses [B, T]."""
     import torch
-    rows = EVAL_TOKENS // MAX_SEQ_LEN  # (constants.py guarantees at least one)
+    rows = constants.EVAL_TOKENS // constants.MAX_SEQ_LEN  # (constants.py guarantees at least one)
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device, tokenizer)
-    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device)
+    loader = make_dataloader(tokenizer, batch_size, constants.MAX_SEQ_LEN, "val", device)
     total_nats, total_bytes, last_line = 0.0, 0, time.time()
     with torch.no_grad():
         for start in range(0, rows, batch_size):
@@ -293,7 +285,7 @@ def train_tokenizer(tokenizer_dir=TOKENIZER_DIR, data_dir=DATA_DIR):
     """Train byte-level BPE on the training shards (each document cut to 10k chars, at most 1e9 chars)."""
     paths = list_shards("train", data_dir)
     if not paths:
-        raise SetupError(f"no training shards in {data_dir}: {PREPARE_HINT}")
+        raise UserError(f"no training shards in {data_dir}: {PREPARE_HINT}")
 
     def texts():
         total = 0
@@ -370,7 +362,7 @@ def prepare_hub_data(manifest, num_shards, workers):
                    "HF_ENDPOINT; --num-shards fewer asks for less")
         else:
             why = "run prepare.py again to retry (whole shards are kept)"
-        raise SetupError(f"{len(names)} of {len(indices)} shards are missing: {shown}: {why}")
+        raise UserError(f"{len(names)} of {len(indices)} shards are missing: {shown}: {why}")
 
 
 def prepare_local_data(manifest, source_path):
@@ -455,11 +447,11 @@ def prepare_tokens(manifest, tokenizer):
 
 
 def _stopped(signum, frame):
-    raise SetupError("prepare.py was stopped (SIGTERM): whole files are kept and the cache says what is missing; "
+    raise UserError("prepare.py was stopped (SIGTERM): whole files are kept and the cache says what is missing; "
                      "run it again to finish")
 
 
-def eval_coverage(tokenizer, eval_tokens=EVAL_TOKENS, seq_len=MAX_SEQ_LEN, manifest=None):
+def eval_coverage(tokenizer, eval_tokens, seq_len, manifest=None):
     """(rows the metric scores, passes over the validation documents they take, validation documents): the
     metric's rows are packed as evaluate_bpb packs them; more than one pass means documents repeat in its rows."""
     rows = eval_tokens // seq_len
@@ -478,7 +470,7 @@ def report_eval_coverage(tokenizer, manifest):
     local = manifest.source.get("kind") == "local"
     why = ("the corpus is too small for them (give --source more text)" if local else
            "this validation shard is too small for them (the hub's is not: was it placed by hand?)")
-    cases = [(constants.SETTINGS, EVAL_TOKENS, MAX_SEQ_LEN)]
+    cases = [(constants.SETTINGS, constants.EVAL_TOKENS, constants.MAX_SEQ_LEN)]
     if constants.SETTINGS == "standard":
         small = constants.SMALL_DEFAULTS
         cases.append(("AUTORESEARCH_PRESET=small", small["EVAL_TOKENS"], small["MAX_SEQ_LEN"]))
@@ -505,11 +497,11 @@ def main(argv=None):
                          "only read); replaces cached data from any other source")
     args = ap.parse_args(argv)
     if args.download_workers < 1:
-        raise SetupError("--download-workers must be at least 1")
+        raise UserError("--download-workers must be at least 1")
     if args.source is not None:
         source = {"kind": "local", "path": check_source_folder(args.source)}
     elif args.num_shards == 0 or args.num_shards < -1:
-        raise SetupError("--num-shards must be a positive number of shards, or -1 for all")
+        raise UserError("--num-shards must be a positive number of shards, or -1 for all")
     else:
         source = {"kind": "hub", "dataset": DATASET_REPO, "endpoint": HF_ENDPOINT}
     t0 = time.time()
@@ -535,16 +527,16 @@ def main(argv=None):
             raise
         free = shutil.disk_usage(CACHE_DIR).free if os.path.isdir(CACHE_DIR) else None
         if e.errno == errno.ENOSPC or (free is not None and free < 64e6):
-            raise SetupError(f"the disk holding {CACHE_DIR} is full ({(free or 0) / 1e6:.0f} MB free): free some "
+            raise UserError(f"the disk holding {CACHE_DIR} is full ({(free or 0) / 1e6:.0f} MB free): free some "
                              "space or set AUTORESEARCH_CACHE_DIR to a larger disk, then run prepare.py again "
                              "(whole files are kept)")
-        raise SetupError(f"{e.filename or CACHE_DIR}: {e.strerror or e}")
+        raise UserError(f"{e.filename or CACHE_DIR}: {e.strerror or e}")
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
     print(f"done in {time.time() - t0:.1f}s: {len(manifest.shards('train'))} training shard(s) + the "
           f"validation shard, tokenizer and token files in {CACHE_DIR}, all matching {MANIFEST_PATH}")
-    from runtime import describe_device  # (imports torch: only now, so the data steps and --help start fast)
+    from autoresearch.hardware import describe_device  # (imports torch: only now, so the data steps and --help start fast)
     print(f"device: {describe_device()}")
 
 

@@ -4,11 +4,10 @@
 
 Top to bottom: the hyperparameters, the model (GPT with value embeddings, sliding-window attention, ReLU^2 MLP),
 the MuonAdamW optimizer, the schedules and the training loop. Everything here is the agent's to change. The fixed
-parts it calls: prepare.py (tokenizer, loader, the metric evaluate_bpb) and runtime.py (device, precision, the
-time budget, progress lines and the summary).
+parts it calls: prepare.py (tokenizer, loader, the metric evaluate_bpb) and the harness in autoresearch/:
+hardware.py (device, precision, compiling, memory) and runtime.py (the time budget, progress lines, the summary).
 """
 import functools
-import sys
 import time
 from dataclasses import dataclass
 
@@ -17,15 +16,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-import runtime
-from constants import MAX_SEQ_LEN
+from autoresearch import hardware, runtime
+from autoresearch.errors import UserError
+from constants import MAX_SEQ_LEN, PRESET
 from prepare import check_cache, evaluate_bpb, make_dataloader
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters (the agent's knobs). Sizes derive from DEPTH.
 
 # With AUTORESEARCH_PRESET=small (a CPU, Apple silicon, a small GPU: README.md) the sizes take their second value.
-SMALL = runtime.SMALL
+SMALL = PRESET == "small"
 DEPTH = 2 if SMALL else 8   # transformer layers; model_dim = DEPTH * ASPECT_RATIO rounded up to HEAD_DIM
 ASPECT_RATIO = 64           # model_dim per layer
 HEAD_DIM = 128              # attention head size; n_head = model_dim / HEAD_DIM
@@ -56,7 +56,7 @@ class GPTConfig:
     n_kv_head: int = 4
     n_embd: int = 512
     window_pattern: str = "SSSL"
-    flex_kernel_options: dict = None  # FlexAttention block sizes for GPUs with little shared memory (runtime.py)
+    low_dtype: torch.dtype = torch.bfloat16  # embedding and rotary tables, Muon's orthogonalization (fp32 off CUDA)
 
 
 def norm(x):
@@ -105,7 +105,7 @@ def block_masks(T, windows, device):
             for w in sorted(set(windows)) if w < T}
 
 
-def attention(q, k, v, window, block_mask, kernel_options=None):
+def attention(q, k, v, window, block_mask):
     """Causal attention. q: [B, T, H, D], k, v: [B, T, KV, D] -> [B, T, H, D].
 
     Full-window layers use SDPA (on CUDA cuDNN first, see runtime.main); windowed layers use FlexAttention with a
@@ -117,7 +117,7 @@ def attention(q, k, v, window, block_mask, kernel_options=None):
     if window >= T:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     elif block_mask is not None:
-        y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa, kernel_options=kernel_options)
+        y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     else:
         i = torch.arange(T, device=q.device)
         diff = i[:, None] - i[None, :]
@@ -136,7 +136,6 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.ve_gate_channels = 32
-        self.flex_kernel_options = config.flex_kernel_options
         self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if has_value_embedding(layer_idx, config.n_layer) else None)
 
@@ -149,7 +148,7 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # [B, T, KV]
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        y = attention(q, k, v, window, block_mask, self.flex_kernel_options)
+        y = attention(q, k, v, window, block_mask)
         return self.c_proj(y.contiguous().view(B, T, C))
 
 
@@ -238,8 +237,8 @@ class GPT(nn.Module):
         device = self.cos.device
         inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         freqs = torch.outer(torch.arange(self.config.sequence_len, dtype=torch.float32, device=device), inv_freq)
-        # The rotary and embedding tables live in bf16 on CUDA (half the memory and bandwidth of the lookups).
-        low = runtime.low_precision(device)
+        # The rotary and embedding tables live in low_dtype: bf16 on CUDA (half the memory and bandwidth of the lookups).
+        low = self.config.low_dtype
         self.cos, self.sin = freqs.cos()[None, :, None, :].to(low), freqs.sin()[None, :, None, :].to(low)
         self.transformer.wte.to(dtype=low)
         for ve in self.value_embeds.values():
@@ -284,7 +283,7 @@ class GPT(nn.Module):
         for g in groups:
             g["initial_lr"] = g["lr"]
         device = next(self.parameters()).device
-        return MuonAdamW(groups, fused=device.type == "cuda", low=runtime.low_precision(device))
+        return MuonAdamW(groups, fused=device.type == "cuda", low=self.config.low_dtype)
 
     def forward(self, idx, targets=None, reduction="mean"):
         """idx, targets: [B, T] int64. Returns logits [B, T, V] without targets, else the cross-entropy
@@ -302,7 +301,7 @@ class GPT(nn.Module):
         return self.lm_head(x, targets, reduction)
 
     def compiled_regions(self):
-        """What runtime.compile_model compiles, one region at a time: the blocks (one compiled graph serves every
+        """What hardware.compile_model compiles, one region at a time: the blocks (one compiled graph serves every
         block of a kind: with or without a value embedding, full or windowed attention; DEPTH adds none) and the
         head with its loss. The embeddings in between run eagerly (a few small kernels)."""
         return list(self.transformer.h) + [self.lm_head]
@@ -459,32 +458,32 @@ def check_config():
     for name in ("DEPTH", "ASPECT_RATIO", "HEAD_DIM", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE"):
         value = globals()[name]
         if not isinstance(value, int) or value <= 0:
-            sys.exit(f"error: {name} = {value!r} in train.py: it must be a positive integer")
+            raise UserError(f"{name} = {value!r} in train.py: it must be a positive integer")
     if TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN):
-        sys.exit(f"error: TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE x "
+        raise UserError(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE x "
                  f"MAX_SEQ_LEN ({DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} = {DEVICE_BATCH_SIZE * MAX_SEQ_LEN}): change one")
     if not WINDOW_PATTERN or set(WINDOW_PATTERN.upper()) - {"S", "L"}:
-        sys.exit(f"error: WINDOW_PATTERN = {WINDOW_PATTERN!r} in train.py: use only the letters S and L")
+        raise UserError(f"WINDOW_PATTERN = {WINDOW_PATTERN!r} in train.py: use only the letters S and L")
 
 
 def train():
     t_start = time.time()
     check_config()
-    device = runtime.get_device()
+    device = hardware.get_device()
     torch.manual_seed(SEED)
     torch.set_float32_matmul_precision("high")
-    autocast = runtime.autocast(device)
+    autocast = hardware.autocast(device)
 
     tokenizer = check_cache()  # every file the run reads matches the cache's manifest
     model_dim = ((DEPTH * ASPECT_RATIO + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
     config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
                        n_head=model_dim // HEAD_DIM, n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim,
-                       window_pattern=WINDOW_PATTERN, flex_kernel_options=runtime.flex_kernel_options(device, HEAD_DIM))
+                       window_pattern=WINDOW_PATTERN, low_dtype=hardware.low_precision(device))
     model = build_model(config, device)
     num_params = model.param_counts()["total"]
     flops_per_token = model.estimate_flops()
-    memory = runtime.estimate_memory(num_params, DEPTH, model_dim, config.vocab_size, MAX_SEQ_LEN)
-    device_batch = runtime.fit_device_batch(device, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // MAX_SEQ_LEN, *memory)
+    memory = hardware.estimate_memory(num_params, DEPTH, model_dim, config.vocab_size, MAX_SEQ_LEN)
+    device_batch = hardware.fit_device_batch(device, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // MAX_SEQ_LEN, *memory)
     grad_accum_steps = TOTAL_BATCH_SIZE // (device_batch * MAX_SEQ_LEN)
     run = runtime.Run(device, flops_per_token, TOTAL_BATCH_SIZE, t_start, globals())
     print(f"model: depth {DEPTH}, dim {model_dim}, {config.n_head} heads, windows {model.windows}, "
@@ -493,7 +492,7 @@ def train():
           f"{grad_accum_steps} accumulation steps", flush=True)
 
     optimizer = model.setup_optimizer(UNEMBEDDING_LR, EMBEDDING_LR, MATRIX_LR, SCALAR_LR, WEIGHT_DECAY, ADAM_BETAS)
-    model = runtime.compile_model(model, device)  # the one name from here on: training and eval both call it
+    model = hardware.compile_model(model, device)  # the one name from here on: training and eval both call it
     train_loader = run.loader(make_dataloader(tokenizer, device_batch, MAX_SEQ_LEN, "train", device))
     x, y, epoch = next(train_loader)
 

@@ -111,14 +111,6 @@ def tokenizer(prepared):
     return prepare.Tokenizer.from_directory()
 
 
-@pytest.fixture(autouse=True)
-def _release_the_cache():
-    """A test that ran check_cache() in process holds the cache's reader lock: give it back after each test."""
-    yield
-    import cache
-    cache.release_reader_lock()
-
-
 def git(repo, *args):
     """Run git in repo as a fixed test identity; returns its stdout (fails the test on a git error)."""
     env = {**os.environ, "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.org",

@@ -1,7 +1,6 @@
 """The cache never lies: every kind of cache file corrupted, swapped, truncated or emptied is refused by train.py's
 start-up check with one line naming it, and a rerun of prepare.py repairs it; sources never mix; --source is
 read-only; one prepare.py at a time; bad overrides are one line before anything runs."""
-import fcntl
 import json
 import os
 import re
@@ -10,14 +9,15 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import cache
+from autoresearch import cache, source
 import prepare
 from conftest import ROOT, TEST_ENV, run_script
-from constants import CACHE_DIR, DATA_DIR, LOCK_PATH, MANIFEST_PATH, TOKENIZER_DIR, VAL_SHARD, shard_name
+from constants import CACHE_DIR, DATA_DIR, MANIFEST_PATH, TOKENIZER_DIR, VAL_SHARD, shard_name
 
 
 def cache_file(kind, tokenizer=None):
@@ -90,6 +90,53 @@ def make_folder(path):
     os.mkdir(path)
 
 
+def flip_byte_keeping_mtime(path, offset=512):
+    """One byte changed where the spot checksum reads (its first block), the mtime put back: only a checksum sees it."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def edit_manifest(change):
+    with open(MANIFEST_PATH, encoding="utf-8") as f:
+        data = json.load(f)
+    change(data)
+    with open(MANIFEST_PATH, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+
+
+def recorded(path):
+    """Record the file in the manifest as it now is (size, checksum): damage that only the structure check sees."""
+    rel = os.path.relpath(path, CACHE_DIR).replace(os.sep, "/")
+
+    def change(data):
+        data["files"][rel].update(size=os.path.getsize(path), sha256=cache.file_sha256(path))
+    edit_manifest(change)
+
+
+def garbage_index(path):
+    write(path, "not a zip file")
+    recorded(path)
+
+
+def inconsistent_index(path):
+    with np.load(path) as idx:
+        offsets, chunk_ends = idx["offsets"].copy(), idx["chunk_ends"]
+    offsets[-1] += 1  # one token more than the token file holds
+    with open(path, "wb") as f:
+        np.savez(f, offsets=offsets, chunk_ends=chunk_ends)
+    recorded(path)
+
+
+def made_from_another_parquet(tokens_path):
+    rel = os.path.relpath(tokens_path, CACHE_DIR).replace(os.sep, "/")
+    edit_manifest(lambda data: data["files"][rel].update({"from": "0" * 64}))
+
+
 # (what is done to the cache, the file the refusal must name)
 DAMAGE = {
     "train tokens swapped with the validation shard's": (lambda f: swap(f("train.tokens"), f("val.tokens")),
@@ -105,6 +152,14 @@ DAMAGE = {
     "a training shard only touched": (lambda f: touch(f("train.parquet")), "shard_00000.parquet"),
     "a token file turned into a folder": (lambda f: make_folder(f("val.tokens")), "shard_06542.tokens.npy"),
     "manifest.json garbled": (lambda f: write(MANIFEST_PATH, "{not json"), "manifest.json"),
+    "train tokens changed where the spot checksum reads, mtime kept": (
+        lambda f: flip_byte_keeping_mtime(f("train.tokens")), "shard_00000.tokens.npy does not match its checksum"),
+    "train tokens recorded as made from another parquet": (
+        lambda f: made_from_another_parquet(f("train.tokens")), "shard_00000.tokens.npy was made from another version"),
+    "an index that does not load (recorded as it is)": (
+        lambda f: garbage_index(f("train.index")), "shard_00000.tokens.npy or its index cannot be read"),
+    "an index inconsistent with its tokens (recorded as it is)": (
+        lambda f: inconsistent_index(f("train.index")), "shard_00000.tokens.npy and its index are inconsistent"),
 }
 
 
@@ -116,6 +171,7 @@ def test_damage_is_refused_then_repaired(case, damageable_cache, tokenizer, sour
     damage(lambda kind: cache_file(kind, tokenizer))
     with pytest.raises(SystemExit) as refusal:
         prepare.check_cache()
+        next(prepare.make_dataloader(tokenizer, 2, 32, "train", device="cpu"))  # (the loader checks the structure)
     line = str(refusal.value.code)
     assert "\n" not in line and line.startswith("error: ") and named in line, line
     assert "prepare.py" in line, "the refusal says what repairs it"
@@ -206,7 +262,7 @@ def test_fifos_broken_links_and_other_files_are_skipped_and_counted(tmp_path, ca
     os.mkfifo(src / "pipe.txt")  # opening it would block forever
     os.symlink(src / "gone.txt", src / "dangling.txt")
     result = []
-    reader = threading.Thread(target=lambda: result.append(cache.read_source(str(src))), daemon=True)
+    reader = threading.Thread(target=lambda: result.append(source.read_source(str(src))), daemon=True)
     reader.start()
     reader.join(timeout=30)
     assert result, "read_source hung on a FIFO"
@@ -221,60 +277,67 @@ def test_non_string_parquet_text_is_an_error_naming_the_file(tmp_path, values):
     (tmp_path / "ok.txt").write_text("fine " * 10)
     pq.write_table(pa.table({"text": values}), tmp_path / "odd.parquet")
     with pytest.raises(SystemExit, match="odd.parquet.*not strings"):
-        cache.read_source(str(tmp_path))
+        source.read_source(str(tmp_path))
 
 
 def test_jsonl_non_string_text_names_the_line_and_lone_surrogates_are_replaced(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": "lone \\ud800 surrogate"}\n{"text": null}\n')
-    docs, _ = cache.read_source(str(tmp_path))
+    docs, _ = source.read_source(str(tmp_path))
     assert docs == ["fine", "lone \ufffd surrogate"]
     (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n\n{"text": 42}\n')
     with pytest.raises(SystemExit, match=r"b\.jsonl:3: `text` is a int"):
-        cache.read_source(str(tmp_path))
+        source.read_source(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One prepare.py at a time; the cache folder itself
 
 def test_one_prepare_at_a_time_and_none_under_a_running_train(tmp_path):
-    lock = str(tmp_path / os.path.basename(LOCK_PATH))
-    with cache.cache_lock(str(tmp_path)):
-        with pytest.raises(SystemExit, match=f"another prepare.py \\(pid {os.getpid()}\\)"):
-            with cache.cache_lock(str(tmp_path)):
-                pass
-        with pytest.raises(SystemExit, match=f"prepare.py \\(pid {os.getpid()}\\) is writing the cache"):
-            cache.hold_reader_lock(lock)
-    cache.hold_reader_lock(lock)  # prepare.py is done: a train.py takes the lock, shared
-    try:
-        with open(lock) as other_reader:  # another train.py on the same cache is welcome
-            fcntl.flock(other_reader, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        with pytest.raises(SystemExit, match="a train.py is reading the cache"):
-            with cache.cache_lock(str(tmp_path)):
-                pass
-    finally:
-        cache.release_reader_lock()
-    with cache.cache_lock(str(tmp_path)):  # the run has ended
-        pass
-
-
-def test_without_posix_locks_prepare_is_still_one_at_a_time(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "fcntl", None)  # as on native Windows: filelock's exclusive lock instead
-    lock = str(tmp_path / os.path.basename(LOCK_PATH))
     with cache.cache_lock(str(tmp_path)):
         with pytest.raises(SystemExit, match="another prepare.py is working on"):
             with cache.cache_lock(str(tmp_path)):
                 pass
         with pytest.raises(SystemExit, match="prepare.py is writing the cache"):
-            cache.hold_reader_lock(lock)
-    cache.hold_reader_lock(lock)  # prepare.py is done: a train.py starts (and holds nothing)
-    with cache.cache_lock(str(tmp_path)):
+            with cache.reading(str(tmp_path)):
+                pass
+    with cache.reading(str(tmp_path)):  # prepare.py is done: a train.py reads, shared
+        with cache.reading(str(tmp_path)):  # another train.py on the same cache is welcome
+            pass
+        with pytest.raises(SystemExit, match="a train.py is reading the cache"):
+            with cache.cache_lock(str(tmp_path)):
+                pass
+    with cache.cache_lock(str(tmp_path)):  # the run has ended
         pass
+
+
+def test_a_killed_prepare_leaves_no_lock_behind(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from autoresearch import cache\n"
+                               f"with cache.cache_lock({str(tmp_path)!r}):\n print('holding', flush=True); "
+                               "time.sleep(60)"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              env={**os.environ, **TEST_ENV})
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(SystemExit, match="prepare.py is writing the cache"):
+            with cache.reading(str(tmp_path)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with cache.reading(str(tmp_path)):  # the OS dropped the killed process's hold
+        pass
+
+
+def test_reading_a_cache_that_does_not_exist_runs_unlocked_and_creates_nothing(tmp_path):
+    with cache.reading(str(tmp_path / "missing")):
+        pass
+    assert not (tmp_path / "missing").exists()
 
 
 def test_prepare_refuses_to_rewrite_the_data_under_a_running_train(prepared, source_dir):
     before = snapshot(CACHE_DIR)
-    reader = subprocess.Popen([sys.executable, "-c", "import prepare, time; prepare.check_cache(); "
-                               "print('holding', flush=True); time.sleep(60)"], cwd=ROOT, text=True,
+    reader = subprocess.Popen([sys.executable, "-c", "import prepare, time; from autoresearch import cache\n"
+                               "with cache.reading():\n prepare.check_cache(); print('holding', flush=True); "
+                               "time.sleep(60)"], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, env={**os.environ, **TEST_ENV})
     try:
         assert "holding" in reader.stdout.readline() + reader.stdout.readline()

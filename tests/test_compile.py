@@ -1,4 +1,4 @@
-"""Regional compilation (runtime.compile_model), checked on the CPU with dynamo alone: a counting backend sees
+"""Regional compilation (hardware.compile_model), checked on the CPU with dynamo alone: a counting backend sees
 every graph dynamo makes, and no code is generated. What a CPU can show: the number of compiled graphs does not
 grow with DEPTH, and nothing recompiles across steps, learning-rate changes or the switch to evaluation."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
-import runtime
+from autoresearch import hardware
 import train
 
 CPU = torch.device("cpu")
@@ -17,8 +17,8 @@ def compiled_tiny(depth, pattern):
     counter = CompileCounter()
     torch.manual_seed(0)
     model = train.build_model(train.GPTConfig(sequence_len=64, vocab_size=128, n_layer=depth, n_head=2, n_kv_head=2,
-                                              n_embd=64, window_pattern=pattern), CPU)
-    return runtime.compile_regions(model, backend=counter), counter
+                                              n_embd=64, window_pattern=pattern, low_dtype=torch.float32), CPU)
+    return hardware.compile_regions(model, backend=counter), counter
 
 
 def train_steps(model, steps, start=0):
@@ -74,10 +74,10 @@ def test_nothing_recompiles_across_steps_learning_rates_and_evaluation():
 def test_regional_compilation_computes_what_eager_computes():
     torch.manual_seed(0)
     config = train.GPTConfig(sequence_len=64, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                             window_pattern="SL")
+                             window_pattern="SL", low_dtype=torch.float32)
     eager, compiled = train.build_model(config, CPU), train.build_model(config, CPU)
     compiled.load_state_dict(eager.state_dict())
-    runtime.compile_regions(compiled, backend="eager")
+    hardware.compile_regions(compiled, backend="eager")
     x = torch.randint(0, 128, (2, 64))
     assert torch.allclose(eager(x, x), compiled(x, x))
     assert torch.equal(eager(x, x, reduction="none"), compiled(x, x, reduction="none"))
@@ -85,7 +85,7 @@ def test_regional_compilation_computes_what_eager_computes():
 
 def test_the_start_up_benchmark_edits_lines_train_py_has():
     import os
-    import bench
+    from autoresearch import bench
     source = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")).read()
     for label, old, new in bench.EDITS:
         assert old is None or (source.count(old) == 1 and old != new), label

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import cache
+from autoresearch import cache
 import prepare
-from bench import plain_batches
+from autoresearch.bench import plain_batches
 
 
 def split_docs(tokenizer, split):

@@ -110,9 +110,20 @@ def test_notebook_is_stored_without_outputs():
 def test_every_uv_run_names_a_real_file(doc):
     text = open(os.path.join(ROOT, doc), encoding="utf-8").read()
     files = re.findall(r"uv run ([\w./-]+\.py)", text)
-    assert files, f"{doc} names no `uv run <file>` command"
+    modules = re.findall(r"uv run -m ([\w.]+)", text)
+    assert files and modules, f"{doc} names no `uv run <file>` or `uv run -m <module>` command"
     for name in files:
         assert os.path.isfile(os.path.join(ROOT, name)), f"{doc} names {name}, which does not exist"
+    for name in modules:
+        assert os.path.isfile(os.path.join(ROOT, *name.split(".")) + ".py"), f"{doc} names module {name}, not here"
+
+
+def test_the_top_level_is_the_design_cards():
+    """The files the design card lists, the harness in one package, docs/ and tests/: nothing else tracked."""
+    top = {path.split("/")[0] for path in git(ROOT, "ls-files").split() if not path.startswith(".")}
+    card = {"LICENSE", "README.md", "analysis.ipynb", "constants.py", "prepare.py", "program.md", "pyproject.toml",
+            "train.py", "uv.lock"}
+    assert top == card | {"autoresearch", "docs", "tests"}
 
 
 def test_notebook_overlays_several_agents(run_notebook, tmp_path):
@@ -152,7 +163,7 @@ def test_program_md_states_the_loop_rules():
         "baseline (rerun)", "mean of its two runs", "at least 0.001",       # the two baselines, the floor
         "with the final status", "both runs beat",                            # a marginal win's re-run
         "timeout 600", "as a crash", "never through `tee`",                   # timeouts, a small context
-        "uv run results.py record", "(typo)", "off CUDA torch measures none", # one-step bookkeeping, memory_gb
+        "uv run -m autoresearch.results record", "(typo)", "off CUDA torch measures none", # one-step bookkeeping, memory_gb
         "AUTORESEARCH_PRESET=small", "the same settings",                     # comparability
         "AUTORESEARCH_", "not comparable with any run",                 # the metric is not the agent's
         'grep "^step', "the same `%`",                                        # reading the progress lines
@@ -166,12 +177,12 @@ def test_program_md_lists_every_fixed_call_train_py_makes():
     table = program.split("## What train.py calls")[1].split("\n## ")[0]
     source = open(os.path.join(ROOT, "train.py"), encoding="utf-8").read()
     imported = re.search(r"^from prepare import (.+)$", source, flags=re.M).group(1).split(", ")
-    used = sorted(set(re.findall(r"\bruntime\.(\w+)\(", source)))
+    used = sorted(set(re.findall(r"\b((?:runtime|hardware)\.\w+)\(", source)))
     assert imported and used
     for name in imported:
         assert f"`{name}(" in table, f"program.md does not list prepare.{name}"
     for name in used:
-        assert f"`runtime.{name}" in table, f"program.md does not list runtime.{name}"
+        assert f"`{name}" in table, f"program.md does not list {name}"
 
 
 def test_notebook_explains_bad_results_files_and_still_renders(run_notebook, tmp_path):
@@ -184,3 +195,27 @@ def test_notebook_explains_bad_results_files_and_still_renders(run_notebook, tmp
     assert "a tab inside the description" in out and "without a val_bpb ('N/A')" in out
     assert "best:     0.990000" in out and "nan" not in out.lower()
     assert (tmp_path / "repo" / "progress.png").stat().st_size > 10_000
+
+
+def test_one_route_for_a_users_mistake():
+    """Every `error:` line comes from autoresearch.errors.UserError: no sys.exit, SystemExit or message-carrying
+    assert elsewhere in the code a user runs (asserts guard invariants, and say no `error:`)."""
+    sources = ["prepare.py", "train.py", "constants.py"] + [os.path.join("autoresearch", n) for n in
+                                                           os.listdir(os.path.join(ROOT, "autoresearch"))
+                                                           if n.endswith(".py") and n != "errors.py"]
+    for rel in sources:
+        text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+        for pattern in (r"\bsys\.exit\(", r"\bSystemExit\(", r"assert .*\"error:"):
+            assert not re.search(pattern, text), f"{rel} has {pattern}"
+
+
+def test_the_results_command_imports_only_the_standard_library(tmp_path):
+    import subprocess
+    import sys
+    heavy = ("numpy", "torch", "pyarrow", "requests", "matplotlib", "pandas", "filelock")
+    code = ("import sys, runpy; sys.argv = ['results']; runpy.run_module('autoresearch.results', run_name='__main__')\n"
+            f"print('heavy:', sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("heavy: []"), proc.stdout

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import cache
-from cache import Downloader
+from autoresearch import cache, download
+from autoresearch.download import Downloader
 from conftest import ROOT, TEST_ENV, run_script
 from constants import VAL_SHARD, shard_name
 
@@ -131,7 +131,7 @@ def names_in(folder):
 
 
 def test_download_success(hub, tmp_path):
-    failed = cache.download_shards([0, 1, VAL_SHARD], str(tmp_path), Downloader(hub.endpoint), workers=3)
+    failed = download.download_shards([0, 1, VAL_SHARD], str(tmp_path), Downloader(hub.endpoint), workers=3)
     assert failed == {}
     assert names_in(tmp_path) == [shard_name(0), shard_name(1), shard_name(VAL_SHARD)]
     for name in names_in(tmp_path):
@@ -161,12 +161,12 @@ def test_404_fails_at_once_naming_the_url(hub, tmp_path):
 
 def test_resume_after_an_interrupted_run(hub, tmp_path):
     hub.cut[shard_name(1)] = 2
-    failed = cache.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0), workers=2)
+    failed = download.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0), workers=2)
     assert list(failed) == [shard_name(1)]
     assert names_in(tmp_path) == [shard_name(0), shard_name(2)]
     (tmp_path / f"{shard_name(1)}.999.part").write_bytes(b"left by a killed run")
     hub.requests.clear()
-    failed = cache.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0), workers=2)
+    failed = download.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0), workers=2)
     assert failed == {}
     assert hub.requests == [shard_name(1)]  # whole shards are not fetched again
     assert names_in(tmp_path) == [shard_name(0), shard_name(1), shard_name(2)]
@@ -276,7 +276,7 @@ def test_a_refused_connection_fails_fast_and_stops_the_rest(tmp_path):
         endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
     t0 = time.time()
     with pytest.raises(SystemExit) as refusal:
-        cache.download_shards(list(range(40)), str(tmp_path), Downloader(endpoint, backoff=10), workers=2)
+        download.download_shards(list(range(40)), str(tmp_path), Downloader(endpoint, backoff=10), workers=2)
     line = str(refusal.value.code)
     assert f"cannot connect to {endpoint}/datasets/" in line and "40 of 40 shards not fetched" in line
     assert time.time() - t0 < 30, "a refused connection must not be retried with back-off, shard after shard"
@@ -284,7 +284,7 @@ def test_a_refused_connection_fails_fast_and_stops_the_rest(tmp_path):
 
 def test_progress_is_printed_during_a_long_download(hub, tmp_path, capsys):
     hub.pace[shard_name(0)] = (20_000, 0.1)  # takes a second or two, fast enough to finish
-    failed = cache.download_shards([0], str(tmp_path), Downloader(hub.endpoint), workers=1, progress_every=0.3)
+    failed = download.download_shards([0], str(tmp_path), Downloader(hub.endpoint), workers=1, progress_every=0.3)
     out = capsys.readouterr().out
     assert failed == {} and "MB received in" in out
     assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
@@ -293,7 +293,7 @@ def test_progress_is_printed_during_a_long_download(hub, tmp_path, capsys):
 def test_a_shard_that_does_not_match_the_manifest_is_fetched_again(hub, tmp_path):
     manifest = cache.Manifest({"kind": "hub", "dataset": "x", "endpoint": hub.endpoint}, str(tmp_path))
     data = tmp_path / "data"
-    assert cache.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == {}
+    assert download.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == {}
     assert manifest.files["data/" + shard_name(0)]["sha256"] == cache.file_sha256(str(data / shard_name(0)))
     saved = json.loads((tmp_path / "manifest.json").read_text())
     assert set(saved["files"]) == {"data/" + shard_name(0), "data/" + shard_name(1)}
@@ -301,7 +301,7 @@ def test_a_shard_that_does_not_match_the_manifest_is_fetched_again(hub, tmp_path
     body[100] ^= 0xFF  # same size, one byte changed
     (data / shard_name(0)).write_bytes(bytes(body))
     hub.requests.clear()
-    assert cache.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == {}
+    assert download.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == {}
     assert hub.requests == [shard_name(0)]  # shard 1 matched its checksum and was kept
     assert (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
 
@@ -341,7 +341,7 @@ def test_shards_copied_in_by_hand_are_verified_and_kept(hub, tmp_path):
     assert (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
 
 
-@pytest.mark.parametrize("link", ["data", "prepare.lock"])
+@pytest.mark.parametrize("link", ["data", "cache.lock"])
 def test_nothing_outside_the_cache_is_written_through_a_link(hub, tmp_path, link):
     mine = tmp_path / "mine"
     mine.mkdir()

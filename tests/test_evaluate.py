@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
-import cache
+from autoresearch import cache
 import prepare
-from bench import plain_batches
+from autoresearch.bench import plain_batches
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, VAL_SHARD, shard_name
 
 

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-import runtime
+from autoresearch import hardware, runtime
 import train
 from conftest import run_script
 
@@ -29,9 +29,9 @@ def test_compiled_model_matches_eager_forward_and_backward():
     eager = tiny_model()
     compiled_copy = tiny_model()
     compiled_copy.load_state_dict(eager.state_dict())
-    compiled = runtime.compile_model(compiled_copy, CUDA)
+    compiled = hardware.compile_model(compiled_copy, CUDA)
     x = torch.randint(0, 512, (4, 256), device=CUDA)
-    with runtime.autocast(CUDA):
+    with hardware.autocast(CUDA):
         loss_eager, loss_compiled = eager(x, x), compiled(x, x)
     loss_eager.backward()
     loss_compiled.backward()

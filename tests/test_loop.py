@@ -6,10 +6,10 @@ import shutil
 import subprocess
 import sys
 
-import results
+from autoresearch import results
 from conftest import ROOT, TEST_ENV, git
 
-FILES = ["train.py", "prepare.py", "cache.py", "runtime.py", "constants.py", "results.py"]
+FILES = ["train.py", "prepare.py", "constants.py", "autoresearch"]
 
 
 def edit(repo, old, new, message):
@@ -30,7 +30,7 @@ def run(repo, **env):
 
 
 def record(repo, status, description):
-    return subprocess.run([sys.executable, "results.py", "record", status, description], cwd=repo,
+    return subprocess.run([sys.executable, "-m", "autoresearch.results", "record", status, description], cwd=repo,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -38,7 +38,11 @@ def test_a_night_of_the_loop(prepared, tmp_path):
     repo = str(tmp_path / "repo")
     os.makedirs(repo)
     for name in FILES:
-        shutil.copy(os.path.join(ROOT, name), repo)
+        if os.path.isdir(os.path.join(ROOT, name)):
+            shutil.copytree(os.path.join(ROOT, name), os.path.join(repo, name),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(os.path.join(ROOT, name), repo)
     git(repo, "init", "-q")
     git(repo, "add", *FILES)
     git(repo, "commit", "-qm", "baseline")

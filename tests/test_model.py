@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import runtime
+from autoresearch import hardware
 import train
 
 
@@ -47,20 +47,21 @@ def test_window_pattern_last_layer_is_always_full():
 def tiny(T=32, V=96, layers=2, pattern="SL", kv=2):
     torch.manual_seed(0)
     return train.build_model(train.GPTConfig(sequence_len=T, vocab_size=V, n_layer=layers, n_head=2, n_kv_head=kv,
-                                             n_embd=64, window_pattern=pattern), torch.device("cpu"))
+                                             n_embd=64, window_pattern=pattern,
+                                             low_dtype=torch.float32), torch.device("cpu"))
 
 
 def test_forward_shapes_and_init():
     model = tiny()
     x = torch.randint(0, 96, (3, 32))
-    with runtime.autocast(torch.device("cpu")):  # how train.py and the eval call the model (fp32 on the CPU)
+    with hardware.autocast(torch.device("cpu")):  # how train.py and the eval call the model (fp32 on the CPU)
         logits, loss, per_token = model(x), model(x, x), model(x, x, reduction="none")
     assert logits.shape == (3, 32, 96) and logits.dtype == torch.float32
     assert logits.abs().max() <= 15  # soft cap
     assert loss.shape == () and per_token.shape == (3, 32)
     # the tables the reference keeps in bf16 are bf16 on CUDA, fp32 where bf16 is slow (the CPU)
-    assert runtime.low_precision(torch.device("cuda")) == torch.bfloat16
-    low = runtime.low_precision(torch.device("cpu"))
+    assert hardware.low_precision(torch.device("cuda")) == torch.bfloat16
+    low = hardware.low_precision(torch.device("cpu"))
     assert model.transformer.wte.weight.dtype == low and model.cos.dtype == low
     assert all(ve.weight.dtype == low for ve in model.value_embeds.values())
     assert model.transformer.h[0].attn.ve_gate is None and model.transformer.h[1].attn.ve_gate is not None
@@ -105,7 +106,7 @@ def test_loss_falls_on_real_text(tokenizer):
     from prepare import make_dataloader
     torch.manual_seed(0)
     model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=1,
-                                      n_kv_head=1, n_embd=128, window_pattern="L"), "cpu")
+                                      n_kv_head=1, n_embd=128, window_pattern="L", low_dtype=torch.float32), "cpu")
     model.init_weights()
     opt = model.setup_optimizer(0.004, 0.6, 0.04, 0.5, 0.2, (0.8, 0.95))
     loader = make_dataloader(tokenizer, 8, 64, "train", device="cpu")
@@ -127,11 +128,11 @@ def test_loss_falls_on_real_text(tokenizer):
     ("NVIDIA B200", 2250e12), ("Some Future GPU", 0.0),
 ])
 def test_peak_flops_table(name, flops):
-    assert runtime.lookup_peak_flops(name) == flops
+    assert hardware.lookup_peak_flops(name) == flops
 
 
 def test_mfu_is_not_computed_off_cuda():
-    flops, name, note = runtime.peak_flops(torch.device("cpu"))
+    flops, name, note = hardware.peak_flops(torch.device("cpu"))
     assert flops == 0.0 and name == "cpu" and "not computed" in note
 
 
@@ -164,9 +165,9 @@ GB = 1e9
 @pytest.mark.parametrize("budget_gb, expected", [(80 * 0.9, 128), (24 * 0.9, 32), (12 * 0.9, 16), (0.5, 0)])
 def test_the_device_batch_is_fitted_to_the_memory_present(budget_gb, expected):
     # the baseline's estimate: ~48 GB at 128 rows (the reference measured 45,060 MiB on an H100)
-    fixed, per_row = runtime.estimate_memory(50_332_176, 8, 512, 8192, 2048)
+    fixed, per_row = hardware.estimate_memory(50_332_176, 8, 512, 8192, 2048)
     assert 44e9 < fixed + 128 * per_row < 52e9
-    rows = runtime.largest_fitting_rows(128, 2 ** 19 // 2048, fixed, per_row, budget_gb * GB)
+    rows = hardware.largest_fitting_rows(128, 2 ** 19 // 2048, fixed, per_row, budget_gb * GB)
     assert rows == expected
     if rows:
         assert (2 ** 19 // 2048) % rows == 0 and fixed + rows * per_row <= budget_gb * GB
@@ -174,28 +175,15 @@ def test_the_device_batch_is_fitted_to_the_memory_present(budget_gb, expected):
 
 def test_the_fitted_batch_keeps_dividing_the_total_batch():
     # 96 rows requested of a 192-row step, room for 40: 32 (a power of two that divides 192)
-    assert runtime.largest_fitting_rows(96, 192, 0, 1, 40) == 32
-    assert runtime.largest_fitting_rows(96, 192, 0, 1, 96) == 96  # what was asked, when it fits
-
-
-@pytest.mark.parametrize("shared_memory, head_dim, smaller", [
-    (227 * 1024, 128, False), (227 * 1024, 256, False),  # H100
-    (99 * 1024, 128, False),                             # RTX 4090 (sm89), heads of 128: the defaults compile
-    (99 * 1024, 256, True), (101376, 192, True),         # sm89 / sm120 with wider heads: smaller blocks
-    (0, 256, False),                                     # unknown: the defaults
-])
-def test_flex_attention_block_sizes_follow_the_shared_memory(shared_memory, head_dim, smaller):
-    options = runtime.flex_options_for(shared_memory, head_dim)
-    assert (options is not None) == smaller
-    if smaller:
-        assert all(options[k] <= 64 for k in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"))
+    assert hardware.largest_fitting_rows(96, 192, 0, 1, 40) == 32
+    assert hardware.largest_fitting_rows(96, 192, 0, 1, 96) == 96  # what was asked, when it fits
 
 
 def test_no_triton_means_eager_with_a_note(monkeypatch, capsys):
     cuda = torch.device("cuda")  # (only its type is looked at: no GPU needed)
-    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
-    assert not runtime.can_compile(cuda)
+    monkeypatch.setattr(hardware.importlib.util, "find_spec", lambda name: None)
+    assert not hardware.can_compile(cuda)
     model = torch.nn.Linear(2, 2)
-    assert runtime.compile_model(model, cuda) is model
+    assert hardware.compile_model(model, cuda) is model
     assert "Triton is not installed" in capsys.readouterr().out
-    assert not runtime.can_compile(torch.device("cpu"))
+    assert not hardware.can_compile(torch.device("cpu"))

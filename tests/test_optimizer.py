@@ -71,7 +71,7 @@ def test_normuon_keeps_the_update_norm():
 
 def test_muon_groups_stack_same_shaped_matrices():
     model = train.GPT(train.GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2,
-                                      n_embd=64), "cpu")
+                                      n_embd=64, low_dtype=torch.float32), "cpu")
     model.init_weights()
     opt = model.setup_optimizer(0.004, 0.6, 0.04, 0.5, 0.2, (0.8, 0.95))
     muon = [g for g in opt.param_groups if g["kind"] == "muon"]

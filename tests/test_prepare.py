@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import cache
+from autoresearch import cache, source
 import prepare
-import runtime
+from autoresearch import hardware
 from conftest import MULTILINGUAL, run_script
 from constants import (DATA_DIR, EVAL_TOKENS, LOADER_BUFFER_DOCS, MAX_SEQ_LEN, SPECIAL_TOKENS, TOKENIZER_DIR,
                        VAL_SHARD, VOCAB_SIZE, shard_name)
@@ -36,7 +36,7 @@ def test_source_split_does_not_depend_on_file_order(tmp_path, corpus_docs):
     write_source_corpus(str(tmp_path / "a"), docs)
     write_source_corpus(str(tmp_path / "b"), docs[::-1])
     for name in ("a", "b"):
-        cache.write_source_shards(cache.read_source(str(tmp_path / name))[0], str(tmp_path / f"out_{name}"))
+        source.write_source_shards(source.read_source(str(tmp_path / name))[0], str(tmp_path / f"out_{name}"))
     val = [sorted(all_texts(cache.list_shards("val", str(tmp_path / d)))) for d in ("out_a", "out_b")]
     assert val[0] == val[1] and len(val[0]) > 0
 
@@ -130,7 +130,7 @@ def test_source_cli_works_offline_end_to_end(tmp_path, corpus_docs):
     proc = run_script(["prepare.py", "--source", str(tmp_path / "src")],
                       env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})  # HF_ENDPOINT is unreachable
     assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(tmp_path / "cache")) == ["data", "manifest.json", "prepare.lock", "tokenizer", "tokens"]
+    assert sorted(os.listdir(tmp_path / "cache")) == ["cache.lock", "data", "manifest.json", "tokenizer", "tokens"]
     again = run_script(["prepare.py", "--source", str(tmp_path / "src")],
                        env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
     assert again.returncode == 0, again.stderr
@@ -142,9 +142,9 @@ PROC_VERSION = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54
 
 def test_the_driver_version_is_read_from_proc(tmp_path):
     (tmp_path / "version").write_text(PROC_VERSION)
-    assert runtime.nvidia_driver_version(str(tmp_path / "version")) == "550.54.14"
+    assert hardware.nvidia_driver_version(str(tmp_path / "version")) == "550.54.14"
     (tmp_path / "version").write_text(PROC_VERSION.replace("Open Kernel Module for x86_64", "Kernel Module"))
-    assert runtime.nvidia_driver_version(str(tmp_path / "version")) == "550.54.14"
+    assert hardware.nvidia_driver_version(str(tmp_path / "version")) == "550.54.14"
 
 
 @pytest.mark.parametrize("cuda_available, driver, torch_cuda, expected", [
@@ -156,7 +156,7 @@ def test_the_driver_version_is_read_from_proc(tmp_path):
     (False, "550.54.14", None, ["without CUDA", "Older NVIDIA drivers"]),   # a CPU-only torch on a GPU machine
 ])
 def test_a_gpu_torch_cannot_use_is_one_line_naming_the_driver(cuda_available, driver, torch_cuda, expected):
-    problem = runtime.unusable_gpu_problem(cuda_available, driver, torch_cuda, torch_version="2.11.0")
+    problem = hardware.unusable_gpu_problem(cuda_available, driver, torch_cuda, torch_version="2.11.0")
     if expected is None:
         assert problem is None
     else:
@@ -173,7 +173,7 @@ def test_device_choice_is_said_by_prepare(tokenizer, capsys, source_dir):
 
 def test_exact_duplicates_are_dropped_before_the_split(tmp_path):
     docs = ["the same document, copied many times " * 20] * 300 + [f"document {i} " * 40 for i in range(200)]
-    split = cache.write_source_shards(docs, str(tmp_path))
+    split = source.write_source_shards(docs, str(tmp_path))
     assert split.duplicates == 299
     val = all_texts(cache.list_shards("val", str(tmp_path)))
     train = all_texts(cache.list_shards("train", str(tmp_path)))
@@ -183,7 +183,7 @@ def test_exact_duplicates_are_dropped_before_the_split(tmp_path):
 def test_a_huge_document_never_becomes_the_whole_validation_set(tmp_path):
     huge = "one enormous document " * 50_000  # 1.1 MB, far more than a tenth of the corpus
     docs = [huge] + [f"small document number {i} " * 40 for i in range(120)]
-    split = cache.write_source_shards(docs, str(tmp_path))
+    split = source.write_source_shards(docs, str(tmp_path))
     val = all_texts(cache.list_shards("val", str(tmp_path)))
     assert huge not in val and len(val) == split.val_docs > 1
     assert split.val_bytes <= 0.1 * sum(len(d) for d in docs)
@@ -191,19 +191,19 @@ def test_a_huge_document_never_becomes_the_whole_validation_set(tmp_path):
 
 def test_validation_holds_enough_documents_for_the_loaders_look_ahead(tmp_path):
     docs = [f"document {i} " + "words " * (20 + i % 50) for i in range(4000)]
-    split = cache.write_source_shards(docs, str(tmp_path))
+    split = source.write_source_shards(docs, str(tmp_path))
     val = all_texts(cache.list_shards("val", str(tmp_path)))
     train = all_texts(cache.list_shards("train", str(tmp_path)))
     # a tenth of the bytes is ~400 documents; the loader looks 1000 ahead: a quarter of them (at most 2 x 1000)
     assert split.val_docs == len(val) == 1000 and len(train) == 3000 and not set(val) & set(train)
     assert split.val_bytes == sum(len(d) for d in val) > 0.1 * sum(len(d) for d in docs)
-    many = cache.write_source_shards([f"document {i} " + "words " * (20 + i % 50) for i in range(12_000)],
+    many = source.write_source_shards([f"document {i} " + "words " * (20 + i % 50) for i in range(12_000)],
                                      str(tmp_path / "many"))
     assert many.val_docs == 2 * LOADER_BUFFER_DOCS  # a larger corpus: twice the look-ahead, not a quarter
 
 
 def test_prepare_says_when_the_metric_rows_repeat_validation_documents(prepared, tokenizer, source_dir, capsys):
-    rows, passes, docs = prepare.eval_coverage(tokenizer)
+    rows, passes, docs = prepare.eval_coverage(tokenizer, EVAL_TOKENS, MAX_SEQ_LEN)
     assert rows == EVAL_TOKENS // MAX_SEQ_LEN and passes > 1  # the test corpus's validation shard is small
     prepare.main(["--source", source_dir])
     note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: under settings")]
@@ -228,7 +228,7 @@ def test_a_small_corpus_says_its_vocabulary_is_smaller(tmp_path):
 def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
     (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfplain text")
-    docs, _ = cache.read_source(str(tmp_path))
+    docs, _ = source.read_source(str(tmp_path))
     assert docs == ["first", "second", "plain text"]
 
 
@@ -249,7 +249,7 @@ def test_unreadable_folders_and_skipped_files_are_counted(tmp_path, monkeypatch,
         yield from real_walk(top, onerror=onerror, **kw)
 
     monkeypatch.setattr(cache.os, "walk", walk_with_an_unreadable_folder)
-    cache.read_source(str(tmp_path))
+    source.read_source(str(tmp_path))
     out = capsys.readouterr().out
     assert "read *.parquet, *.jsonl, *.txt, *.md files" in out
     assert "1 .py files" in out and "1 unreadable folders" in out

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import results
+from autoresearch import results
 from conftest import git
 from test_docs import write_results
 

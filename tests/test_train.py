@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import constants
-import runtime
+from autoresearch import hardware, runtime
 import train
 
 from conftest import run_script
@@ -29,7 +29,8 @@ def untrained_val_bpb(tokenizer):
     from prepare import evaluate_bpb
     torch.manual_seed(0)
     model = train.build_model(train.GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2,
-                                              n_head=1, n_kv_head=1, n_embd=128), torch.device("cpu"))
+                                              n_head=1, n_kv_head=1, n_embd=128, low_dtype=torch.float32),
+                              torch.device("cpu"))
     return evaluate_bpb(model, tokenizer, 8)
 
 
@@ -79,17 +80,17 @@ def tiny_run(prepared):
             return self.inner(*args, **kwargs)
 
     saved = {name: getattr(train, name) for name, _ in TINY_KNOBS}
-    compile_model = runtime.compile_model
+    compile_model = hardware.compile_model
     out = io.StringIO()
     try:
         for name, value in TINY_KNOBS:
             setattr(train, name, value)
-        runtime.compile_model = lambda model, device: Compiled(model)
+        hardware.compile_model = lambda model, device: Compiled(model)
         with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as monkeypatch:
             stepped_clock(monkeypatch)
             train.main()
     finally:
-        runtime.compile_model = compile_model
+        hardware.compile_model = compile_model
         for name, value in saved.items():
             setattr(train, name, value)
     stdout = out.getvalue()
@@ -175,7 +176,8 @@ def test_a_diverging_run_prints_fail_and_exits_non_zero(prepared, monkeypatch, c
     with pytest.raises(SystemExit) as exit_info:
         train.main()
     out = capsys.readouterr().out
-    assert exit_info.value.code == 1 and "FAIL" in out and "val_bpb" not in out
+    assert str(exit_info.value.code).startswith("error: the training loss is") and "FAIL" in out
+    assert "val_bpb" not in out
 
 
 @pytest.mark.parametrize("knob, value, says", [
@@ -209,14 +211,14 @@ class Stop(Exception):
 
 
 def test_the_standard_configuration_off_cuda_is_one_line_naming_the_preset(monkeypatch):
-    monkeypatch.setattr(runtime, "SMALL", False)
+    monkeypatch.setattr(hardware, "SMALL", False)
     monkeypatch.setattr(train, "check_cache", lambda: pytest.fail("the cache was read before the device check"))
     with pytest.raises(SystemExit) as exit_info:
         train.main()
     line = str(exit_info.value.code)
     assert "\n" not in line and "AUTORESEARCH_PRESET=small" in line and "AUTORESEARCH_FORCE=1" in line
     monkeypatch.setattr(constants, "FORCE", True)  # insisting works
-    assert runtime.get_device().type == "cpu"
+    assert hardware.get_device().type == "cpu"
 
 
 def test_a_step_too_slow_for_the_budget_is_said_at_once(prepared, monkeypatch, capsys):
@@ -254,7 +256,8 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch):
 def tiny_in_process(monkeypatch):
     for name, value in TINY_KNOBS:
         monkeypatch.setattr(train, name, value)
-    return train.GPTConfig(sequence_len=128, vocab_size=8192, n_layer=2, n_head=1, n_kv_head=1, n_embd=128)
+    return train.GPTConfig(sequence_len=128, vocab_size=8192, n_layer=2, n_head=1, n_kv_head=1, n_embd=128,
+                           low_dtype=torch.float32)
 
 
 def test_training_starts_from_the_references_initial_weights(prepared, monkeypatch):
@@ -286,12 +289,11 @@ def test_training_starts_from_the_references_initial_weights(prepared, monkeypat
 
 
 def test_constants_changed_at_run_time_make_a_run_comparable_with_none(monkeypatch):
-    import prepare
     standard = dict(constants.RESOLVED)
     assert runtime.modified_constants(standard) == []
-    monkeypatch.setattr(prepare, "EVAL_TOKENS", 1000)
+    monkeypatch.setattr(constants, "EVAL_TOKENS", 1000)
     notes = runtime.modified_constants({**standard, "TIME_BUDGET": 600})
-    assert sorted(notes) == ["EVAL_TOKENS = 1000 set in prepare.py at run time",
+    assert sorted(notes) == ["EVAL_TOKENS = 1000 set in constants.py at run time",
                              "TIME_BUDGET = 600 set in train.py at run time"]
 
 
@@ -303,4 +305,4 @@ def test_constants_changed_at_run_time_make_a_run_comparable_with_none(monkeypat
     ([("aten::mm", 5)], {}),
 ])
 def test_attention_kernels_are_named_from_profiler_events(names, expected):
-    assert runtime.attention_kernels(names) == expected
+    assert hardware.attention_kernels(names) == expected

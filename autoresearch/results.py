@@ -1,8 +1,8 @@
 """The experiment log: record one run as a row of results.tsv, and summarize every agent's results.
 
-    uv run results.py record keep "halve TOTAL_BATCH_SIZE"   # after a run: reads run.log and git, appends the row
-    uv run results.py record crash "depth 16"                # a run with no summary is always recorded as a crash
-    uv run results.py                                        # the summary: counts, noise floor, best, kept changes
+    uv run -m autoresearch.results record keep "halve TOTAL_BATCH_SIZE"  # after a run: reads run.log and git, appends the row
+    uv run -m autoresearch.results record crash "depth 16"               # a run with no summary is always recorded as a crash
+    uv run -m autoresearch.results                                       # the summary: counts, noise floor, best, kept changes
 
 A row is the reference's: commit, val_bpb, memory_gb, status, description, tab-separated. A run of the same commit
 as the row before it is a re-run: its description gets " (rerun)", every row of that commit takes the status
@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 
-from cache import atomic_path
+from autoresearch.errors import UserError
 
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash")
@@ -272,7 +272,7 @@ def git_commit():
     except (OSError, subprocess.SubprocessError):
         out = None
     if out is None or out.returncode != 0:
-        raise SystemExit("error: cannot read the commit (`git rev-parse --short HEAD` failed): run this in the "
+        raise UserError("cannot read the commit (`git rev-parse --short HEAD` failed): run this in the "
                          "experiment's git checkout")
     return out.stdout.strip()
 
@@ -290,15 +290,15 @@ def first_finished_run(runs_dir):
 def record(status, description, log="run.log", path="results.tsv", runs_dir="runs"):
     """Append the row of the run in `log` to `path` (see the module's docstring); returns the row."""
     if status not in STATUSES:
-        raise SystemExit(f"error: status {status!r}: use one of {', '.join(STATUSES)}")
+        raise UserError(f"status {status!r}: use one of {', '.join(STATUSES)}")
     description = " ".join(description.replace("\t", " ").split())
     if not description:
-        raise SystemExit("error: give a short description of what the run tried")
+        raise UserError("give a short description of what the run tried")
     try:
         with open(log, encoding="utf-8", errors="replace") as f:
             text = f.read()
     except OSError as e:
-        raise SystemExit(f"error: cannot read the run's log {log} ({e.strerror or e}): run "
+        raise UserError(f"cannot read the run's log {log} ({e.strerror or e}): run "
                          "`timeout 600 uv run train.py > run.log 2>&1` first")
     summary = run_summary(text)
     if "val_bpb" not in summary:
@@ -308,7 +308,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir="run
         reason = crash_reason(text)
         description = f"{description} ({reason})" if reason not in description else description
     elif status == "crash":
-        raise SystemExit(f"error: {log} ends in a summary (val_bpb {summary['val_bpb']}): a finished run is keep or "
+        raise UserError(f"{log} ends in a summary (val_bpb {summary['val_bpb']}): a finished run is keep or "
                          "discard")
     else:
         val_bpb = f"{to_float(summary['val_bpb']):.6f}"
@@ -320,7 +320,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir="run
         settings, (baseline_log, baseline_summary) = summary.get("settings", "standard"), baseline
         baseline_settings = baseline_summary.get("settings", "standard")
         if settings != baseline_settings:
-            raise SystemExit(f"error: this run's settings ({settings}) differ from the baseline's "
+            raise UserError(f"this run's settings ({settings}) differ from the baseline's "
                              f"({baseline_settings}, {baseline_log}): its val_bpb does not compare; not recorded. "
                              "Run it again with the baseline's settings")
     commit = git_commit()
@@ -333,8 +333,10 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir="run
             row["status"] = status
     row = dict(commit=commit, val_bpb=val_bpb, memory_gb=memory, status=status, description=description)
     rows.append(row)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write("\t".join(COLUMNS) + "\n" + "".join("\t".join(r[c] for c in COLUMNS) + "\n" for r in rows))
+    os.replace(tmp, path)
     os.makedirs(runs_dir, exist_ok=True)
     shutil.copyfile(log, os.path.join(runs_dir, f"{len(rows):03d}-{commit}.log"))
     print("\t".join(row[c] for c in COLUMNS))

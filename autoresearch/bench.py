@@ -1,10 +1,10 @@
 """Benchmarks on the prepared cache, printed as one table. Builds nothing new.
 
-    uv run bench.py loader            # this project's loader vs a plain single-threaded one (any machine)
-    uv run bench.py attention         # attention kernels alone, forward + backward (CUDA)
-    uv run bench.py run               # one full `train.py` run, its summary (CUDA, ~6 minutes)
-    uv run bench.py startup           # start-up and eval time as is, again, after an lr and a DEPTH edit (CUDA)
-    uv run bench.py all
+    uv run -m autoresearch.bench loader     # this project's loader vs a plain single-threaded one (any machine)
+    uv run -m autoresearch.bench attention  # attention kernels alone, forward + backward (CUDA)
+    uv run -m autoresearch.bench run        # one full `train.py` run, its summary (CUDA, ~6 minutes)
+    uv run -m autoresearch.bench startup    # start-up and eval time as is, again, after an lr and a DEPTH edit (CUDA)
+    uv run -m autoresearch.bench all
 
 `plain_batches` is the straightforward form of the packing algorithm (stream parquet row groups, batch-encode
 128 documents at a time, scan the buffer in Python for every placement). It is the speed baseline here and
@@ -16,10 +16,10 @@ import subprocess
 import sys
 import time
 
-from cache import list_shards, read_parquet_texts
+from autoresearch.cache import list_shards, read_parquet_texts
+from autoresearch.results import run_summary
 from constants import LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
 from prepare import Tokenizer, make_dataloader
-from results import run_summary
 
 
 def plain_batches(tokenizer, B, T, split):
@@ -58,7 +58,7 @@ def plain_batches(tokenizer, B, T, split):
 
 def bench_loader(B=32, T=MAX_SEQ_LEN, seconds=10.0):
     """Tokens per second of each loader; make_dataloader delivers to the training device (copies included)."""
-    from runtime import detect_device, synchronize
+    from autoresearch.hardware import detect_device, synchronize
     tokenizer = Tokenizer.from_directory()
     device = detect_device()
     out = []
@@ -136,7 +136,7 @@ def bench_startup(budget=20):
     and after the edits an agent makes most: each run a copy of train.py in a temporary folder, with a short
     training budget (AUTORESEARCH_TIME_BUDGET) since only what comes before and after the training is timed."""
     import tempfile
-    root = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     source = open(os.path.join(root, "train.py"), encoding="utf-8").read()
     env = {**os.environ, "AUTORESEARCH_TIME_BUDGET": str(budget), "PYTHONPATH": root}
     out = []

@@ -1,0 +1,13 @@
+"""The fixed harness around train.py. DO NOT CHANGE: it decides what a run's numbers mean.
+
+    errors.py    the one error a user (or the agent) must act on: `error: <what to do>`, exit status 1
+    cache.py     the cache's files: parquet shards, the manifest, token files, the read-write lock
+    download.py  fetching shards from the hub (or a mirror)
+    source.py    building shards from a local corpus (prepare.py --source)
+    hardware.py  the device, its precision, compiling, memory, peak FLOP/s
+    runtime.py   the run: the time budget, progress lines, the checks, the summary and the run's record
+    results.py   the experiment log: `uv run -m autoresearch.results` (standard library only)
+    bench.py     benchmarks: `uv run -m autoresearch.bench ...`
+
+Importing the package imports nothing: each module is loaded only where it is used.
+"""

@@ -1,0 +1,263 @@
+"""Fetching shards from the hub (or a mirror, HF_ENDPOINT). DO NOT CHANGE: prepare.py drives it.
+
+Parallel downloads, several attempts each with back-off, a body streamed to a temporary file that gets the shard's
+name only when its size matches and every row group decodes; stalls, trickles, endless bodies and unreachable
+hosts each end in one line. HF_HUB_OFFLINE and HF_TOKEN follow the hub's conventions.
+"""
+import dataclasses
+import os
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Callable, Optional
+
+import requests
+import urllib3
+
+from autoresearch.cache import atomic_path, file_sha256, parquet_problem
+from autoresearch.errors import UserError
+from constants import DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, shard_name, shard_url
+
+class HubUnreachable(Exception):
+    """No connection could be made: retrying other shards cannot help either."""
+
+
+@dataclasses.dataclass
+class Fetched:
+    """What became of one shard: status 'downloaded', 'present' (a whole copy was already there) or 'failed';
+    detail in words; record: the shard's {"size", "sha256", "mtime_ns"} for the manifest (None when failed)."""
+    status: str
+    detail: str
+    record: Optional[dict] = None
+    missing: bool = False  # the hub answered that the file is not there (HTTP 404, 410): asking again cannot help
+
+
+@dataclasses.dataclass
+class Downloader:
+    """How shards are fetched: from `endpoint`, `attempts` tries each with exponential back-off (`backoff` s,
+    doubling), a connection that cannot be made within `connect_timeout` s raising HubUnreachable, a body that
+    sends nothing for `stall` s or under `min_rate` bytes/s over `window` s abandoned, and so is an answer whose
+    status line and headers take over `headers_deadline` s, or whose body grows past its Content-Length (without
+    one: past `max_bytes`); on_bytes(n) is told of every piece received (for progress lines)."""
+    endpoint: str = HF_ENDPOINT
+    attempts: int = 5
+    backoff: float = 1.0
+    stall: float = 60.0
+    min_rate: float = 64e3
+    window: float = 60.0
+    connect_timeout: float = 10.0
+    headers_deadline: float = 60.0
+    max_bytes: int = 1 << 30  # a shard of the hub's dataset is far smaller
+    on_bytes: Callable[[int], None] = lambda n: None
+    cancel: Optional[threading.Event] = None  # when set, downloads in progress stop at their next piece
+    offline: bool = HF_HUB_OFFLINE  # never download (HF_HUB_OFFLINE=1): only verify what is already there
+    token: str = HF_TOKEN  # sent as a bearer token (HF_TOKEN), for gated datasets and private mirrors
+
+    def fetch(self, index, data_dir=DATA_DIR, known=None):
+        """Fetch one shard into data_dir unless a whole copy is already there; returns a Fetched.
+
+        known: the manifest's record of this shard; a file under the final name is kept if it matches that record
+        (or, unrecorded, if every row group decodes). The body streams to a temporary file that gets the final
+        name only after its byte count matches Content-Length and every row group decodes."""
+        final = os.path.join(data_dir, shard_name(index))
+        if os.path.exists(final):
+            kept, problem = self._keep_existing(final, known)
+            if kept is not None:
+                return kept
+            print(f"{shard_name(index)}: {problem}: fetching it again", flush=True)
+            os.remove(final)
+        url = shard_url(index, self.endpoint)
+        if self.offline:
+            return Fetched("failed", "not downloaded: HF_HUB_OFFLINE is set")
+        error = "no attempt made"
+        for attempt in range(1, self.attempts + 1):
+            t0 = time.time()
+            try:
+                with atomic_path(final) as tmp:
+                    size = self._download(url, tmp)
+                return Fetched("downloaded", f"{size / 1e6:.1f} MB in {time.time() - t0:.1f}s",
+                               {"size": size, "sha256": file_sha256(final), "mtime_ns": os.stat(final).st_mtime_ns})
+            except PermanentHTTPError as e:
+                return Fetched("failed", str(e), missing=e.missing)  # retrying cannot help
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+                error = f"{type(e).__name__} for {url}: {e}"
+                if self.cancel is not None and self.cancel.is_set():
+                    break
+                if attempt < self.attempts:
+                    print(f"{shard_name(index)}: attempt {attempt} failed ({error}); retrying", flush=True)
+                    time.sleep(self.backoff * 2 ** (attempt - 1))
+        return Fetched("failed", f"{self.attempts} attempts, last: {error}")
+
+    @staticmethod
+    def _keep_existing(final, known):
+        """(Fetched('present'), None) when the file under the final name is whole, else (None, why it is not)."""
+        if known is not None:
+            if os.path.getsize(final) == known["size"] and file_sha256(final) == known["sha256"]:
+                return Fetched("present", "already present, checksum matches",
+                               {**known, "mtime_ns": os.stat(final).st_mtime_ns}), None
+            return None, "does not match the manifest"
+        problem = parquet_problem(final)
+        if problem is not None:
+            return None, problem
+        st = os.stat(final)
+        return Fetched("present", "already present, whole",
+                       {"size": st.st_size, "sha256": file_sha256(final), "mtime_ns": st.st_mtime_ns}), None
+
+    def _download(self, url, path):
+        """One attempt: stream url's body into path and check it; returns its size. Raises on any failure."""
+        try:
+            r = self._get_headers(url)
+        except requests.ConnectionError as e:  # refused, unknown host, no route, connect timeout
+            reason = getattr(e.args[0], "reason", None) if e.args else None
+            if isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(
+                    reason, urllib3.exceptions.ConnectTimeoutError):
+                raise HubUnreachable(f"cannot connect to {url} ({reason or e})")
+            raise
+        with r:
+            if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+                missing = r.status_code in (404, 410)
+                raise PermanentHTTPError(f"HTTP {r.status_code} for {url}" + (
+                    ": the file is not there" if missing else
+                    ": access refused (a gated or private dataset needs HF_TOKEN)" if r.status_code in (401, 403)
+                    else ""), missing)
+            r.raise_for_status()
+            expected = r.headers.get("Content-Length")
+            limit = int(expected) if expected and expected.isdigit() else self.max_bytes
+            with open(path, "wb") as f:
+                size = self._stream(r, f, limit)
+        if expected is not None and size != int(expected):
+            raise OSError(f"got {size} of {expected} bytes")
+        problem = parquet_problem(path)
+        if problem:
+            raise OSError(f"the downloaded file {problem}")
+        return size
+
+    def _get_headers(self, url):
+        """requests.get(url, stream=True), given at most headers_deadline s for the status line and headers (the
+        socket's read timeout alone lets a server that sends a byte now and then hold us forever). An abandoned
+        request finishes, and is closed, in its own daemon thread."""
+        result, abandoned = {}, threading.Event()
+
+        def get():
+            try:
+                headers = {"Accept-Encoding": "identity"}
+                if self.token:
+                    headers["Authorization"] = f"Bearer {self.token}"
+                result["response"] = requests.get(url, stream=True, timeout=(self.connect_timeout, self.stall),
+                                                  headers=headers)
+                if abandoned.is_set():
+                    result["response"].close()
+            except Exception as e:  # handed to the caller
+                result["error"] = e
+
+        thread = threading.Thread(target=get, daemon=True)
+        thread.start()
+        thread.join(self.headers_deadline)
+        if thread.is_alive():
+            abandoned.set()
+            raise OSError(f"no status line and headers from {url} within {self.headers_deadline:.0f}s")
+        if "error" in result:
+            raise result["error"]
+        return result["response"]
+
+    def _stream(self, r, f, limit):
+        """Copy a streamed body into file f; returns its size. read1 returns as soon as any bytes arrive, so a
+        body that stops (the socket's read timeout) or trickles (under min_rate over a window) is abandoned, and
+        so is one that grows past `limit` bytes."""
+        size, window_start, window_bytes = 0, time.monotonic(), 0
+        while chunk := r.raw.read1(1 << 20):
+            f.write(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise OSError(f"the body grew past {limit:,} bytes (its Content-Length, or the limit for a shard)")
+            if self.cancel is not None and self.cancel.is_set():
+                raise OSError("cancelled")
+            window_bytes += len(chunk)
+            self.on_bytes(len(chunk))
+            now = time.monotonic()
+            if now - window_start >= self.window:
+                if window_bytes < self.min_rate * (now - window_start):
+                    raise OSError(f"too slow: {window_bytes / (now - window_start) / 1e3:.1f} KB/s over "
+                                  f"{now - window_start:.0f}s (at least {self.min_rate / 1e3:.0f} KB/s needed)")
+                window_start, window_bytes = now, 0
+        return size
+
+
+class PermanentHTTPError(Exception):
+    """A 4xx answer other than 408/429: asking again cannot help. `missing`: the file is not there (404, 410)."""
+
+    def __init__(self, message, missing=False):
+        super().__init__(message)
+        self.missing = missing
+
+
+def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, manifest=None, progress_every=30.0):
+    """Download shards in parallel: one line per shard as it ends, a progress line at least every
+    `progress_every` seconds. With a manifest, each shard is checked against its record and recorded when whole
+    (the manifest is saved every 10 s and at the end). Returns {name: Fetched} of the shards that failed; a
+    connection that cannot be made (refused, unknown host) stops the remaining shards and ends in a UserError.
+    When this call ends early (an exception, SIGTERM), the downloads in progress stop at their next piece."""
+    downloader = downloader or Downloader()
+    os.makedirs(data_dir, exist_ok=True)
+    for name in os.listdir(data_dir):  # leftovers of an interrupted run
+        if name.endswith((".part", ".tmp")):
+            os.remove(os.path.join(data_dir, name))
+    counts, failed = {"downloaded": 0, "present": 0, "failed": 0}, {}
+    received, lock, unreachable, cancel = [0], threading.Lock(), [], threading.Event()
+
+    def count_bytes(n):
+        with lock:
+            received[0] += n
+
+    counting = dataclasses.replace(downloader, on_bytes=count_bytes, cancel=cancel)
+
+    def fetch_one(index):
+        if unreachable or cancel.is_set():
+            return None  # not attempted: the hub cannot be reached
+        known = manifest.files.get(f"data/{shard_name(index)}") if manifest is not None else None
+        try:
+            return counting.fetch(index, data_dir, known)
+        except HubUnreachable as e:
+            unreachable.append(str(e))
+            return Fetched("failed", str(e))
+
+    t0 = last_line = last_save = time.time()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = {pool.submit(fetch_one, index): index for index in indices}
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=progress_every, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda fu: pending[fu]):
+                    index = pending.pop(future)
+                    attempted = future.result()
+                    result = attempted or Fetched("failed", "not attempted")
+                    counts[result.status] += 1
+                    if result.status == "failed":
+                        failed[shard_name(index)] = result
+                    if attempted is not None:
+                        print(f"[{sum(counts.values())}/{len(indices)}] {shard_name(index)}: {result.status} "
+                              f"({result.detail})", flush=True)
+                        last_line = time.time()
+                    if result.record is not None and manifest is not None:
+                        manifest.files[f"data/{shard_name(index)}"] = result.record
+                if manifest is not None and time.time() - last_save >= 10:
+                    manifest.save()  # every 10 s, not per shard: 6543 records rewritten per shard add up to GBs
+                    last_save = time.time()
+                if time.time() - last_line >= progress_every:
+                    elapsed = time.time() - t0
+                    print(f"data: {sum(counts.values())}/{len(indices)} shards done, {received[0] / 1e6:.0f} MB "
+                          f"received in {elapsed:.0f}s ({received[0] / 1e6 / elapsed:.1f} MB/s)", flush=True)
+                    last_line = time.time()
+        except BaseException:
+            cancel.set()
+            raise
+        finally:
+            if manifest is not None:
+                manifest.save()  # (a shard not yet recorded when a run is killed is checked whole next time)
+    print(f"data: {counts['downloaded']} downloaded, {counts['present']} already present, {counts['failed']} failed",
+          flush=True)
+    if unreachable:
+        raise UserError(f"{unreachable[0]}: check the network or HF_ENDPOINT and run prepare.py again "
+                         f"({counts['failed']} of {len(indices)} shards not fetched; whole shards are kept), or "
+                         "prepare offline from text of your own: `uv run prepare.py --source DIR`")
+    return failed

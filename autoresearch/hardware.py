@@ -1,0 +1,249 @@
+"""The device and what it can do. DO NOT CHANGE: train.py's numbers depend on it.
+
+Which device a run uses (CUDA, else Apple's MPS, else the CPU; AUTORESEARCH_DEVICE insists on one) and why an
+NVIDIA GPU cannot be used; the precision each device runs in; compiling the model (regional compilation on CUDA,
+eager elsewhere); the micro-batch that fits the GPU's memory; the GPU's peak FLOP/s for MFU; the attention kernels
+a profile shows.
+"""
+import contextlib
+import importlib.util
+import re
+import shutil
+import subprocess
+
+import torch
+
+import constants
+from autoresearch.errors import UserError
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device
+
+# The oldest Linux driver each CUDA major version runs on (CUDA's minor-version compatibility; NVIDIA's CUDA
+# Toolkit release notes). torch's default Linux wheels on PyPI are built with CUDA 13.0 as of torch 2.11.
+MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+DRIVER_HELP = "see README.md, 'Older NVIDIA drivers' (or set AUTORESEARCH_DEVICE=cpu to run on the CPU anyway)"
+
+
+def nvidia_driver_version(proc_file="/proc/driver/nvidia/version"):
+    """The loaded NVIDIA kernel driver's version ('550.54.14'), or None where there is none: from
+    /proc/driver/nvidia/version on Linux, else from nvidia-smi."""
+    try:
+        with open(proc_file, encoding="utf-8", errors="replace") as f:
+            found = re.search(r"Kernel Module(?: for [\w-]+)?\s+(\d+(?:\.\d+)+)", f.read())
+        if found:
+            return found.group(1)
+    except OSError:
+        pass
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+            return out[0] if out and re.fullmatch(r"\d+(\.\d+)+", out[0]) else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return None
+
+
+def unusable_gpu_problem(cuda_available, driver_version, torch_cuda_version, torch_version=torch.__version__):
+    """One line when an NVIDIA GPU is present (a driver is loaded) but torch cannot use it, else None."""
+    if cuda_available or driver_version is None:
+        return None
+    if torch_cuda_version is None:
+        return (f"an NVIDIA GPU is present (driver {driver_version}) but torch {torch_version} is a build without "
+                f"CUDA: {DRIVER_HELP}")
+    need = MIN_DRIVER.get(int(torch_cuda_version.split(".")[0]))
+    if need is not None and int(driver_version.split(".")[0]) < need:
+        return (f"the NVIDIA driver is {driver_version}, but torch {torch_version} (CUDA {torch_cuda_version}) "
+                f"needs driver >= {need}: update the driver, or install a torch built for an older CUDA: "
+                f"{DRIVER_HELP}")
+    return (f"an NVIDIA GPU is present (driver {driver_version}) but torch {torch_version} cannot use it "
+            f"(check nvidia-smi and CUDA_VISIBLE_DEVICES): {DRIVER_HELP}")
+
+
+SMALL = constants.PRESET == "small"  # AUTORESEARCH_PRESET=small: train.py's size knobs take their small values
+
+
+def get_device():
+    """The training device, detected at run time: AUTORESEARCH_DEVICE if set, else cuda, then mps, then cpu. An
+    NVIDIA GPU that torch cannot use (an old driver, a CPU-only torch) is an error, not a silent CPU run; so is
+    the standard configuration off CUDA (hours per step) unless AUTORESEARCH_PRESET=small or AUTORESEARCH_FORCE=1."""
+    device = detect_device()
+    if device.type != "cuda" and not SMALL and not constants.FORCE:
+        raise UserError(f"no CUDA GPU: on {device.type} the standard configuration would take hours per step; run "
+                         "the small preset, `AUTORESEARCH_PRESET=small uv run train.py` (README.md, 'Small machines'), "
+                         "or set AUTORESEARCH_FORCE=1 to run it anyway")
+    return device
+
+
+def detect_device():
+    """The device present, by the rules of get_device but without its size rule (for benchmarks and prepare.py)."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if constants.DEVICE == "cpu":
+        return torch.device("cpu")
+    if constants.DEVICE == "mps" and not mps:
+        raise UserError("AUTORESEARCH_DEVICE=mps, but torch cannot use Apple's GPU here")
+    if constants.DEVICE != "mps":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        problem = unusable_gpu_problem(False, nvidia_driver_version(), torch.version.cuda)
+        if problem:
+            raise UserError(problem)
+        if constants.DEVICE == "cuda":
+            raise UserError("AUTORESEARCH_DEVICE=cuda, but torch finds no CUDA GPU (no NVIDIA driver is loaded)")
+    return torch.device("mps") if mps else torch.device("cpu")
+
+
+def describe_device():
+    """Which device train.py will use, in words, or why it cannot start."""
+    try:
+        device = detect_device()
+    except UserError as e:
+        return f"train.py cannot start: {e.message}"
+    if device.type != "cuda":
+        return f"train.py will run on {device.type}, with AUTORESEARCH_PRESET=small (README.md, 'Small machines')"
+    return f"train.py will run on cuda ({torch.cuda.get_device_name(device)})"
+
+
+def low_precision(device):
+    """The dtype for what the reference keeps in bf16 (embedding and rotary tables, Muon's orthogonalization):
+    bf16 on CUDA, fp32 elsewhere (CPUs without bf16 instructions run bf16 matmuls 7-9x slower than fp32)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device):
+    """The forward pass's mixed precision: bf16 autocast on CUDA (the reference's), plain fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def can_compile(device):
+    """torch.compile runs on CUDA where Triton is installed (not on native Windows); CPU and MPS runs are eager."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def compile_model(model, device):
+    """torch.compile where can_compile(device), eager elsewhere; returns the model to call. A model with a
+    compiled_regions() method is compiled region by region (PyTorch's regional compilation: a graph per kind of
+    region, reused by every region of that kind, so compile time does not grow with depth); any other model
+    whole. On CUDA nothing else is ever called, so an uncompiled FlexAttention (full score matrices) never runs."""
+    if device.type == "cuda" and not can_compile(device):
+        print("note: Triton is not installed (native Windows?): running eagerly, several times slower; WSL2 "
+              "compiles (README.md, 'Windows')", flush=True)
+    if not can_compile(device):
+        return model
+    if hasattr(model, "compiled_regions"):
+        return compile_regions(model)
+    return torch.compile(model, dynamic=False)
+
+
+def compile_regions(model, backend="inductor"):
+    """Compile each of model.compiled_regions() in place (nn.Module.compile) and return the model. Graphs are
+    cached per region kind and grad mode (training, evaluation), so the recompile limit is raised above the
+    few kinds a model has."""
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for region in model.compiled_regions():
+        region.compile(backend=backend, dynamic=False)
+    return model
+
+
+# GPU memory: the baseline's peak on the reference's H100 run (DEVICE_BATCH_SIZE 128, T 2048, 8 layers of 512,
+# vocab 8192) was 45,060 MiB. Per token of a micro-batch that is 180 KB: about 10 bytes per vocab entry (fp32
+# logits and their soft cap) and 24 bytes per layer and model dimension (the activations kept for backward).
+BYTES_PER_TOKEN_VOCAB, BYTES_PER_TOKEN_LAYER_DIM = 10, 24
+BYTES_PER_PARAM = 16  # fp32 weight and gradient, two optimizer moments
+
+
+def estimate_memory(num_params, n_layer, n_embd, vocab_size, seq_len):
+    """(fixed bytes, bytes per row of a micro-batch) of a training step, from the reference's measured peak."""
+    per_token = BYTES_PER_TOKEN_VOCAB * vocab_size + BYTES_PER_TOKEN_LAYER_DIM * n_layer * n_embd
+    return BYTES_PER_PARAM * num_params, per_token * seq_len
+
+
+def largest_fitting_rows(rows, total_rows, fixed_bytes, row_bytes, budget_bytes):
+    """The largest power of two <= rows that divides total_rows and whose estimated peak fits in budget_bytes
+    (rows itself when it fits), or 0 when not even one row fits."""
+    fits = lambda r: fixed_bytes + r * row_bytes <= budget_bytes and total_rows % r == 0  # noqa: E731
+    if fits(rows):
+        return rows
+    r = 1 << (rows.bit_length() - 1)
+    while r >= 1 and not fits(r):
+        r //= 2
+    return r
+
+
+def fit_device_batch(device, rows, total_rows, fixed_bytes, row_bytes):
+    """DEVICE_BATCH_SIZE as it fits this GPU: `rows` when its estimated peak fits in 90% of the free memory
+    (AUTORESEARCH_GPU_MEMORY_GB overrides what is free), else the largest power of two that does, said in one
+    line (gradient accumulation keeps TOTAL_BATCH_SIZE, so results stay comparable). Off CUDA: `rows`."""
+    if device.type != "cuda":
+        return rows
+    budget = constants.GPU_MEMORY_GB * 1e9 if constants.GPU_MEMORY_GB else torch.cuda.mem_get_info(device)[0]
+    fitted = largest_fitting_rows(rows, total_rows, fixed_bytes, row_bytes, 0.9 * budget)
+    if fitted == 0:
+        raise UserError(f"not even one row of the model fits in the {budget / 1e9:.1f} GB of GPU memory free "
+                         f"(estimated {(fixed_bytes + row_bytes) / 1e9:.1f} GB): make the model smaller (DEPTH)")
+    if fitted != rows:
+        print(f"note: DEVICE_BATCH_SIZE {rows} needs about {(fixed_bytes + rows * row_bytes) / 1e9:.0f} GB, more than "
+              f"the {budget / 1e9:.1f} GB free: {fitted} rows per micro-batch instead (TOTAL_BATCH_SIZE kept)",
+              flush=True)
+    return fitted
+
+
+def synchronize(device):
+    """Wait for the device's queued work (so a step's wall time is its real time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MFU: peak dense bf16 tensor FLOP/s (no sparsity) from the vendors' datasheets, matched on the CUDA device name in
+# this order (the first match wins, so specific names come before general ones).
+
+PEAK_BF16_FLOPS = [
+    ("gh200", 989.5e12), ("h200", 989.5e12), ("h100 pcie", 756.0e12), ("h100 nvl", 835.0e12),
+    ("h100", 989.5e12), ("h800", 989.5e12), ("b200", 2250e12), ("a100", 312.0e12), ("a800", 312.0e12),
+    ("l40s", 362.1e12), ("l40", 181.0e12), ("rtx 6000 ada", 364.2e12), ("l4", 121.0e12), ("a10g", 70.0e12),
+    ("a10", 125.0e12), ("rtx 5090", 209.5e12), ("rtx 4090", 165.2e12), ("rtx 3090", 71.0e12),
+]
+
+
+def lookup_peak_flops(gpu_name):
+    """Peak bf16 FLOP/s of a GPU by its CUDA name, or 0.0 when it is not in the table."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in gpu_name.lower()), 0.0)
+
+
+def peak_flops(device):
+    """(peak bf16 FLOP/s or 0.0, device name, note: why MFU is 0, or "")."""
+    if device.type != "cuda":
+        return 0.0, device.type, f"MFU is not computed on {device.type}"
+    name = torch.cuda.get_device_name(device)
+    flops = lookup_peak_flops(name)
+    return flops, name, "" if flops else f"{name} is not in runtime.py's PEAK_BF16_FLOPS table: MFU reported as 0"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What ran, and whether the run compares with standard ones
+
+ATTENTION_KINDS = [("cuDNN SDPA", ("_scaled_dot_product_cudnn_attention", "cudnn_generated_fort_native_sdpa")),
+                   ("flash SDPA", ("_scaled_dot_product_flash_attention", "flash_fwd", "flash_bwd")),
+                   ("mem-efficient SDPA", ("_scaled_dot_product_efficient_attention", "fmha_cutlass")),
+                   ("math SDPA (slow)", ("_scaled_dot_product_attention_math",)),
+                   ("FlexAttention", ("flex_attention",))]
+
+
+def attention_kernels(event_names):
+    """{implementation: count} of the attention that ran, from (profiler event or kernel name, count) pairs, so
+    a silent fallback to a slower kernel shows in run.log."""
+    found = {}
+    for name, count in event_names:
+        lowered = name.lower()
+        for label, keys in ATTENTION_KINDS:
+            if any(key in lowered for key in keys):
+                found[label] = found.get(label, 0) + count
+                break
+    return found

@@ -1,0 +1,173 @@
+"""Building the cache's shards from a local corpus: `prepare.py --source DIR`. DO NOT CHANGE: prepare.py drives it.
+
+The folder is only read. Its documents are split into a validation shard and training shards (source.py's
+write_source_shards says how), so that the metric's rows come from documents never trained on.
+"""
+import collections
+import hashlib
+import json
+import os
+import re
+import stat
+
+from autoresearch.cache import SHARD_RE, read_parquet_texts, write_parquet
+from autoresearch.errors import UserError
+from constants import CACHE_DIR, DATA_DIR, LOADER_BUFFER_DOCS, VAL_SHARD, shard_name
+
+SOURCE_EXTENSIONS = (".parquet", ".jsonl", ".txt", ".md")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_lone_surrogates(text):
+    """A str that encodes as UTF-8: lone surrogates (possible in JSON escapes) become U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def check_source_folder(source, cache_dir=CACHE_DIR):
+    """The --source folder as an absolute path, or a UserError: it must be an existing folder that neither holds
+    the cache nor lies inside it (the cache's own shards would be read back, or deleted)."""
+    if not source or not source.strip():
+        raise UserError("--source needs a folder (got an empty string)")
+    if not os.path.exists(source):
+        raise UserError(f"--source folder {source} does not exist")
+    if not os.path.isdir(source):
+        raise UserError(f"--source {source} is a file, not a folder: give the folder that holds it")
+    real, cache = os.path.realpath(source), os.path.realpath(cache_dir)
+    if real == cache or real.startswith(cache + os.sep) or cache.startswith(real + os.sep):
+        raise UserError(f"--source {source} and the cache {cache_dir} overlap: choose a folder outside the cache "
+                         "that does not contain it (or set AUTORESEARCH_CACHE_DIR elsewhere)")
+    return real
+
+
+def _jsonl_documents(path):
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # (-sig: a byte-order mark is not text)
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{lineno} is not a JSON object with a `text` field")
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: `text` is a {type(text).__name__}, not a string")
+            if text:
+                yield replace_lone_surrogates(text)
+
+
+def iter_source_documents(source, skipped=None):
+    """Documents of a local corpus, files in sorted path order: .parquet (`text` column), .jsonl (`text` field),
+    .txt / .md (one document per file). Opens files for reading only. Entries that are not readable regular files
+    (FIFOs, sockets, broken links, no permission) are skipped and counted in `skipped` (a dict)."""
+    skipped = {} if skipped is None else skipped
+
+    def unreadable(error):
+        skipped["unreadable folders"] = skipped.get("unreadable folders", 0) + 1
+
+    for root, dirs, files in os.walk(source, onerror=unreadable):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.endswith(SOURCE_EXTENSIONS):
+                kind = f"{os.path.splitext(name)[1] or 'extensionless'} files"
+                skipped[kind] = skipped.get(kind, 0) + 1
+                continue
+            path = os.path.join(root, name)
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError:
+                regular = False  # a broken link
+            if not regular or not os.access(path, os.R_OK):
+                skipped["not readable regular files"] = skipped.get("not readable regular files", 0) + 1
+            elif name.endswith(".parquet"):
+                for texts in read_parquet_texts(path):
+                    yield from (t for t in texts if t)
+            elif name.endswith(".jsonl"):
+                yield from _jsonl_documents(path)
+            else:
+                with open(path, encoding="utf-8-sig", errors="replace") as f:
+                    text = f.read()
+                if text:
+                    yield text
+
+
+def read_source(source):
+    """(documents, digest) of a local corpus; the digest identifies exactly what was read."""
+    skipped = {}
+    docs = list(iter_source_documents(source, skipped))
+    digest = hashlib.sha256()
+    for doc in docs:
+        data = doc.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little") + data)
+    read = ", ".join(f"*{ext}" for ext in SOURCE_EXTENSIONS)
+    if skipped:
+        print(f"source: read {read} files; skipped {', '.join(f'{n} {what}' for what, n in sorted(skipped.items()))}"
+              f" in {source}")
+    else:
+        print(f"source: read {read} files in {source}")
+    if len(docs) < 2:
+        raise UserError(f"--source {source} holds {len(docs)} document(s) in .parquet/.jsonl/.txt/.md files; "
+                         "need at least 2 (one for validation, one for training)")
+    return docs, digest.hexdigest()
+
+
+SourceSplit = collections.namedtuple("SourceSplit", "train_shards val_docs val_bytes duplicates")
+
+
+def write_source_shards(docs, data_dir=DATA_DIR, val_fraction=0.1, max_val_bytes=80e6, shard_bytes=40e6):
+    """Write documents as shards in the cache layout, replacing the shards already in data_dir; returns a
+    SourceSplit. Exact duplicates are dropped first (a document in both splits would be scored after being
+    trained on). The validation shard takes documents in the order of their content hashes, each one that still
+    fits in about val_fraction of the bytes (at most max_val_bytes), so that no single huge document becomes the
+    whole validation set; the split depends only on the documents, not on how files are named or ordered.
+    Then, up to a quarter of the documents, more of the small ones (each under a tenth of that byte target) until
+    it holds 2 x LOADER_BUFFER_DOCS: the loader looks that far ahead, and with fewer documents its look-ahead
+    wraps around the shard and the metric's rows can repeat documents. The rest become training shards, in
+    order."""
+    hashes, unique = {}, []
+    for doc in docs:
+        h = hashlib.sha1(doc.encode("utf-8")).digest()
+        if h not in hashes:
+            hashes[h] = len(unique)
+            unique.append(doc)
+    duplicates, docs = len(docs) - len(unique), unique
+    keys = list(hashes)
+    sizes = [len(d.encode("utf-8")) for d in docs]
+    target = min(val_fraction * sum(sizes), max_val_bytes)
+    val, val_bytes = set(), 0
+    for i in sorted(range(len(docs)), key=keys.__getitem__):
+        if len(docs) - len(val) <= 1:  # leave at least one document for training
+            break
+        if val_bytes + sizes[i] <= target:
+            val.add(i)
+            val_bytes += sizes[i]
+    if not val:  # every document is larger than the target: the smallest one
+        i = min(range(len(docs)), key=lambda i: (sizes[i], keys[i]))
+        val, val_bytes = {i}, sizes[i]
+    want = min(2 * LOADER_BUFFER_DOCS, len(docs) // 4)
+    for i in sorted(range(len(docs)), key=keys.__getitem__):
+        if len(val) >= want:
+            break
+        if i not in val and sizes[i] <= target / 10:
+            val.add(i)
+            val_bytes += sizes[i]
+    os.makedirs(data_dir, exist_ok=True)
+    for name in os.listdir(data_dir):  # only the shards: a data folder may hold other files of the user's
+        if SHARD_RE.fullmatch(name):
+            os.remove(os.path.join(data_dir, name))
+    write_parquet([docs[i] for i in sorted(val)], os.path.join(data_dir, shard_name(VAL_SHARD)))
+    shard, size, n = [], 0, 0
+    for i, doc in enumerate(docs):
+        if i in val:
+            continue
+        shard.append(doc)
+        size += sizes[i]
+        if size >= shard_bytes:
+            write_parquet(shard, os.path.join(data_dir, shard_name(n)))
+            shard, size, n = [], 0, n + 1
+    if shard:
+        write_parquet(shard, os.path.join(data_dir, shard_name(n)))
+        n += 1
+    return SourceSplit(n, len(val), val_bytes, duplicates)
