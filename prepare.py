@@ -37,6 +37,7 @@ import tiktoken
 
 import constants
 
+from autoresearch import record
 from autoresearch.cache import (PREPARE_HINT, SHARD_RE, TOKENIZER_RELS, Manifest, atomic_path, cache_lock,
                                 check_token_files, clear_token_files, describe_source, list_shards,
                                 load_or_reset_manifest, open_token_shard, read_parquet_texts, refuse,
@@ -123,11 +124,17 @@ class Tokenizer:
         """The text of a list of token ids."""
         return self.enc.decode(list(ids))
 
-    def token_byte_lengths(self):
-        """Bytes each token id stands for: its own bytes for learned tokens (a token that is part of a UTF-8
-        sequence counts only its own bytes), 0 for special tokens."""
+    def token_byte_lengths(self, as_reference=False):
+        """Bytes each token id stands for, 0 for special tokens. Exact (the default): the token's own bytes. As the
+        reference counts them (as_reference=True): the token decoded alone to text and encoded again, so a token
+        holding part of a multi-byte character counts each invalid run of bytes as U+FFFD, 3 bytes (SPEC.md,
+        `token_bytes`: b'\\x80' counts 3, b'\\xbf\\xbd' 6)."""
         special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
-        return [0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.enc.n_vocab)]
+        counts = []
+        for i in range(self.enc.n_vocab):
+            token = b"" if i in special else self.enc.decode_single_token_bytes(i)
+            counts.append(len(token.decode("utf-8", errors="replace").encode("utf-8")) if as_reference else len(token))
+        return counts
 
     @functools.cached_property
     def fingerprint(self):
@@ -176,9 +183,11 @@ def _check_cache_files():
 
 
 def get_token_bytes(device, tokenizer):
-    """int32 tensor [vocab] on device: the UTF-8 bytes each token id stands for (0 for special tokens)."""
+    """int64 tensor [2, vocab] on device: the bytes each token id stands for as the reference counts them (row 0)
+    and exactly (row 1); 0 for special tokens (Tokenizer.token_byte_lengths)."""
     import torch
-    return torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int32, device=device)
+    return torch.tensor([tokenizer.token_byte_lengths(as_reference=True), tokenizer.token_byte_lengths()],
+                        dtype=torch.int64, device=device)
 
 
 def _document_chunks(split, tokenizer):
@@ -254,28 +263,45 @@ def make_dataloader(tokenizer, B, T, split, device):
 def evaluate_bpb(model, tokenizer, batch_size):
     """Validation bits per byte, the fixed metric. DO NOT CHANGE.
 
-    Over the first EVAL_TOKENS // MAX_SEQ_LEN rows of the val split (the same rows whatever batch_size is; the
-    last batch may be partial): the sum of per-token cross-entropy (nats) over targets that stand for at least
-    one byte, divided by ln(2) times the sum of their bytes. Special tokens (BOS) as targets are excluded from
-    both sums. The model is called as model(x, y, reduction='none') and returns per-token losses [B, T]."""
+    Over the first EVAL_TOKENS // MAX_SEQ_LEN rows of the val split (the constants as they are when it runs; the
+    same rows whatever batch_size is; the last batch may be partial): the sum of per-token cross-entropy (nats)
+    over targets that stand for at least one byte, divided by ln(2) times the sum of their bytes. Special tokens
+    (BOS) as targets are excluded from both sums. The model is called as model(x, y, reduction='none') and must
+    return per-token losses [B, T]; anything else is an error.
+
+    Returns val_bpb with the bytes counted as the reference counts them, so that it compares with the reference's
+    published numbers and runs; the exact count (each token's own bytes) gives val_bpb_exact in the same pass.
+    Both, with the rows and tokens scored, are noted in the run's record (record.note_evaluation), from where the
+    summary prints them and checks the rows against the fixed constants."""
     import torch
-    rows = constants.EVAL_TOKENS // constants.MAX_SEQ_LEN  # (constants.py guarantees at least one)
+    rows, seq_len = constants.EVAL_TOKENS // constants.MAX_SEQ_LEN, constants.MAX_SEQ_LEN  # (at least one row)
     device = next(model.parameters()).device
-    token_bytes = get_token_bytes(device, tokenizer)
-    loader = make_dataloader(tokenizer, batch_size, constants.MAX_SEQ_LEN, "val", device)
-    total_nats, total_bytes, last_line = 0.0, 0, time.time()
+    token_bytes = get_token_bytes(device, tokenizer)  # [2, V]: as the reference counts them, exactly
+    loader = make_dataloader(tokenizer, batch_size, seq_len, "val", device)
+    total_nats, total_bytes, scored, tokens, last_line = 0.0, [0, 0], 0, 0, time.time()
     with torch.no_grad():
         for start in range(0, rows, batch_size):
             if time.time() - last_line >= 30:  # a long evaluation (a small machine) shows it is alive
-                print(f"eval: {start:,} of {rows:,} rows scored", flush=True)
+                print(f"eval: in progress, {start:,} of {rows:,} rows done so far", flush=True)
                 last_line = time.time()
             x, y, _ = next(loader)
             x, y = x[:rows - start], y[:rows - start]
-            loss = model(x, y, reduction="none").reshape(-1).float()
-            nbytes = token_bytes[y.reshape(-1)]
-            total_nats += torch.where(nbytes > 0, loss, torch.zeros_like(loss)).sum().item()
-            total_bytes += nbytes.sum().item()
-    return total_nats / (math.log(2) * total_bytes)
+            loss = model(x, y, reduction="none")
+            if not isinstance(loss, torch.Tensor) or loss.shape != y.shape:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise UserError(f"the model returned a loss of shape {shape} for reduction='none': evaluate_bpb "
+                                f"needs one loss per target token, {tuple(y.shape)}")
+            nbytes = token_bytes[:, y.reshape(-1)]
+            counted = nbytes[1] > 0
+            total_nats += torch.where(counted, loss.reshape(-1).float(), 0.0).sum().item()
+            for i in (0, 1):
+                total_bytes[i] += nbytes[i].sum().item()
+            scored += len(y)
+            tokens += counted.sum().item()
+    val_bpb, val_bpb_exact = (total_nats / (math.log(2) * n) for n in total_bytes)
+    record.note_evaluation(dict(val_bpb=val_bpb, val_bpb_exact=val_bpb_exact, rows=scored, seq_len=seq_len,
+                                tokens=tokens, bytes=total_bytes[0], bytes_exact=total_bytes[1], nats=total_nats))
+    return val_bpb
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -536,7 +562,7 @@ def main(argv=None):
             signal.signal(signal.SIGTERM, previous)
     print(f"done in {time.time() - t0:.1f}s: {len(manifest.shards('train'))} training shard(s) + the "
           f"validation shard, tokenizer and token files in {CACHE_DIR}, all matching {MANIFEST_PATH}")
-    from autoresearch.hardware import describe_device  # (imports torch: only now, so the data steps and --help start fast)
+    from autoresearch.hardware import describe_device  # (imports torch: only now, so the data steps start fast)
     print(f"device: {describe_device()}")
 
 

@@ -467,7 +467,7 @@ def check_config():
 
 
 def train():
-    t_start = time.time()
+    t_start = time.perf_counter()
     check_config()
     device = hardware.get_device()
     torch.manual_seed(SEED)

@@ -1,29 +1,42 @@
-"""The experiment log: record one run as a row of results.tsv, and summarize every agent's results.
+"""The experiment log: record each run as a row of results.tsv, and summarize every agent's results.
 
-    uv run -m autoresearch.results record keep "halve TOTAL_BATCH_SIZE"  # after a run: reads run.log and git, appends the row
-    uv run -m autoresearch.results record crash "depth 16"               # a run with no summary is always recorded as a crash
-    uv run -m autoresearch.results                                       # the summary: counts, noise floor, best, kept changes
+    uv run -m autoresearch.results record keep "halve TOTAL_BATCH_SIZE"  # after a run: appends its row
+    uv run -m autoresearch.results record discard "GELU"                 # crash: for a run that did not finish
+    uv run -m autoresearch.results                                       # the summary of every agent's results
 
-A row is the reference's: commit, val_bpb, memory_gb, status, description, tab-separated. A run of the same commit
-as the row before it is a re-run: its description gets " (rerun)", every row of that commit takes the status
-given last, and the summary counts the rows as one experiment worth the mean of their val_bpb. Each recorded run's
-log is kept as runs/<row>-<commit>.log. A run whose settings (the `settings:` summary line) differ from the first
-recorded run's is refused: its val_bpb would not compare. analysis.ipynb draws its plot from the same functions.
+A row is the reference's: commit, val_bpb, memory_gb, status, description, tab-separated. What it says comes from
+the run's record (run.json, which the fixed code writes beside run.log; record.py) and from git, never from text
+the agent's code could print. `record` refuses, in one line and writing nothing:
+- a run already recorded (its run id is in runs/), or a log and a record that belong to different runs;
+- a run whose train.py is not the train.py of the commit it would be filed under (commit first; after a reset,
+  run again); a run still going;
+- a finished run recorded as crash, and keep for a run that compares with no other (its record says why);
+- a run whose settings differ from the baseline's.
+A run without a finished record (an error, a diverged loss, a metric that is not finite, a timeout, a run killed)
+is always a crash, whatever was asked. A run of a commit that already has a finished row is a re-run: its
+description gets " (rerun)"; no earlier row ever changes, and the summary counts the runs of one commit as one
+experiment worth their mean, with the status given last. The run's log and record are kept in runs/ as
+<row>-<commit>-<run id>.log/.json (names that never collide). One `record` at a time (results.tsv.lock); the row is
+appended to the bytes already there (through a symbolic link to its target), after the run's files are in runs/:
+both or neither. The summary reads every agent's results file; analysis.ipynb draws its plot from the same
+functions. Standard library only (matplotlib for the plot).
 """
 import argparse
+import contextlib
 import glob
+import json
 import math
 import os
 import re
-import shutil
-import subprocess
 import sys
 
+from autoresearch import record as run_record
 from autoresearch.errors import UserError
 
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash")
-MIN_FLOOR = 0.001  # program.md: the noise floor is the gap between the two baseline runs, at least this
+MIN_FLOOR = 0.001  # program.md: the noise floor is the spread of the baseline's runs, at least this
+SPEED_TOLERANCE = 0.10  # a run whose model FLOP/s is more than 10% off the baseline's ran on another machine, in effect
 RESULTS = ["results.tsv", "results/*.tsv"]  # this folder's and gathered ones; load() adds the other worktrees'
 RERUN = " (rerun)"
 
@@ -31,21 +44,42 @@ RERUN = " (rerun)"
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
 
+def _is_header(fields):
+    names = {f.strip().lower() for f in fields}
+    return "commit" in names and "val_bpb" in names
+
+
 def read_rows(path, problems):
-    """The rows of one results file as dicts of the five columns (missing values ""), in order. Every oddity
-    (an empty file, a missing column, a tab inside a description, a row with too few fields) adds one line to
-    `problems` and the rest still reads."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [line.rstrip("\r\n") for line in f]
+    """The rows of one results file as dicts of the five columns (missing values ""), in order. Tolerant of what
+    editors and spreadsheets do to a file: a byte-order mark, CRLF line ends, a missing header line, extra or
+    missing columns, a tab inside a description, a short row; each oddity adds one line to `problems` and the rest
+    still reads. A path that is a folder or cannot be read is skipped, said in `problems`."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            lines = f.read().splitlines()
+    except IsADirectoryError:
+        problems.append(f"{path} is a folder, not a results file: skipped")
+        return []
+    except OSError as e:
+        problems.append(f"{path} cannot be read ({e.strerror or e}): skipped")
+        return []
     if not lines or not lines[0].strip():
         problems.append(f"{path} is empty (not even the header line): skipped")
         return []
-    header = [h.strip() for h in lines[0].split("\t")]
+    first = lines[0].split("\t")
+    if _is_header(first):
+        header, body, start = [h.strip().lower() for h in first], lines[1:], 2
+    else:
+        problems.append(f"{path} has no header line: read as the columns {', '.join(COLUMNS)}")
+        header, body, start = list(COLUMNS), lines, 1
     missing = [c for c in COLUMNS if c not in header]
+    extra = [h for h in header if h not in COLUMNS]
     if missing:
         problems.append(f"{path}: no {', '.join(missing)} column in the header: left blank")
+    if extra:
+        problems.append(f"{path}: column(s) {', '.join(extra)} are not results.tsv's: ignored")
     rows = []
-    for n, line in enumerate(lines[1:], 2):
+    for n, line in enumerate(body, start):
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -64,47 +98,124 @@ def to_float(text):
     """The number in a results cell, or nan for anything else (N/A, empty, inf)."""
     try:
         value = float(text)
-    except ValueError:
+    except (TypeError, ValueError):
         return math.nan
     return value if math.isfinite(value) else math.nan
 
 
-def experiments(rows, agent="", problems=None):
-    """One agent's experiments from its rows: consecutive rows of one commit whose later descriptions end in
-    " (rerun)" are one experiment, worth the mean val_bpb of its finished runs. Each experiment is a dict:
-    number (1, 2, ...), commit, description, status (the last row's), rows, runs (val_bpb of each finished run),
-    value (their mean, nan if none finished), finished (a value and not a crash)."""
-    problems = [] if problems is None else problems
+def runs_folder(path):
+    """The runs/ folder that belongs to a results file: beside it."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "runs")
+
+
+def archived_records(runs_dir):
+    """The records of the runs archived in runs_dir (runs/*.json), in row order; unreadable ones are skipped."""
     out = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(runs_dir), "*.json"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("recorded"), dict):
+            out.append(data)
+    return out
+
+
+def attach_speeds(rows, records):
+    """Give each row the model FLOP/s of the run recorded as that row (None where no record says): a row and its
+    record match by their five fields, in order."""
+    pending = {}
+    for data in records:
+        key = tuple(str(v) for v in data["recorded"].get("row", []))
+        pending.setdefault(key, []).append(data)
+    for row in rows:
+        found = pending.get(tuple(row[c] for c in COLUMNS))
+        data = found.pop(0) if found else None
+        speed = data.get("model_flops_per_sec") if data else None
+        row["speed"] = speed if isinstance(speed, (int, float)) and speed > 0 else None
+    return rows
+
+
+def experiments(rows, agent="", problems=None):
+    """One agent's experiments from its rows. A row whose description ends in " (rerun)" joins the latest
+    experiment of its commit (the rows of one experiment need not be adjacent: the baseline may be run again
+    later); every other row starts an experiment. An experiment is worth the mean val_bpb of its finished runs.
+    Each experiment is a dict: number (1, 2, ...), commit, description, status (its last row's), rows, runs
+    (val_bpb of each finished run), speeds (model FLOP/s of each, None where unknown), value (their mean, nan if
+    none finished), finished (a value and not a crash)."""
+    problems = [] if problems is None else problems
+    out, latest = [], {}
     for row in rows:
         value, status = to_float(row["val_bpb"]), row["status"].lower()
         if status not in STATUSES:
             problems.append(f"{agent}: a row of {row['commit'] or '?'} has status {row['status']!r}, not one of "
                             f"{', '.join(STATUSES)}: counted as a crash")
             status = "crash"
-        run = [value] if status != "crash" and value > 0 else []
-        if status != "crash" and not run:
+        finished = status != "crash" and value > 0
+        if status != "crash" and not finished:
             problems.append(f"{agent}: {row['commit'] or '?'} is `{status}` without a val_bpb "
                             f"({row['val_bpb']!r}): counted as not finished")
-        if out and row["description"].endswith(RERUN) and out[-1]["commit"] == row["commit"]:
-            out[-1]["runs"] += run
-            out[-1]["status"] = status
-            out[-1]["rows"] += 1
+        run, speed = ([value], [row.get("speed")]) if finished else ([], [])
+        joined = latest.get(row["commit"]) if row["description"].endswith(RERUN) else None
+        if joined is not None:
+            joined["runs"] += run
+            joined["speeds"] += speed
+            joined["rows"] += 1
+            if status != "crash":
+                joined["status"] = status
         else:
-            out.append(dict(number=len(out) + 1, commit=row["commit"], description=row["description"],
-                            status=status, runs=run, rows=1))
+            exp = dict(number=len(out) + 1, commit=row["commit"], description=row["description"], status=status,
+                       runs=run, speeds=speed, rows=1)
+            out.append(exp)
+            if status != "crash":
+                latest[row["commit"]] = exp
     for e in out:
         e["value"] = sum(e["runs"]) / len(e["runs"]) if e["runs"] else math.nan
         e["finished"] = e["status"] != "crash" and bool(e["runs"])
     return out
 
 
-def noise_floor(exps):
-    """The gap between the baseline's runs (the first finished experiment), at least MIN_FLOOR."""
+def _median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def baseline_speed(exps):
+    """The baseline's model FLOP/s (median over its runs with a known speed), or None."""
     base = next((e for e in exps if e["finished"]), None)
-    if base is None or len(base["runs"]) < 2:
-        return MIN_FLOOR
-    return max(max(base["runs"]) - min(base["runs"]), MIN_FLOOR)
+    speeds = [s for s in (base["speeds"] if base else []) if s]
+    return _median(speeds) if speeds else None
+
+
+def speed_ratio(exp, base_speed):
+    """An experiment's model FLOP/s over the baseline's (mean over its runs with a known speed), or None."""
+    speeds = [s for s in exp["speeds"] if s]
+    return sum(speeds) / len(speeds) / base_speed if speeds and base_speed else None
+
+
+def off_speed(ratio):
+    """True when a speed ratio says the run ran on what was, in effect, another machine."""
+    return ratio is not None and abs(ratio - 1) > SPEED_TOLERANCE
+
+
+def noise_floor(exps):
+    """(floor, why): the spread of the baseline's runs (the first finished experiment) that ran at the same speed
+    (within 10% of their median model FLOP/s; runs of unknown speed count), at least MIN_FLOOR. floor is None, and
+    why says what to do, until two such runs exist."""
+    base = next((e for e in exps if e["finished"]), None)
+    if base is None:
+        return None, "no finished baseline run yet"
+    if len(base["runs"]) < 2:
+        return None, "one baseline run so far: run the baseline again"
+    speed = baseline_speed(exps)
+    same = [v for v, s in zip(base["runs"], base["speeds"]) if not (s and speed and off_speed(s / speed))]
+    if len(same) < 2:
+        shown = ", ".join(f"{s:.3g}" if s else "?" for s in base["speeds"])
+        return None, (f"the baseline's runs ran at different speeds (model FLOP/s {shown}; more than "
+                      f"{SPEED_TOLERANCE:.0%} apart: a busy or throttled machine): run the baseline again")
+    return max(max(same) - min(same), MIN_FLOOR), f"from {len(same)} baseline runs"
 
 
 def agent_name(path):
@@ -117,77 +228,93 @@ def agent_name(path):
 def worktree_results():
     """The results.tsv of every git worktree of the repository here (one agent each, e.g. ../autoresearch-gpu1),
     as glob patterns; none outside a git checkout. (Other folders beside it are not this repository's.)"""
-    try:
-        out = subprocess.run(["git", "worktree", "list", "--porcelain"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    if out.returncode != 0:
+    out = run_record.git(".", "worktree", "list", "--porcelain")
+    if out is None:
         return []
     return [os.path.join(glob.escape(line[len("worktree "):]), "results.tsv")
-            for line in out.stdout.splitlines() if line.startswith("worktree ")]
+            for line in out.splitlines() if line.startswith("worktree ")]
 
 
 def load(patterns=RESULTS, worktrees=True):
-    """{agent: experiments} for every results file the patterns find (and, with worktrees, every git worktree's
-    results.tsv), and the problems met reading them."""
+    """(paths, {agent: experiments}, problems) for every results file the patterns find (and, with worktrees,
+    every git worktree's results.tsv), with the speeds their runs/ folders record."""
     patterns = list(patterns) + (worktree_results() if worktrees else [])
     paths = sorted({os.path.abspath(p) for pattern in patterns for p in glob.glob(pattern)})
     agents, problems = {}, []
     for path in paths:
         name = agent_name(path)
-        agents[name] = experiments(read_rows(path, problems), name, problems)
+        rows = attach_speeds(read_rows(path, problems), archived_records(runs_folder(path)))
+        agents[name] = experiments(rows, name, problems)
     return paths, agents, problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The summary and the plot
+# The summary
+
+def agent_lines(exps):
+    """(lines, table row parts) of one agent's summary: counts, the noise floor, the kept changes, the baseline,
+    the best, the tip the next experiment starts from, gains, and the runs whose speed makes their verdict
+    unreliable."""
+    counts = {s: sum(e["status"] == s for e in exps) for s in STATUSES}
+    decided = counts["keep"] + counts["discard"]
+    runs = sum(e["rows"] for e in exps)
+    floor, why = noise_floor(exps)
+    lines = [f"{len(exps)} experiments: {counts['keep']} keep, {counts['discard']} discard, {counts['crash']} crash"
+             + (f" ({runs} runs: the re-runs of a commit are one experiment)" if runs != len(exps) else ""),
+             f"keep rate: {counts['keep'] / decided:.1%} of the experiments that finished" if decided
+             else "keep rate: no experiment finished",
+             f"noise floor: {floor:.6f} ({why})" if floor is not None else f"noise floor: not set: {why}"]
+    speed = baseline_speed(exps)
+    flag = {e["number"]: speed_ratio(e, speed) for e in exps}
+    mark = lambda e: f"  [{flag[e['number']]:.2f}x the baseline's speed]" if off_speed(flag[e["number"]]) else ""  # noqa
+    kept = [e for e in exps if e["status"] == "keep" and e["finished"]]
+    if not kept:
+        return lines + ["No kept result yet: nothing to compare."], (0, None, None, "")
+    lines.append("kept changes, in order:")
+    lines += [f"  #{e['number']:<4} {e['value']:.6f}  {e['commit']}  {e['description']}{mark(e)}" for e in kept]
+    baseline, top, tip = kept[0]["value"], min(kept, key=lambda e: e["value"]), kept[-1]
+    best = top["value"]
+    lines += [f"baseline: {baseline:.6f}" + (f" (mean of {len(kept[0]['runs'])} runs)"
+                                             if len(kept[0]["runs"]) > 1 else ""),
+              f"best:     {best:.6f} (#{top['number']} {top['commit']}: the bar a change must beat by the floor)"]
+    if tip is not top:
+        within = floor is not None and tip["value"] - best <= floor
+        lines.append(f"tip:      {tip['value']:.6f} (#{tip['number']} {tip['commit']}, the last kept commit: the next "
+                     "experiment starts here; " + ("equal to the best within the floor, kept as the simpler code)"
+                                                   if within else "worse than the best by more than the floor!)"))
+    lines += [f"total improvement: {baseline - best:.6f} ({(baseline - best) / baseline:.2%})",
+              "Kept changes ranked by gain over the best result before them:"]
+    gains, best_before = [], baseline
+    for e in kept[1:]:
+        gains.append((best_before - e["value"], e))
+        best_before = min(best_before, e["value"])
+    for gain, e in sorted(gains, key=lambda ge: -ge[0]):
+        reruns = f" (mean of {len(e['runs'])} runs)" if len(e["runs"]) > 1 else ""
+        lines.append(f"  {gain:+.6f}  #{e['number']:<4} {e['description']}{reruns}")
+    if not gains:
+        lines.append("  (only the baseline so far)")
+    odd = [e for e in exps if off_speed(flag[e["number"]])]
+    if odd:
+        lines.append(f"Ran more than {SPEED_TOLERANCE:.0%} away from the baseline's speed (model FLOP/s; a busy "
+                     "machine, or a change that costs speed): their verdicts are unreliable, re-run to tell")
+        lines += [f"  #{e['number']:<4} {flag[e['number']]:.2f}x  {e['status']:<7} {e['description']}" for e in odd]
+    return lines, (len(kept), baseline, best, f"#{top['number']} {top['commit']} {top['description']}")
+
 
 def summary_lines(paths, agents, problems):
-    """The summary as text lines: per agent its counts, noise floor, baseline, best, and kept changes ranked by
-    what each gained over the best before it; then each agent's best in one table."""
+    """The summary as text lines: per agent its counts, noise floor, baseline, best, tip, and kept changes ranked
+    by what each gained over the best before it; then each agent's best in one table."""
     lines = [f"{len(paths)} results file(s): " + (", ".join(f"{agent_name(p)} ({p})" for p in paths) or "none")]
     lines += [f"note: {p}" for p in problems]
     table = []
     for agent, exps in agents.items():
-        counts = {s: sum(e["status"] == s for e in exps) for s in STATUSES}
-        decided = counts["keep"] + counts["discard"]
-        runs = sum(e["rows"] for e in exps)
-        lines += ["", f"== {agent} ==",
-                  f"{len(exps)} experiments: {counts['keep']} keep, {counts['discard']} discard, "
-                  f"{counts['crash']} crash" + (f" ({runs} runs: the re-runs of a commit are one experiment)"
-                                                if runs != len(exps) else ""),
-                  f"keep rate: {counts['keep'] / decided:.1%} of the experiments that finished" if decided
-                  else "keep rate: no experiment finished",
-                  f"noise floor: {noise_floor(exps):.6f}"]
-        kept = [e for e in exps if e["status"] == "keep" and e["finished"]]
-        if not kept:
-            lines.append("No kept result yet: nothing to compare.")
-            table.append((agent, len(exps), 0, counts["crash"], None, None, ""))
-            continue
-        lines.append("kept changes, in order:")
-        lines += [f"  #{e['number']:<4} {e['value']:.6f}  {e['commit']}  {e['description']}" for e in kept]
-        baseline, best = kept[0]["value"], min(e["value"] for e in kept)
-        lines += [f"baseline: {baseline:.6f}" + (f" (mean of {len(kept[0]['runs'])} runs)"
-                                                 if len(kept[0]["runs"]) > 1 else ""),
-                  f"best:     {best:.6f}",
-                  f"total improvement: {baseline - best:.6f} ({(baseline - best) / baseline:.2%})",
-                  "Kept changes ranked by gain over the best result before them:"]
-        gains, best_before = [], baseline
-        for e in kept[1:]:
-            gains.append((best_before - e["value"], e))
-            best_before = min(best_before, e["value"])
-        for gain, e in sorted(gains, key=lambda ge: -ge[0]):
-            reruns = f" (mean of {len(e['runs'])} runs)" if len(e["runs"]) > 1 else ""
-            lines.append(f"  {gain:+.6f}  #{e['number']:<4} {e['description']}{reruns}")
-        if not gains:
-            lines.append("  (only the baseline so far)")
-        top = min(kept, key=lambda e: e["value"])
-        table.append((agent, len(exps), len(kept), counts["crash"], baseline, best,
-                      f"#{top['number']} {top['commit']} {top['description']}"))
+        body, (n_kept, baseline, best, change) = agent_lines(exps)
+        lines += ["", f"== {agent} =="] + body
+        table.append((agent, len(exps), n_kept, sum(e["status"] == "crash" for e in exps), baseline, best, change))
     lines += ["", "Each agent's best:", f"{'agent':<24} {'exps':>5} {'kept':>5} {'crash':>5} {'baseline':>9} "
               f"{'best':>9}  best change"]
     for agent, n, k, c, base, best, change in table:
-        fmt = (lambda v: f"{v:9.6f}" if v is not None else f"{'-':>9}")
+        fmt = (lambda v: f"{v:9.6f}" if v is not None else f"{'-':>9}")  # noqa: E731
         lines.append(f"{agent:<24} {n:>5} {k:>5} {c:>5} {fmt(base)} {fmt(best)}  {change}")
     return lines
 
@@ -224,10 +351,11 @@ def plot(agents, path="progress.png"):
             xs = [e["number"] for e in kept] + [len(exps)]
             best = [min(e["value"] for e in kept[:j + 1]) for j in range(len(kept))]
             best.append(best[-1])
-            floor = noise_floor(exps)
-            ax.step(xs, best, where="post", color=color, alpha=0.8)
-            ax.fill_between(xs, [b - floor for b in best], [b + floor for b in best], step="post", color=color,
-                            alpha=0.12, label=f"{agent}: best \u00b1 noise floor ({floor:.4f})")
+            floor, _ = noise_floor(exps)
+            ax.step(xs, best, where="post", color=color, alpha=0.8, label=None if floor else f"{agent}: best")
+            if floor:
+                ax.fill_between(xs, [b - floor for b in best], [b + floor for b in best], step="post", color=color,
+                                alpha=0.12, label=f"{agent}: best \u00b1 noise floor ({floor:.4f})")
     if not values:
         ax.text(0.5, 0.5, "no finished experiment yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlim(0.5, last + 0.5)
@@ -249,7 +377,8 @@ def plot(agents, path="progress.png"):
 # Recording
 
 def run_summary(text):
-    """{key: value} of a run log's summary block (after its `---` line); empty when the run printed none."""
+    """{key: value} of a run log's last summary block (after its last `---` line); empty when there is none.
+    For people and benchmarks: `record` reads the run's record, never this."""
     if "\n---\n" not in "\n" + text:
         return {}
     block = ("\n" + text).rsplit("\n---\n", 1)[1]
@@ -257,7 +386,7 @@ def run_summary(text):
 
 
 def crash_reason(text):
-    """What ended a run without a summary, in a few words, from the last lines of its log."""
+    """What ended a run without a record of its own, in a few words, from the last lines of its log."""
     for line in reversed(text.strip().splitlines()[-50:]):
         line = line.strip()
         if line.startswith(("error:", "FAIL")) or re.match(r"^\w+(Error|Exception)\b", line):
@@ -265,30 +394,121 @@ def crash_reason(text):
     return "no summary: stopped or timed out"
 
 
-def git_commit():
-    """The short hash of HEAD in the current folder, or one line saying this is not a git checkout."""
+def head_commit():
+    """(short hash, full hash) of HEAD in the current folder; one `error:` line outside a git checkout."""
+    short, full = run_record.git(".", "rev-parse", "--short", "HEAD"), run_record.git(".", "rev-parse", "HEAD")
+    if not short or not full:
+        raise UserError("cannot read the commit (`git rev-parse HEAD` failed): run this in the experiment's git "
+                        "checkout, after its first commit")
+    return short, full
+
+
+def _pid_alive(pid):
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        out = None
-    if out is None or out.returncode != 0:
-        raise UserError("cannot read the commit (`git rev-parse --short HEAD` failed): run this in the "
-                         "experiment's git checkout")
-    return out.stdout.strip()
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, OSError):
+        return False
 
 
-def first_finished_run(runs_dir):
-    """(path, summary) of the first archived run that ended in a summary (the baseline), or None."""
-    for path in sorted(glob.glob(os.path.join(runs_dir, "*.log"))):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            summary = run_summary(f.read())
-        if "val_bpb" in summary:
-            return path, summary
-    return None
+def identify(text, log_dir):
+    """What run the log is: (identity, record or None, kind, reason). kind is 'finished', or 'crash' with a reason
+    in a few words. Refuses, in one line, a log and a record of different runs, a finished-looking log without a
+    record, and a run still going."""
+    data = run_record.read(os.path.join(log_dir, run_record.RECORD_NAME))
+    started = re.findall(r"^run: (\S+?);", text, flags=re.M)
+    if data is not None and started and started[-1] == data["run_id"]:
+        if data["status"] == "finished":
+            return data["run_id"], data, "finished", None
+        if data["status"] == "running":
+            if data.get("pid") and _pid_alive(data["pid"]) and data["pid"] != os.getpid():
+                raise UserError(f"run {data['run_id']} is still going (pid {data['pid']}): record it when it ends")
+            return data["run_id"], data, "crash", "killed before its summary (SIGKILL? the OOM killer?)"
+        return data["run_id"], data, "crash", (data.get("reason") or "failed")[:160]
+    if started:
+        raise UserError(f"the log is of run {started[-1]}, but {run_record.RECORD_NAME} "
+                        + (f"is of run {data['run_id']}" if data else "is missing or unreadable")
+                        + ": they do not belong together; run again")
+    if run_summary(text).get("val_bpb"):
+        raise UserError("the log ends in a summary but names no run (no `run:` line): it did not come from this "
+                        "project's train.py, or was cut; run again")
+    import hashlib
+    return "log-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:24], None, "crash", crash_reason(text)
 
 
-def record(status, description, log="run.log", path="results.tsv", runs_dir="runs"):
-    """Append the row of the run in `log` to `path` (see the module's docstring); returns the row."""
+def check_code(data, short):
+    """Refuse a run whose train.py is not the one committed at HEAD (by content), saying what to do."""
+    if data is not None:
+        blob, where = data["code"]["blob"], os.path.dirname(data["code"]["path"])
+        name = os.path.basename(data["code"]["path"])
+    else:  # a run that stopped before its record began: the train.py here is the best witness of what ran
+        where, name = ".", "train.py"
+        try:
+            with open(name, "rb") as f:
+                blob = run_record.git_blob_sha1(f.read())
+        except OSError:
+            return
+    head = run_record.git(where, "rev-parse", f"HEAD:./{name}")
+    if head != blob:
+        raise UserError(f"the train.py that ran is not the one in HEAD ({short}): commit the code that ran first "
+                        "(`git commit -am \"<idea>\"`), then record; if you reset or edited since, run again")
+
+
+@contextlib.contextmanager
+def locked(path):
+    """Hold results.tsv's lock (results.tsv.lock beside the file): one `record` at a time, agents and worktrees
+    included. A folder where the lock cannot be made is one `error:` line."""
+    lock_path = path + ".lock"
+    try:
+        f = open(lock_path, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write in {os.path.dirname(lock_path) or '.'} ({e.strerror or e}): record needs a "
+                        "writable folder for results.tsv and runs/")
+    try:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # Windows
+            import msvcrt
+            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+        yield
+    finally:
+        f.close()
+
+
+def _write_atomically(path, data):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def append_row(path, row):
+    """Append one row to the results file at path (its target, when path is a symbolic link), keeping every byte
+    already there; a new file gets the header first. Line ends follow the file's own (CRLF stays CRLF)."""
+    try:
+        with open(path, "rb") as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = b""
+    end = b"\r\n" if b"\r\n" in old else b"\n"
+    line = "\t".join(row[c] for c in COLUMNS).encode("utf-8") + end
+    if not old.strip():
+        data = "\t".join(COLUMNS).encode("utf-8") + end + line
+    else:
+        data = old + (b"" if old.endswith((b"\n", b"\r")) else end) + line
+    _write_atomically(path, data)
+
+
+def record(status, description, log="run.log", path="results.tsv", runs_dir=None):
+    """Append the row of the run in `log` to the results file at `path` (see the module's docstring); prints the
+    row and what the run's verdict needs to be read with; returns the row."""
     if status not in STATUSES:
         raise UserError(f"status {status!r}: use one of {', '.join(STATUSES)}")
     description = " ".join(description.replace("\t", " ").split())
@@ -299,65 +519,111 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir="run
             text = f.read()
     except OSError as e:
         raise UserError(f"cannot read the run's log {log} ({e.strerror or e}): run "
-                         "`timeout 600 uv run train.py > run.log 2>&1` first")
-    summary = run_summary(text)
-    if "val_bpb" not in summary:
-        if status != "crash":
-            print(f"note: {log} has no summary (the run crashed or was stopped): recorded as a crash")
-        status, val_bpb, memory = "crash", "0.000000", "0.0"
-        reason = crash_reason(text)
-        description = f"{description} ({reason})" if reason not in description else description
-    elif status == "crash":
-        raise UserError(f"{log} ends in a summary (val_bpb {summary['val_bpb']}): a finished run is keep or "
-                         "discard")
+                        "`timeout 600 uv run train.py > run.log 2>&1` first")
+    identity, data, kind, reason = identify(text, os.path.dirname(os.path.abspath(log)))
+    notes = []
+    if kind == "finished":
+        if status == "crash":
+            raise UserError(f"{log} is a finished run (val_bpb {data['val_bpb']:.6f}): a finished run is keep or "
+                            "discard")
+        if data["violations"] and status == "keep":
+            raise UserError(f"this run compares with no other ({'; '.join(data['violations'])}): it cannot be kept; "
+                            "record it as discard and undo the cause")
+        val_bpb, memory = f"{data['val_bpb']:.6f}", f"{data['peak_vram_mb'] / 1024:.1f}"
     else:
-        val_bpb = f"{to_float(summary['val_bpb']):.6f}"
-        memory = f"{to_float(summary.get('peak_vram_mb', '0')) / 1024:.1f}"
-    problems = []
-    rows = read_rows(path, problems) if os.path.exists(path) else []
-    baseline = first_finished_run(runs_dir)
-    if "val_bpb" in summary and baseline is not None:
-        settings, (baseline_log, baseline_summary) = summary.get("settings", "standard"), baseline
-        baseline_settings = baseline_summary.get("settings", "standard")
-        if settings != baseline_settings:
-            raise UserError(f"this run's settings ({settings}) differ from the baseline's "
-                             f"({baseline_settings}, {baseline_log}): its val_bpb does not compare; not recorded. "
-                             "Run it again with the baseline's settings")
-    commit = git_commit()
-    if rows and rows[-1]["commit"] == commit and status != "crash" and rows[-1]["status"] != "crash":
-        if not description.endswith(RERUN):
-            description += RERUN
-        for row in reversed(rows):  # the runs of one experiment share its status
-            if row["commit"] != commit:
-                break
-            row["status"] = status
-    row = dict(commit=commit, val_bpb=val_bpb, memory_gb=memory, status=status, description=description)
-    rows.append(row)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\t".join(COLUMNS) + "\n" + "".join("\t".join(r[c] for c in COLUMNS) + "\n" for r in rows))
-    os.replace(tmp, path)
-    os.makedirs(runs_dir, exist_ok=True)
-    shutil.copyfile(log, os.path.join(runs_dir, f"{len(rows):03d}-{commit}.log"))
+        if status != "crash":
+            notes.append(f"{log} has no finished run ({reason}): recorded as a crash")
+        status, val_bpb, memory = "crash", "0.000000", "0.0"
+        description = f"{description} ({reason})" if reason not in description else description
+    short, _ = head_commit()
+    check_code(data, short)
+    real = os.path.realpath(path)
+    runs_dir = runs_dir or runs_folder(path)
+    with locked(real):
+        problems = []
+        rows = read_rows(real, problems) if os.path.exists(real) else []
+        notes += [f"reading {path}: {p}" for p in problems]
+        archived = archived_records(runs_dir)
+        for earlier in archived:
+            if earlier["recorded"].get("identity") == identity:
+                row = earlier["recorded"].get("row", [])
+                raise UserError(f"this run ({identity}) is already recorded, as row "
+                                f"{earlier['recorded'].get('number')} ({' '.join(map(str, row[:1] + row[3:]))}): "
+                                "run the next experiment first")
+        baseline = next((r for r in archived if r.get("status") == "finished"), None)
+        if kind == "finished" and baseline is not None and baseline.get("settings") != data["settings"]:
+            raise UserError(f"this run's settings ({data['settings']}) differ from the baseline's "
+                            f"({baseline.get('settings')}): its val_bpb does not compare; not recorded. Run it again "
+                            "with the baseline's settings")
+        if kind == "finished" and any(r["commit"] == short and r["status"].lower() != "crash" for r in rows):
+            if not description.endswith(RERUN):
+                description += RERUN
+        row = dict(commit=short, val_bpb=val_bpb, memory_gb=memory, status=status, description=description)
+        number = len(rows) + 1
+        stem = os.path.join(runs_dir, f"{number:03d}-{short}-{identity}")
+        saved = dict(data or {"run_id": identity, "status": "crashed before its record began"})
+        saved["recorded"] = dict(identity=identity, number=number, row=[row[c] for c in COLUMNS], file=real)
+        try:
+            os.makedirs(runs_dir, exist_ok=True)
+            _write_atomically(stem + ".log", text.encode("utf-8"))
+            _write_atomically(stem + ".json", json.dumps(saved, indent=1).encode("utf-8"))
+        except OSError as e:
+            for suffix in (".log", ".json"):
+                with contextlib.suppress(OSError):
+                    os.remove(stem + suffix)
+            raise UserError(f"cannot keep the run's log in {runs_dir} ({e.strerror or e}): nothing recorded")
+        try:
+            append_row(real, row)
+        except OSError as e:
+            for suffix in (".log", ".json"):
+                with contextlib.suppress(OSError):
+                    os.remove(stem + suffix)
+            raise UserError(f"cannot write {path} ({e.strerror or e}): nothing recorded")
+        rows.append(row)
     print("\t".join(row[c] for c in COLUMNS))
+    for note in notes + verdict_notes(rows, archived + [saved], row):
+        print(f"note: {note}")
     return row
+
+
+def verdict_notes(rows, records, row):
+    """What the row just recorded needs to be read with: its experiment's runs, the noise floor, its speed."""
+    exps = experiments(attach_speeds([dict(r) for r in rows], records))
+    floor, why = noise_floor(exps)
+    exp = next(e for e in reversed(exps) if e["commit"] == row["commit"])
+    notes = []
+    if exp["rows"] > 1 and row["status"] != "crash":
+        notes.append(f"a re-run of experiment #{exp['number']} ({exp['description']}): {len(exp['runs'])} runs, "
+                     f"mean {exp['value']:.6f}; the experiment's status is now {exp['status']}")
+    notes.append(f"noise floor: {floor:.6f} ({why})" if floor is not None else f"noise floor: not set: {why}")
+    ratio = speed_ratio(exp, baseline_speed(exps)) if row["status"] != "crash" else None
+    if off_speed(ratio):
+        notes.append(f"this experiment ran at {ratio:.2f}x the baseline's model FLOP/s: the machine (or the change) "
+                     "was that much slower or faster, and under a fixed budget val_bpb follows speed: its verdict is "
+                     "unreliable; run it again (and the baseline, if the machine changed) before keeping it")
+    return notes
 
 
 def main(argv=None):
     """The command: `record STATUS DESCRIPTION`, or the summary."""
-    ap = argparse.ArgumentParser(description="Record a run in results.tsv, or summarize the results.")
+    ap = argparse.ArgumentParser(prog="uv run -m autoresearch.results",
+                                 description="Record a run in results.tsv, or summarize the results.")
     sub = ap.add_subparsers(dest="command")
-    rec = sub.add_parser("record", help="append the row of the run in run.log")
+    rec = sub.add_parser("record", help="append the row of the run in run.log (its record: run.json beside it)")
     rec.add_argument("status", choices=STATUSES)
     rec.add_argument("description")
     rec.add_argument("--log", default="run.log")
     rec.add_argument("--file", default="results.tsv")
     sub.add_parser("show", help="the summary (the default)")
     args = ap.parse_args(argv)
-    if args.command == "record":
-        record(args.status, args.description, args.log, args.file)
-    else:
-        print("\n".join(summary_lines(*load())))
+    try:
+        if args.command == "record":
+            record(args.status, args.description, args.log, args.file)
+        else:
+            print("\n".join(summary_lines(*load())))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

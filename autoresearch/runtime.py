@@ -1,7 +1,7 @@
 """The fixed bookkeeping of a run. DO NOT CHANGE: it decides what a run's numbers mean.
 
-Counting the time budget and where a step's time goes, progress lines, the run's settings and notes, MFU, and
-the summary block agents grep. train.py calls:
+Counting the time budget and where a step's time goes, progress lines, the checks that make a run comparable,
+MFU and model FLOP/s, the summary block agents grep, and the run's record (record.py). train.py calls:
 
     device = hardware.get_device()         # CUDA, else MPS, else the CPU (AUTORESEARCH_DEVICE insists on one)
     run = Run(device, flops_per_token, tokens_per_step, t_start, globals())
@@ -14,41 +14,58 @@ the summary block agents grep. train.py calls:
         run.end_step(loss, lrm, epoch)     # waits for the step, counts its time, prints progress
     run.summary(val_bpb, num_params, depth)
 
-and runs train() through main(), which holds the cache for reading and turns running out of memory into one line.
+and runs train() through main(), which starts the run's record, holds the cache for reading and turns running out
+of memory, SIGTERM and any other stop into one line and a `failed` record.
+
+What the fixed code promises it checks itself, at the start and at the end: the metric's constants (TIME_BUDGET,
+MAX_SEQ_LEN, EVAL_TOKENS) as read at start, in constants, train.py and here (one reassigned before the start stops
+the run at once; one changed during it makes the run comparable with none); the uncounted steps; the steps begun
+after the budget ran out; the rows and sequence length the metric scored, and that val_bpb is the metric's. Every
+clock here is time.perf_counter (monotonic), so a step's parts and its time come from one clock.
 """
 import gc
 import math
 import os
+import signal
 import sys
+import threading
 import time
+import types
 
 import torch
 
 import constants
-from autoresearch import cache
+from autoresearch import cache, record
 from autoresearch.errors import UserError
 from autoresearch.hardware import attention_kernels, peak_flops, synchronize
-from constants import TIME_BUDGET
+
+# The metric's constants as this process read them at import: what every check compares with.
+FIXED = types.MappingProxyType(dict(constants.RESOLVED))
+LOG_EVERY_SECONDS = 5.0  # progress line interval when stdout is a file (a terminal gets one live line)
+CUDA_WARMUP_STEPS = 11  # on CUDA the first steps compile: they do not count toward the budget (elsewhere none)
+UNACCOUNTED = 0.25  # a step whose parts leave more than this share of its time (and 0.1 s) unaccounted is said
 
 # ---------------------------------------------------------------------------------------------------------------
 # What ran, and whether the run compares with standard ones
 
+
 def modified_constants(train_globals):
-    """The metric's constants changed at run time (in constants or train.py), as notes: such a run compares
-    with no other. Empty for an honest run."""
+    """The metric's constants that differ now from what this process read at start, in constants.py, train.py,
+    prepare.py (if imported) or this module, as notes: such a run compares with no other. Empty for an honest run."""
     notes = []
-    for name, value in constants.RESOLVED.items():
-        for where, namespace in (("constants.py", vars(constants)), ("train.py", train_globals)):
+    places = [("constants.py", vars(constants)), ("train.py", train_globals),
+              ("prepare.py", vars(sys.modules["prepare"]) if "prepare" in sys.modules else {}),
+              ("autoresearch/runtime.py", globals())]
+    for name, value in FIXED.items():
+        for where, namespace in places:
             if name in namespace and namespace[name] != value:
-                notes.append(f"{name} = {namespace[name]} set in {where} at run time")
+                notes.append(f"{name} = {namespace[name]} set in {where} at run time (the fixed value is {value})")
     return notes
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The run
-
-LOG_EVERY_SECONDS = 5.0  # progress line interval when stdout is a file (a terminal gets one live line)
-CUDA_WARMUP_STEPS = 11  # on CUDA the first steps compile: they do not count toward the budget (elsewhere none)
+def start_record(train_file):
+    """Start this process's run record (run.json in the current folder) for the train.py at train_file."""
+    return record.start(train_file, constants.SETTINGS, FIXED)
 
 
 def summary_line(key, value):
@@ -62,34 +79,77 @@ class Run:
     counted and step 1 is profiled to name the attention kernels that ran; elsewhere every step counts. Training
     ends with the first step that brings the counted time to TIME_BUDGET. A step's time is split into
     forward/backward, optimizer (GPU time on CUDA) and the wait for batches from loader(); a first counted step
-    so slow that the budget holds few steps is said at once, and a budget overshot at the end is said too."""
+    so slow that the budget holds few steps is said at once, and a budget overshot at the end is said too.
+
+    The counts live here, read-only from outside: step, training_seconds, done, progress and counted_steps are
+    derived from the per-step log that end_step() keeps. t_start: time.perf_counter() when train() began."""
 
     def __init__(self, device, flops_per_token, tokens_per_step, t_start, train_globals=None):
         self.device, self.flops_per_token, self.tokens_per_step = device, flops_per_token, tokens_per_step
         self.t_start, self.train_globals = t_start, train_globals or {}
         self.cuda = device.type == "cuda"
-        self.warmup = CUDA_WARMUP_STEPS if self.cuda else 0
+        self._record = record.current() or start_record(self.train_globals.get("__file__", "train.py"))
+        modified = modified_constants(self.train_globals)
+        if modified:
+            raise UserError(f"the metric's constants are fixed: {'; '.join(modified)}: remove that assignment")
+        self._budget = FIXED["TIME_BUDGET"]
+        self._warmup = CUDA_WARMUP_STEPS if self.cuda else 0
+        self._dts, self._counted_seconds, self._done, self._late_steps = [], 0.0, False, 0
+        self._violations = []  # what train.py did to the fixed rules during the run, in words
         self.peak, self.gpu_name, mfu_note = peak_flops(device)
-        self.step, self.training_seconds, self.startup_seconds = 0, 0.0, 0.0
-        self.smooth_loss, self.train_loss, self.done = 0.0, float("nan"), False
+        self.startup_seconds, self.smooth_loss, self.train_loss = 0.0, 0.0, float("nan")
         self.phase_seconds = {"forward_backward": 0.0, "optimizer": 0.0, "data_wait": 0.0}  # counted steps
+        self.unaccounted_seconds, self._unaccounted_said = 0.0, False
         self.tty, self._last_log, self._profiler, self._t_trained = sys.stdout.isatty(), 0.0, None, None
-        self._data_wait, self._marks = 0.0, []
-        print(f"device: {device} ({self.gpu_name}), torch {torch.__version__}; settings: {constants.SETTINGS}")
+        self._data_wait, self._marks, self._t0, self._epoch_said = 0.0, [], None, False
+        print(f"run: {self._record.run_id}; device: {device} ({self.gpu_name}), torch {torch.__version__}; "
+              f"settings: {constants.SETTINGS}")
+        code = self._record.data["code"]
+        if code["committed"] is False:
+            print(f"note: train.py differs from the commit it is on ({code['commit'][:7]}): commit it before "
+                  "recording this run, or results.py will refuse it", flush=True)
         if mfu_note:
             print(f"note: {mfu_note}")
         if not self.cuda:  # (the CUDA build of torch prints an error when profiling without a GPU)
             print(f"attention: SDPA in eager mode on {device.type} (kernels are profiled on CUDA only)", flush=True)
 
+    # -- the counts, derived from the per-step log (read-only) --
+
+    @property
+    def step(self):
+        """Steps ended so far (the index of the next step)."""
+        return len(self._dts)
+
+    @property
+    def training_seconds(self):
+        """Counted training time so far: the seconds of every step after the warm-up."""
+        return self._counted_seconds
+
+    @property
+    def done(self):
+        """True once a counted step brought the counted time to TIME_BUDGET: the loop must end."""
+        return self._done
+
+    @property
+    def warmup(self):
+        """The uncounted first steps: 11 on CUDA (they compile), none elsewhere. Fixed: setting it is noted, and
+        ignored."""
+        return self._warmup
+
+    @warmup.setter
+    def warmup(self, value):
+        self._violations.append(f"train.py set the uncounted steps (run.warmup) to {value}; the fixed rule is "
+                                f"{self._warmup} (ignored)")
+
     @property
     def counted_steps(self):
         """The steps that counted toward the budget so far: every step after the warm-up."""
-        return max(0, self.step - self.warmup)
+        return max(0, self.step - self._warmup)
 
     @property
     def progress(self):
         """Counted training time / TIME_BUDGET, in [0, 1]: what the schedules follow."""
-        return min(self.training_seconds / TIME_BUDGET, 1.0)
+        return min(self._counted_seconds / self._budget, 1.0)
 
     def loader(self, batches):
         """Wrap the training loader: the time spent waiting for its batches is counted as data wait."""
@@ -100,7 +160,7 @@ class Run:
             yield batch
 
     def _mark(self):
-        """The time now: a CUDA event (the GPU's own clock, no sync) on CUDA, the wall clock elsewhere."""
+        """The time now: a CUDA event (the GPU's own clock, no sync) on CUDA, perf_counter elsewhere."""
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -109,10 +169,12 @@ class Run:
 
     def begin_step(self):
         """Call at the start of every step: waits for the device and starts the step's clock."""
+        if self._done:
+            self._late_steps += 1
         synchronize(self.device)
-        self._t0 = time.time()
+        self._t0 = time.perf_counter()
         self._data_wait, self._marks = 0.0, [self._mark()]
-        if self.step == self.warmup:  # the first counted step: everything before it is start-up
+        if self.step == self._warmup:  # the first counted step: everything before it is start-up
             self.startup_seconds = self._t0 - self.t_start
         if self.step == 1 and self.cuda:  # compiled by now: record the kernels that run
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -141,31 +203,54 @@ class Run:
             raise UserError(f"the training loss is {loss_f} at step {self.step}: the run diverged; lower the learning "
                             "rates or undo the change")
         synchronize(self.device)
-        dt = time.time() - self._t0
+        dt = time.perf_counter() - self._t0
         phases = self._phases()
-        if self.step >= self.warmup:
-            self.training_seconds += dt
+        counted = self.step >= self._warmup
+        if counted:
+            self._counted_seconds += dt
             for name, seconds in phases.items():
                 self.phase_seconds[name] += seconds
+        self._dts.append(dt)
+        step = self.step - 1  # the step just ended
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss_f
-        self.train_loss = self.smooth_loss / (1 - 0.9 ** (self.step + 1))
-        self.done = self.step >= self.warmup and self.training_seconds >= TIME_BUDGET
-        self._print_progress(dt, lrm, epoch, phases)
-        if self.step == self.warmup and dt > TIME_BUDGET / 20 and not self.done:
-            print(f"note: one step takes {dt:.1f}s, so the {TIME_BUDGET:.0f}s budget holds about "
-                  f"{max(1, round(TIME_BUDGET / dt))} steps and the run ends with the first step past it: make "
-                  "steps smaller (TOTAL_BATCH_SIZE, DEPTH) or use the small preset", flush=True)
-        if self.step == 0:  # Python's GC pauses show up as slow steps; nothing cyclic is allocated after step 0
+        self.train_loss = self.smooth_loss / (1 - 0.9 ** (step + 1))
+        if counted and self._counted_seconds >= self._budget:
+            self._done = True
+        self._print_progress(step, dt, lrm, epoch, phases)
+        self._notes(step, dt, phases, epoch)
+        if step == 0:  # Python's GC pauses show up as slow steps; nothing cyclic is allocated after step 0
             gc.collect()
             gc.freeze()
             gc.disable()
-        elif self.step % 5000 == 0:  # as the reference: a collection now and then on very long runs
+        elif step % 5000 == 0:  # as the reference: a collection now and then on very long runs
             gc.collect()
-        self.step += 1
-        if self.done:
-            self._t_trained = time.time()
+        if self._done and self._t_trained is None:
+            self._t_trained = time.perf_counter()
             if self.tty:
                 print()
+
+    def _notes(self, step, dt, phases, epoch):
+        """The notes a step may call for, each said once: a budget that holds few steps, time the step's parts do
+        not account for, the first pass over the training data ending."""
+        if step == self._warmup and dt > self._budget / 20 and not self._done:
+            smaller = "make steps smaller (TOTAL_BATCH_SIZE, DEPTH)" + (
+                "" if constants.PRESET == "small" else " or use the small preset")
+            print(f"note: one step takes {dt:.1f}s, so the {self._budget:.0f}s budget holds about "
+                  f"{max(1, round(self._budget / dt))} steps and the run ends with the first step past it: "
+                  f"{smaller}", flush=True)
+        unaccounted = dt - sum(phases.values())
+        if step >= self._warmup:
+            self.unaccounted_seconds += max(0.0, unaccounted)
+        if unaccounted > max(UNACCOUNTED * dt, 0.1) and not self._unaccounted_said and len(self._marks) == 3:
+            self._unaccounted_said = True
+            print(f"note: step {step} took {dt * 1000:.0f}ms, but its parts (fb/opt/data) add to "
+                  f"{1000 * sum(phases.values()):.0f}ms: {unaccounted:.1f}s went elsewhere (another process, a paused "
+                  "machine?); the run's total is other_seconds", flush=True)
+        if isinstance(epoch, int) and epoch > 1 and not self._epoch_said:
+            self._epoch_said = True
+            print(f"note: epoch {epoch} from step {step}: the loader has read every training document once and "
+                  "now reads them again (more data: `prepare.py --num-shards`, or a bigger --source corpus)",
+                  flush=True)
 
     def _phases(self):
         """Seconds of the step just ended: forward/backward, optimizer, data wait (the host's wait for batches)."""
@@ -178,54 +263,113 @@ class Run:
             fb, opt = middle - start - self._data_wait, end - middle
         return {"forward_backward": fb, "optimizer": opt, "data_wait": self._data_wait}
 
-    def _print_progress(self, dt, lrm, epoch, phases):
+    def _print_progress(self, step, dt, lrm, epoch, phases):
         mfu = 100 * self.flops_per_token * self.tokens_per_step / dt / self.peak if self.peak else 0.0
         split = "/".join(f"{1000 * phases[k]:.0f}" for k in ("forward_backward", "optimizer", "data_wait"))
-        line = (f"step {self.step:05d} ({100 * self.progress:.1f}%) | loss: {self.train_loss:.6f} | lrm: {lrm:.2f} | "
+        line = (f"step {step:05d} ({100 * self.progress:.1f}%) | loss: {self.train_loss:.6f} | lrm: {lrm:.2f} | "
                 f"dt: {dt * 1000:.0f}ms | tok/sec: {int(self.tokens_per_step / dt):,} | mfu: {mfu:.1f}% | "
-                f"epoch: {epoch} | remaining: {max(0.0, TIME_BUDGET - self.training_seconds):.0f}s | "
+                f"epoch: {epoch} | remaining: {max(0.0, self._budget - self._counted_seconds):.0f}s | "
                 f"fb/opt/data: {split}ms")
         if self.tty:
             print(f"\r{line}    ", end="", flush=True)
-        elif self.step in (0, 1, self.warmup) or self.done or time.time() - self._last_log >= LOG_EVERY_SECONDS:
+        elif (step in (0, 1, self._warmup) or self._done
+              or time.perf_counter() - self._last_log >= LOG_EVERY_SECONDS):
             print(line, flush=True)
-            self._last_log = time.time()
+            self._last_log = time.perf_counter()
+
+    def _check(self, val_bpb, evaluation):
+        """Why this run compares with no other (empty for an honest run), checked at its end."""
+        problems = modified_constants(self.train_globals) + self._violations
+        if self._late_steps:
+            problems.append(f"{self._late_steps} step(s) begun after the budget ran out (run.done was True)")
+        counted = sum(self._dts[self._warmup:])
+        if abs(counted - self._counted_seconds) > 1e-6 or self._done != (counted >= self._budget):
+            problems.append("the counted time is not the sum of the counted steps")
+        rows, seq_len = FIXED["EVAL_TOKENS"] // FIXED["MAX_SEQ_LEN"], FIXED["MAX_SEQ_LEN"]
+        if evaluation is None:
+            problems.append("val_bpb did not come from prepare.evaluate_bpb")
+            return problems
+        if (evaluation["rows"], evaluation["seq_len"]) != (rows, seq_len):
+            problems.append(f"the metric scored {evaluation['rows']} rows of {evaluation['seq_len']} tokens, not "
+                            f"the fixed {rows} rows of {seq_len}")
+        if not (val_bpb == evaluation["val_bpb"] or (math.isnan(val_bpb) and math.isnan(evaluation["val_bpb"]))):
+            problems.append(f"the val_bpb given to summary() ({val_bpb}) is not what evaluate_bpb computed "
+                            f"({evaluation['val_bpb']})")
+        return problems
 
     def summary(self, val_bpb, num_params, depth):
-        """Print the run's notes (settings, a budget overshot), then `---` and the summary: the reference's nine
-        keys in its order and format, then this project's (README.md lists them)."""
-        t_end = time.time()
+        """Print the run's notes (settings, a budget overshot, what makes it comparable with no other), then `---`
+        and the summary: the reference's nine keys in its order and format, then this project's (README.md lists
+        them); write the run's record. A run that counted no step, or whose metric is not finite, ends instead in
+        one `error:` line (and a `failed` record)."""
+        t_end = time.perf_counter()
+        evaluation = record.EVALUATIONS[-1] if record.EVALUATIONS else None
+        violations = self._check(float(val_bpb), evaluation)
+        metric = evaluation["val_bpb"] if evaluation is not None else float(val_bpb)
+        exact = evaluation["val_bpb_exact"] if evaluation is not None else float("nan")
         counted_tokens = self.counted_steps * self.tokens_per_step
-        mfu = (100 * self.flops_per_token * counted_tokens / self.training_seconds / self.peak
-               if self.peak and self.training_seconds else 0.0)
-        over = self.training_seconds - TIME_BUDGET
-        if self.counted_steps and over > 0.05 * TIME_BUDGET:
-            print(f"note: training overshot the {TIME_BUDGET:.0f}s budget by {over:.1f}s: its last step took "
+        flops_per_sec = self.flops_per_token * counted_tokens / self._counted_seconds if self._counted_seconds else 0.0
+        mfu = 100 * flops_per_sec / self.peak if self.peak else 0.0
+        over = self._counted_seconds - self._budget
+        if self.counted_steps and over > 0.05 * self._budget:
+            print(f"note: training overshot the {self._budget:.0f}s budget by {over:.1f}s: its last step took "
                   f"{over:.1f}s or more, and a run ends with the first step past the budget")
-        modified = modified_constants(self.train_globals)
-        settings = constants.SETTINGS + (" (modified at run time)" if modified else "")
-        if modified:
-            print(f"note: not comparable with any run: {'; '.join(modified)}")
+        settings = constants.SETTINGS + (" (modified at run time)" if violations else "")
+        if violations:
+            print(f"note: not comparable with any run: {'; '.join(violations)}")
         elif constants.SETTINGS != "standard":
             print(f"note: settings {constants.SETTINGS}, not the standard ones: this run compares only with runs "
                   "under the same settings")
+        if not self.counted_steps:
+            raise UserError(f"no step counted toward the {self._budget:.0f}s budget ({self.step} step(s) run, "
+                            f"{self._warmup} uncounted): the loop ended before training did")
+        if not math.isfinite(metric):
+            raise UserError(f"val_bpb is {metric}: the model's losses on the validation rows are not finite (weights "
+                            "or logits overflowed after the last step?); a run without a finite metric is a crash")
         peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if self.cuda else 0.0
-        print("---")
-        for key, value in [
-            ("val_bpb", f"{val_bpb:.6f}"), ("training_seconds", f"{self.training_seconds:.1f}"),
+        values = [
+            ("val_bpb", f"{metric:.6f}"), ("training_seconds", f"{self._counted_seconds:.1f}"),
             ("total_seconds", f"{t_end - self.t_start:.1f}"), ("peak_vram_mb", f"{peak_vram_mb:.1f}"),
             ("mfu_percent", f"{mfu:.2f}"), ("total_tokens_M", f"{self.step * self.tokens_per_step / 1e6:.1f}"),
             ("num_steps", f"{self.step}"), ("num_params_M", f"{num_params / 1e6:.1f}"), ("depth", f"{depth}"),
-            ("train_loss", f"{self.train_loss:.6f}"), ("startup_seconds", f"{self.startup_seconds:.1f}"),
+            ("val_bpb_exact", f"{exact:.6f}"), ("train_loss", f"{self.train_loss:.6f}"),
+            ("startup_seconds", f"{self.startup_seconds:.1f}"),
             ("eval_seconds", f"{t_end - (self._t_trained or t_end):.1f}"),
-            ("tok_per_sec", f"{int(counted_tokens / self.training_seconds) if self.training_seconds else 0}"),
+            ("tok_per_sec", f"{int(counted_tokens / self._counted_seconds) if self._counted_seconds else 0}"),
+            ("flops_per_sec", f"{flops_per_sec:.4e}"),
             ("fwd_bwd_seconds", f"{self.phase_seconds['forward_backward']:.1f}"),
             ("optim_seconds", f"{self.phase_seconds['optimizer']:.1f}"),
             ("data_seconds", f"{self.phase_seconds['data_wait']:.1f}"),
+            ("other_seconds", f"{self.unaccounted_seconds:.1f}"),
             ("device", self.device.type), ("gpu", self.gpu_name), ("settings", settings),
-        ]:
+            ("run_id", self._record.run_id),
+        ]
+        print("---")
+        for key, value in values:
             print(summary_line(key, value))
+        sys.stdout.flush()
+        self._record.finish(dict(values), violations, val_bpb=metric, val_bpb_exact=exact,
+                            training_seconds=self._counted_seconds, budget=self._budget, steps=self.step,
+                            uncounted_steps=min(self.step, self._warmup), late_steps=self._late_steps,
+                            model_flops_per_sec=flops_per_sec, peak_vram_mb=peak_vram_mb,
+                            evaluation=evaluation)
         gc.enable()
+
+
+def _reason(error):
+    """Why a run stopped, in one line, for its record."""
+    if isinstance(error, UserError):
+        return error.message
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(error, SystemExit):
+        return f"exited with status {error.code}"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _stopped(signum, frame):
+    raise UserError("train.py was stopped by SIGTERM (`timeout` ran out, or the run was killed): a crash")
 
 
 def _with_kernels(train):
@@ -240,19 +384,33 @@ def _with_kernels(train):
 
 
 def main(train, knobs):
-    """Run train() under the fixed settings: the cache held for reading (no prepare.py may write it during the
-    run), the CUDA allocator's expandable segments, SDPA's backend order (_with_kernels). Running out of memory
-    (GPU or CPU) ends in one line naming `knobs` (the knobs that set memory use, e.g. "DEVICE_BATCH_SIZE=128,
-    DEPTH=8")."""
+    """Run train() under the fixed settings, as one run with its record (run.json): the cache held for reading (no
+    prepare.py may write it during the run), the CUDA allocator's expandable segments, SDPA's backend order
+    (_with_kernels). Running out of memory (GPU or CPU) ends in one line naming `knobs` (the knobs that set memory
+    use, e.g. "DEVICE_BATCH_SIZE=128, DEPTH=8"); SIGTERM in one line too; any stop before the summary marks the
+    record failed, with the reason."""
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])  # torch 2.9 renamed the variable
     os.environ.setdefault("PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF",
                           "expandable_segments:True")  # read at the first CUDA allocation
+    run_record = start_record(train.__globals__.get("__file__", "train.py"))
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stopped) if on_main_thread else None
     try:
-        with cache.reading():
-            _with_kernels(train)
-    except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
-        gpu = isinstance(e, torch.OutOfMemoryError)
-        if not (gpu or isinstance(e, MemoryError) or "can't allocate memory" in str(e)):  # CPU: DefaultCPUAllocator
-            raise
-        raise UserError(f"out of {'GPU memory' if gpu else 'memory'} at {knobs}: lower DEVICE_BATCH_SIZE (gradient "
-                        "accumulation keeps TOTAL_BATCH_SIZE) or the model size") from None
+        try:
+            with cache.reading():
+                _with_kernels(train)
+        except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
+            gpu = isinstance(e, torch.OutOfMemoryError)
+            if not (gpu or isinstance(e, MemoryError) or "can't allocate memory" in str(e)):  # CPU allocator
+                raise
+            raise UserError(f"out of {'GPU memory' if gpu else 'memory'} at {knobs}: lower DEVICE_BATCH_SIZE "
+                            "(gradient accumulation keeps TOTAL_BATCH_SIZE) or the model size") from None
+        if run_record.data["status"] == "running":
+            raise UserError("train() returned without a summary (runtime.Run.summary was never reached)")
+    except BaseException as e:
+        run_record.fail(_reason(e))
+        raise
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        record.stop()

@@ -111,6 +111,12 @@ def tokenizer(prepared):
     return prepare.Tokenizer.from_directory()
 
 
+@pytest.fixture(autouse=True)
+def _private_cwd(tmp_path, monkeypatch):
+    """Every test runs in a folder of its own: a run's record (run.json) and logs never land in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def git(repo, *args):
     """Run git in repo as a fixed test identity; returns its stdout (fails the test on a git error)."""
     env = {**os.environ, "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.org",
@@ -118,11 +124,14 @@ def git(repo, *args):
     return subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout
 
 
-def run_script(args, env=None, timeout=600):
-    """Run a Python command from the repo root with the test environment; returns the CompletedProcess."""
-    full_env = {**os.environ, **TEST_ENV, **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+def run_script(args, env=None, timeout=600, cwd=None):
+    """Run a Python command with the test environment, as from the repo (its files first on the path), in a folder
+    of its own (cwd, else a new temporary one) so that what a run writes there (run.json) never lands in the
+    repository; a script named by its repo path (`train.py`) runs from the repo. Returns the CompletedProcess."""
+    full_env = {**os.environ, **TEST_ENV, "PYTHONPATH": ROOT, **(env or {})}
+    args = [os.path.join(ROOT, a) if i == 0 and a.endswith(".py") else a for i, a in enumerate(args)]
+    return subprocess.run([sys.executable, *args], cwd=cwd or tempfile.mkdtemp(prefix="autoresearch-test-run-"),
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from autoresearch import cache
+from autoresearch import cache, record
 import prepare
 from autoresearch.bench import plain_batches
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, VAL_SHARD, shard_name
@@ -27,22 +27,48 @@ class TargetLoss(torch.nn.Module):
         return torch.where(y == self.bos, torch.full_like(loss, 1e6), loss)
 
 
-def test_bpb_matches_a_hand_computation(tokenizer):
-    B = 8
-    steps = EVAL_TOKENS // (B * MAX_SEQ_LEN)
+def hand_counts(tokenizer, B):
+    """(nats of TargetLoss, bytes as the reference counts them, exact bytes, rows) over the metric's rows, from the
+    plain packing loader and each token's bytes decoded by hand."""
     bos = tokenizer.get_bos_token_id()
     rows = plain_batches(tokenizer, B, MAX_SEQ_LEN, "val")
-    nats, nbytes = 0.0, 0
-    for _ in range(steps):
+    nats, reference, exact, n = 0.0, 0, 0, 0
+    while n < EVAL_TOKENS // MAX_SEQ_LEN:
         batch, _ = next(rows)
-        for row in batch:
+        for row in batch[:EVAL_TOKENS // MAX_SEQ_LEN - n]:
+            n += 1
             for t in row[1:]:
                 if t == bos:
                     continue
+                token = tokenizer.enc.decode_single_token_bytes(t)
                 nats += (t % 7) * 0.25 + 0.5
-                nbytes += len(tokenizer.enc.decode_single_token_bytes(t))
-    expected = nats / (math.log(2) * nbytes)
-    assert prepare.evaluate_bpb(TargetLoss(bos), tokenizer, B) == pytest.approx(expected, rel=1e-6)
+                exact += len(token)
+                reference += len(token.decode("utf-8", errors="replace").encode("utf-8"))  # U+FFFD: 3 bytes
+    return nats, reference, exact, n
+
+
+def test_bpb_matches_a_hand_computation_both_ways(tokenizer):
+    B = 8
+    nats, reference, exact, rows = hand_counts(tokenizer, B)
+    assert reference > exact, "the test corpus has multi-byte text split inside characters"
+    record.EVALUATIONS.clear()
+    val_bpb = prepare.evaluate_bpb(TargetLoss(tokenizer.get_bos_token_id()), tokenizer, B)
+    assert val_bpb == pytest.approx(nats / (math.log(2) * reference), rel=1e-6)  # the reference's count
+    noted = record.EVALUATIONS[-1]  # the exact count, computed in the same pass
+    assert noted["val_bpb_exact"] == pytest.approx(nats / (math.log(2) * exact), rel=1e-6)
+    assert noted["val_bpb_exact"] / noted["val_bpb"] == pytest.approx(reference / exact, rel=1e-9)
+    assert (noted["rows"], noted["seq_len"], noted["bytes"], noted["bytes_exact"]) == (rows, MAX_SEQ_LEN, reference,
+                                                                                         exact)
+
+
+def test_a_loss_that_is_not_per_token_is_one_line(tokenizer):
+    class Scalar(TargetLoss):
+        def forward(self, x, y, reduction="mean"):
+            return super().forward(x, y, "none").mean()  # ignores reduction='none'
+
+    with pytest.raises(SystemExit, match=r"error: the model returned a loss of shape \(\) for reduction='none': "
+                                         r"evaluate_bpb needs one loss per target token"):
+        prepare.evaluate_bpb(Scalar(tokenizer.get_bos_token_id()), tokenizer, 8)
 
 
 def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer):
@@ -66,7 +92,8 @@ def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer):
             counted = [t for t in row[1:] if t != bos]
             tokens += len(counted)
             nbytes += sum(len(tokenizer.enc.decode_single_token_bytes(t)) for t in counted)
-    assert prepare.evaluate_bpb(Uniform(), tokenizer, B) == pytest.approx(tokens * math.log2(V) / nbytes, rel=1e-5)
+    prepare.evaluate_bpb(Uniform(), tokenizer, B)
+    assert record.EVALUATIONS[-1]["val_bpb_exact"] == pytest.approx(tokens * math.log2(V) / nbytes, rel=1e-5)
 
 
 def test_the_batch_size_does_not_change_what_is_scored(tokenizer):

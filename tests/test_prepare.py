@@ -60,21 +60,32 @@ def test_special_token_text_in_a_document_is_plain_text(tokenizer):
     assert tokenizer.get_bos_token_id() not in ids
 
 
-def test_token_bytes_count_each_tokens_own_bytes(tokenizer):
+def test_token_bytes_count_as_the_reference_and_exactly(tokenizer):
     import torch
     token_bytes = prepare.get_token_bytes("cpu", tokenizer)
-    assert token_bytes.dtype == torch.int32 and token_bytes.shape == (VOCAB_SIZE,)
-    assert token_bytes[-4:].tolist() == [0, 0, 0, 0]  # special tokens stand for no text
-    # The bytes of any text's tokens add up to the text's UTF-8 length exactly, multi-byte scripts included.
+    reference, exact = token_bytes
+    assert token_bytes.dtype == torch.int64 and token_bytes.shape == (2, VOCAB_SIZE)
+    assert reference[-4:].tolist() == exact[-4:].tolist() == [0, 0, 0, 0]  # special tokens stand for no text
+    # Exactly: the bytes of any text's tokens add up to the text's UTF-8 length, multi-byte scripts included.
     for text in MULTILINGUAL:
-        assert sum(token_bytes[i].item() for i in tokenizer.encode(text)) == len(text.encode("utf-8"))
-    # Tokens that are a fragment of a UTF-8 sequence count their own bytes (the reference counted 3, for U+FFFD).
-    partial = [i for i in range(VOCAB_SIZE - 4)
-               if not _is_utf8(tokenizer.enc.decode_single_token_bytes(i))]
+        assert sum(exact[i].item() for i in tokenizer.encode(text)) == len(text.encode("utf-8"))
+    # A token that is a fragment of a UTF-8 sequence counts its own bytes exactly, and 3 bytes (U+FFFD) per invalid
+    # run of bytes as the reference counts it (SPEC.md: b'\x80' counts 3).
+    lone = tokenizer.enc.encode_single_token(b"\x80")
+    assert (exact[lone].item(), reference[lone].item()) == (1, 3)
+    partial = [i for i in range(VOCAB_SIZE - 4) if not _is_utf8(tokenizer.enc.decode_single_token_bytes(i))]
     assert partial, "a byte-level BPE always has tokens for lone UTF-8 bytes"
     for i in partial:
-        assert token_bytes[i].item() == len(tokenizer.enc.decode_single_token_bytes(i))
-    assert any(token_bytes[i].item() != 3 for i in partial)
+        token = tokenizer.enc.decode_single_token_bytes(i)
+        invalid = reference[i].item() - _valid_bytes(token)  # 3 bytes per invalid run
+        assert exact[i].item() == len(token) and invalid > 0 and invalid % 3 == 0
+    whole = [i for i in range(VOCAB_SIZE - 4) if i not in set(partial)]
+    assert all(reference[i].item() == exact[i].item() for i in whole)
+
+
+def _valid_bytes(token):
+    """The bytes of a token's complete characters (each invalid run in it adds 3 more as the reference counts)."""
+    return len(token.decode("utf-8", errors="ignore").encode("utf-8"))
 
 
 def _is_utf8(b):

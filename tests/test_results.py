@@ -1,34 +1,46 @@
-"""results.py: recording a run from its log and git, re-runs, refused settings; reading bad results files; the
-summary and the plot."""
+"""autoresearch.results: recording a run from its record (run.json) and git, re-runs, refusals; reading results
+files as editors and spreadsheets leave them; one writer at a time; the summary (noise floor, speed, the tip)
+and the plot. Runs here are written by the real record module for a train.py in a temporary git checkout; the
+tests that need real training runs are in test_log.py."""
 import os
+import subprocess
+import sys
 
 import pytest
 
-from autoresearch import results
-from conftest import git
+from autoresearch import record, results
+from conftest import ROOT, git
 from test_docs import write_results
 
 SUMMARY = """---
 val_bpb:          {val}
 training_seconds: 300.1
-total_seconds:    325.9
 peak_vram_mb:     45060.2
-mfu_percent:      39.80
-total_tokens_M:   499.6
-num_steps:        953
-num_params_M:     50.3
-depth:            8
 settings:         {settings}
 """
 
 
-def log_text(val="0.997900", settings="standard"):
-    return "step 00000 (0.0%) | loss: 9.0\n" + SUMMARY.format(val=val, settings=settings)
+def finished_run(folder, val="0.997900", settings="standard", speed=1e12, violations=(), where=None):
+    """A finished run of the train.py in folder as the fixed code leaves it: run.json (written by
+    record.RunRecord) and a run.log whose `run:` line names it, both in `where` (default: folder). Returns the
+    run id."""
+    where = where or folder
+    rec = record.RunRecord(str(folder / "train.py"), settings, {}, folder=str(where))
+    rec.finish({"val_bpb": val}, violations, val_bpb=float(val), val_bpb_exact=float(val), peak_vram_mb=45060.2,
+               model_flops_per_sec=speed)
+    (where / "run.log").write_text(f"run: {rec.run_id}; device: cuda\nstep 00000 (0.0%) | loss: 9.0\n"
+                              + SUMMARY.format(val=val, settings=settings))
+    return rec.run_id
+
+
+def crashed_before_start(folder, line):
+    """A run that stopped before its record began (a bad knob, an import error): its log only."""
+    (folder / "run.log").write_text(f"step 00000 (0.0%) | loss: 9.0\n{line}\n")
 
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
-    """A git checkout with one commit, as the current folder; commit(msg) adds another and returns its hash."""
+    """A git checkout, as the current folder; commit(msg) writes train.py, commits it and returns the hash."""
     monkeypatch.chdir(tmp_path)
 
     def commit(message):
@@ -41,66 +53,87 @@ def repo(tmp_path, monkeypatch):
     return commit
 
 
-def rows():
-    return results.read_rows("results.tsv", [])
+def rows(path="results.tsv"):
+    return results.read_rows(path, [])
 
 
-def test_record_a_baseline_its_rerun_a_change_and_a_crash(repo, tmp_path):
+def test_record_a_baseline_its_rerun_a_change_and_a_crash(repo, tmp_path, capsys):
     base = repo("baseline")
-    (tmp_path / "run.log").write_text(log_text("0.997900"))
+    finished_run(tmp_path, "0.997900")
     results.record("keep", "baseline")
-    (tmp_path / "run.log").write_text(log_text("0.995900"))
+    assert "noise floor: not set: one baseline run so far: run the baseline again" in capsys.readouterr().out
+    finished_run(tmp_path, "0.995900")
     results.record("keep", "baseline")  # the same commit again: a re-run
+    assert "a re-run of experiment #1 (baseline): 2 runs, mean 0.996900" in capsys.readouterr().out
     change = repo("halve the batch")
-    (tmp_path / "run.log").write_text(log_text("0.990000"))
+    finished_run(tmp_path, "0.990000")
     results.record("keep", "halve TOTAL_BATCH_SIZE")
     crash = repo("depth 16")
-    (tmp_path / "run.log").write_text("step 00000 (0.0%) | loss: 9.0\nerror: out of GPU memory at "
-                                      "DEVICE_BATCH_SIZE=128, DEPTH=16: lower DEVICE_BATCH_SIZE\n")
-    results.record("keep", "depth 16")  # no summary: a crash whatever the agent said
+    crashed_before_start(tmp_path, "error: out of GPU memory at DEVICE_BATCH_SIZE=128, DEPTH=16: lower "
+                                   "DEVICE_BATCH_SIZE")
+    results.record("keep", "depth 16")  # no finished run: a crash whatever the agent said
     assert [list(r.values()) for r in rows()] == [
         [base, "0.997900", "44.0", "keep", "baseline"],
         [base, "0.995900", "44.0", "keep", "baseline (rerun)"],
         [change, "0.990000", "44.0", "keep", "halve TOTAL_BATCH_SIZE"],
         [crash, "0.000000", "0.0", "crash", "depth 16 (error: out of GPU memory at DEVICE_BATCH_SIZE=128, DEPTH=16: "
                                             "lower DEVICE_BATCH_SIZE)"]]
-    assert (open("results.tsv").readline().rstrip("\n").split("\t") == results.COLUMNS)
-    assert sorted(os.listdir("runs")) == [f"001-{base}.log", f"002-{base}.log", f"003-{change}.log",
-                                          f"004-{crash}.log"]
+    assert open("results.tsv").readline().rstrip("\n").split("\t") == results.COLUMNS
+    logs = sorted(n for n in os.listdir("runs") if n.endswith(".log"))
+    assert [n.split("-")[:2] for n in logs] == [["001", base], ["002", base], ["003", change], ["004", crash]]
     exps = results.experiments(rows())
     assert [e["number"] for e in exps] == [1, 2, 3] and exps[0]["value"] == pytest.approx(0.9969)
-    assert results.noise_floor(exps) == pytest.approx(0.002)
+    assert results.noise_floor(exps) == (pytest.approx(0.002), "from 2 baseline runs")
 
 
-def test_a_marginal_win_and_its_rerun_share_the_status_given_last(repo, tmp_path):
+def test_a_marginal_win_and_its_rerun_keep_their_own_rows(repo, tmp_path):
     repo("baseline")
-    (tmp_path / "run.log").write_text(log_text("0.997900"))
+    finished_run(tmp_path, "0.997900")
     results.record("keep", "baseline")
     repo("a small change")
-    (tmp_path / "run.log").write_text(log_text("0.996000"))
+    finished_run(tmp_path, "0.996000")
     results.record("keep", "a small change")
-    (tmp_path / "run.log").write_text(log_text("0.998500"))
+    finished_run(tmp_path, "0.998500")
     results.record("discard", "a small change")
+    # no row is ever rewritten: the experiment takes the status given last
     assert [(r["status"], r["description"]) for r in rows()] == [
-        ("keep", "baseline"), ("discard", "a small change"), ("discard", "a small change (rerun)")]
+        ("keep", "baseline"), ("keep", "a small change"), ("discard", "a small change (rerun)")]
+    exps = results.experiments(rows())
+    assert [e["status"] for e in exps] == ["keep", "discard"] and exps[1]["value"] == pytest.approx(0.99725)
+
+
+def test_the_baseline_run_again_later_joins_the_baseline(repo, tmp_path):
+    base = repo("baseline")
+    for val in ("0.9979", "0.9981"):
+        finished_run(tmp_path, val)
+        results.record("keep", "baseline")
+    repo("idea")
+    finished_run(tmp_path, "0.9990")
+    results.record("discard", "idea")
+    git(tmp_path, "checkout", "-q", base)  # the baseline's code again, mid-night
+    finished_run(tmp_path, "0.9989")
+    results.record("keep", "baseline")
+    exps = results.experiments(rows())
+    assert len(exps) == 2 and exps[0]["runs"] == [0.9979, 0.9981, 0.9989] and exps[0]["status"] == "keep"
+    assert results.noise_floor(exps)[0] == pytest.approx(0.001)
 
 
 def test_a_timeout_is_a_crash_and_a_finished_run_is_not(repo, tmp_path):
     repo("slow")
-    (tmp_path / "run.log").write_text("step 00000 (0.0%) | loss: 9.0\nstep 00100 (40.0%) | loss: 4.0\n")
+    crashed_before_start(tmp_path, "step 00100 (40.0%) | loss: 4.0")
     row = results.record("discard", "slow idea")
     assert row["status"] == "crash" and row["description"] == "slow idea (no summary: stopped or timed out)"
-    (tmp_path / "run.log").write_text(log_text())
+    finished_run(tmp_path)
     with pytest.raises(SystemExit, match="a finished run is keep or discard"):
         results.record("crash", "finished")
 
 
 def test_a_run_under_other_settings_is_refused(repo, tmp_path):
     repo("baseline")
-    (tmp_path / "run.log").write_text(log_text(settings="AUTORESEARCH_PRESET=small"))
+    finished_run(tmp_path, settings="AUTORESEARCH_PRESET=small")
     results.record("keep", "baseline")
     repo("change")
-    (tmp_path / "run.log").write_text(log_text(val="0.5"))  # standard settings: not the baseline's
+    finished_run(tmp_path, val="0.5")  # standard settings: not the baseline's
     with pytest.raises(SystemExit, match=r"settings \(standard\) differ from the baseline's "
                                          r"\(AUTORESEARCH_PRESET=small"):
         results.record("keep", "change")
@@ -109,11 +142,11 @@ def test_a_run_under_other_settings_is_refused(repo, tmp_path):
 
 def test_the_baseline_settings_are_the_first_finished_runs(repo, tmp_path):
     repo("typo")
-    (tmp_path / "run.log").write_text("Traceback (most recent call last):\nNameError: name 'x' is not defined\n")
+    crashed_before_start(tmp_path, "NameError: name 'x' is not defined")
     results.record("crash", "a first run that crashed")
     repo("baseline")
-    (tmp_path / "run.log").write_text(log_text(settings="AUTORESEARCH_PRESET=small"))
-    results.record("keep", "baseline")  # the crash's log has no settings: it does not set the baseline's
+    finished_run(tmp_path, settings="AUTORESEARCH_PRESET=small")
+    results.record("keep", "baseline")  # the crash has no settings: it does not set the baseline's
     assert [r["status"] for r in rows()] == ["crash", "keep"]
 
 
@@ -121,26 +154,95 @@ def test_record_outside_git_and_without_a_log_are_one_line(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="cannot read the run's log run.log"):
         results.record("keep", "x")
-    (tmp_path / "run.log").write_text(log_text())
+    crashed_before_start(tmp_path, "error: DEPTH = 0")
     with pytest.raises(SystemExit, match="cannot read the commit"):
-        results.record("keep", "x")
+        results.record("crash", "x")
 
+
+def test_a_log_and_a_record_of_different_runs_are_refused(repo, tmp_path):
+    repo("baseline")
+    finished_run(tmp_path)
+    log = (tmp_path / "run.log").read_text()
+    finished_run(tmp_path)  # a newer run.json beside the older run.log
+    (tmp_path / "run.log").write_text(log)
+    with pytest.raises(SystemExit, match="they do not belong together"):
+        results.record("keep", "baseline")
+    (tmp_path / "run.log").write_text("step 00000\n" + SUMMARY.format(val="0.9", settings="standard"))
+    with pytest.raises(SystemExit, match="names no run"):  # a summary no run of ours printed
+        results.record("keep", "baseline")
+    assert not os.path.exists("results.tsv") and not os.path.exists("runs")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed: a run on a busier (or quieter) machine says so; a baseline pair at different speeds sets no floor
+
+def test_a_run_at_another_speed_is_said_and_its_baseline_pair_sets_no_floor(repo, tmp_path, capsys):
+    repo("baseline")
+    finished_run(tmp_path, "1.9086", speed=2.5e10)
+    results.record("keep", "baseline")
+    finished_run(tmp_path, "2.2376", speed=1.0e10)  # the machine was busy: 0.4x the speed
+    results.record("keep", "baseline")
+    out = capsys.readouterr().out
+    assert "noise floor: not set: the baseline's runs ran at different speeds" in out
+    assert "run the baseline again" in out
+    finished_run(tmp_path, "1.9100", speed=2.45e10)
+    results.record("keep", "baseline")
+    out = capsys.readouterr().out
+    assert "noise floor: 0.001400 (from 2 baseline runs)" in out  # the two at the same speed
+    repo("double lrs")
+    finished_run(tmp_path, "2.0670", speed=1.1e10)
+    results.record("discard", "double lrs")
+    out = capsys.readouterr().out
+    assert "this experiment ran at 0.45x the baseline's model FLOP/s" in out and "unreliable" in out
+    summary = "\n".join(results.summary_lines(*results.load(["results.tsv"], worktrees=False)))
+    assert "Ran more than 10% away from the baseline's speed" in summary and "#2    0.45x  discard" in summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading what editors, spreadsheets and people leave
 
 @pytest.mark.parametrize("content, says", [
     ("", "is empty (not even the header line)"),
     ("commit\tval_bpb\tstatus\tdescription\na1\t0.99\tkeep\tbaseline\n", "no memory_gb column"),
     ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\na1\t0.99\t1.0\tkeep\tbase\tline with a tab\n",
      "a tab inside the description"),
+    ("a1\t0.99\t1.0\tkeep\tbaseline\nb2\t0.98\t1.0\tkeep\tsecond\n", "has no header line"),
+    ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tnotes\na1\t0.99\t1.0\tkeep\tbaseline\tmine\n",
+     "column(s) notes are not results.tsv's: ignored"),
 ])
 def test_bad_results_files_say_what_is_wrong_and_the_rest_reads(tmp_path, content, says):
     (tmp_path / "results.tsv").write_text(content)
     problems = []
     got = results.read_rows(str(tmp_path / "results.tsv"), problems)
-    assert len(problems) == 1 and says in problems[0]
+    assert len(problems) == 1 and says in problems[0], problems
     if content:
         assert got[0]["commit"] == "a1" and got[0]["val_bpb"] == "0.99"
     if "tab" in says:
         assert got[0]["description"] == "base line with a tab"
+    if says == "has no header line":
+        assert [r["commit"] for r in got] == ["a1", "b2"]
+
+
+def test_a_spreadsheets_bom_and_crlf_keep_every_earlier_row(repo, tmp_path, capsys):
+    base = repo("baseline")
+    saved = ("\ufeffcommit\tval_bpb\tmemory_gb\tstatus\tdescription\r\n"
+             f"{base}\t0.997900\t44.0\tkeep\tbaseline\r\n").encode("utf-8")
+    (tmp_path / "results.tsv").write_bytes(saved)
+    finished_run(tmp_path, "0.998100")
+    results.record("keep", "baseline")
+    data = (tmp_path / "results.tsv").read_bytes()
+    assert data.startswith(saved) and data.endswith(b"\r\n")  # the earlier bytes, then the row, in the file's style
+    assert [r["commit"] for r in rows()] == [base, base]
+
+
+def test_record_prints_what_it_found_odd_in_the_file(repo, tmp_path, capsys):
+    repo("baseline")
+    (tmp_path / "results.tsv").write_text("a1\t0.99\t1.0\tkeep\tbaseline\n")
+    finished_run(tmp_path, "0.98")
+    results.record("keep", "change")
+    out = capsys.readouterr().out
+    assert "note: reading results.tsv: " in out and "has no header line" in out
+    assert [r["commit"] for r in rows()][0] == "a1" and len(rows()) == 2
 
 
 def test_a_keep_without_a_value_is_not_a_finished_keep(tmp_path):
@@ -151,6 +253,110 @@ def test_a_keep_without_a_value_is_not_a_finished_keep(tmp_path):
     assert not exps[1]["finished"] and "without a val_bpb ('N/A')" in problems[0]
     text = "\n".join(results.summary_lines([str(tmp_path / "results.tsv")], {"repo": exps}, problems))
     assert "nan" not in text.lower() and "best:     0.997900" in text
+
+
+def test_a_results_file_that_is_a_folder_is_skipped_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "x.tsv").mkdir(parents=True)
+    paths, agents, problems = results.load(worktrees=False)
+    assert any("is a folder, not a results file: skipped" in p for p in problems)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing lost: one writer at a time, names that never collide, links written through, both files or neither
+
+def test_forty_records_at_once_keep_forty_rows(repo, tmp_path):
+    repo("baseline")
+    for i in range(40):  # forty finished runs, each with its log and record in a folder of its own
+        (tmp_path / "logs" / f"r{i}").mkdir(parents=True)
+        finished_run(tmp_path, f"0.99{i:02d}", where=tmp_path / "logs" / f"r{i}")
+    procs = [subprocess.Popen([sys.executable, "-m", "autoresearch.results", "record", "discard", f"run {i}",
+                               "--log", f"logs/r{i}/run.log"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(40)]
+    assert all(p.wait(timeout=120) == 0 for p in procs), [p.stderr.read() for p in procs if p.returncode]
+    assert len(rows()) == 40 and len(os.listdir("runs")) == 80
+
+
+def test_a_new_results_file_beside_old_runs_overwrites_nothing(repo, tmp_path):
+    repo("baseline")
+    finished_run(tmp_path)
+    results.record("keep", "baseline")
+    before = {n: (tmp_path / "runs" / n).read_bytes() for n in os.listdir("runs")}
+    os.rename("results.tsv", "results-last-night.tsv")
+    finished_run(tmp_path)
+    results.record("keep", "baseline")
+    after = os.listdir("runs")
+    assert len(after) == 4 and all((tmp_path / "runs" / n).read_bytes() == data for n, data in before.items())
+
+
+def test_a_symlinked_results_file_is_written_through(repo, tmp_path):
+    repo("baseline")
+    (tmp_path / "elsewhere").mkdir()
+    write_results(str(tmp_path / "elsewhere" / "results.tsv"), [])
+    os.symlink(tmp_path / "elsewhere" / "results.tsv", tmp_path / "results.tsv")
+    finished_run(tmp_path)
+    results.record("keep", "baseline")
+    assert os.path.islink("results.tsv") and len(rows("elsewhere/results.tsv")) == 1
+
+
+def test_runs_that_cannot_be_written_record_nothing_and_a_retry_adds_no_duplicate(repo, tmp_path):
+    repo("baseline")
+    finished_run(tmp_path)
+    (tmp_path / "runs").write_text("a file where the runs/ folder belongs")  # (unwritable even for root)
+    with pytest.raises(SystemExit, match="cannot keep the run's log in"):
+        results.record("keep", "baseline")
+    assert not os.path.exists("results.tsv")
+    os.remove(tmp_path / "runs")
+    results.record("keep", "baseline")
+    assert [r["description"] for r in rows()] == ["baseline"]
+
+
+def test_a_results_file_in_a_folder_that_cannot_be_written_is_one_line(repo, tmp_path):
+    repo("baseline")
+    finished_run(tmp_path)
+    (tmp_path / "not-a-folder").write_text("")
+    with pytest.raises(SystemExit, match="cannot write in .*not-a-folder .*: record needs a writable folder"):
+        results.record("keep", "baseline", path=str(tmp_path / "not-a-folder" / "results.tsv"))
+
+
+def test_the_row_and_the_log_are_written_together_or_neither(repo, tmp_path, monkeypatch):
+    repo("baseline")
+    finished_run(tmp_path)
+
+    def full_disk(path, row):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results, "append_row", full_disk)
+    with pytest.raises(SystemExit, match="cannot write results.tsv \\(No space left on device\\): nothing recorded"):
+        results.record("keep", "baseline")
+    assert os.listdir("runs") == [] and not os.path.exists("results.tsv")
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    results.record("keep", "baseline")  # the retry: one row, not a duplicate re-run
+    assert [r["description"] for r in rows()] == ["baseline"] and len(os.listdir("runs")) == 2
+
+
+def test_a_summary_piped_into_head_ends_quietly(tmp_path):
+    write_results(str(tmp_path / "results.tsv"), [("a1", "0.997900", "44.0", "keep", f"change {i}")
+                                                  for i in range(3000)])
+    proc = subprocess.run(f"{sys.executable} -m autoresearch.results | head -n 3", shell=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=60)
+    assert len(proc.stdout.splitlines()) == 3 and "Traceback" not in proc.stderr and "Error" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The summary and the plot
+
+def test_the_tip_a_simpler_equal_is_said_beside_the_best(tmp_path):
+    write_results(str(tmp_path / "results.tsv"), [
+        ("a1", "0.997900", "44.0", "keep", "baseline"), ("a1", "0.998900", "44.0", "keep", "baseline (rerun)"),
+        ("b2", "0.990000", "44.0", "keep", "halve the batch"),
+        ("c3", "0.990500", "44.0", "keep", "delete the value embeddings gate (simpler, equal)")])
+    paths, agents, problems = results.load([str(tmp_path / "results.tsv")], worktrees=False)
+    text = "\n".join(results.summary_lines(paths, agents, problems))
+    assert "best:     0.990000 (#2 b2" in text
+    assert "tip:      0.990500 (#3 c3, the last kept commit: the next experiment starts here; equal to the best " \
+           "within the floor, kept as the simpler code)" in text
 
 
 def test_crash_marks_are_drawn_inside_the_axes(tmp_path):

@@ -1,6 +1,7 @@
 """train.py end to end on the CPU: the real loop, tiny, on the prepared test corpus; its one-line errors."""
 import contextlib
 import io
+import json
 import math
 import re
 import types
@@ -16,8 +17,9 @@ from conftest import run_script
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth"]
-EXTRA_KEYS = ["train_loss", "startup_seconds", "eval_seconds", "tok_per_sec", "fwd_bwd_seconds", "optim_seconds",
-              "data_seconds", "device", "gpu", "settings"]
+EXTRA_KEYS = ["val_bpb_exact", "train_loss", "startup_seconds", "eval_seconds", "tok_per_sec", "flops_per_sec",
+              "fwd_bwd_seconds", "optim_seconds", "data_seconds", "other_seconds", "device", "gpu", "settings",
+              "run_id"]
 
 
 def summary(stdout):
@@ -39,14 +41,13 @@ STEP_SECONDS = 0.19  # what every step of the tiny run lasts on runtime's clock:
 
 
 def stepped_clock(monkeypatch, seconds=STEP_SECONDS):
-    """runtime's clocks for a tiny run, so that every training step lasts exactly `seconds` on a fast, a slow or
-    a busy machine: at the end of a step both clocks jump to its start + `seconds`, and its parts (forward and
+    """runtime's clock for a tiny run, so that every training step lasts exactly `seconds` on a fast, a slow or
+    a busy machine: at the end of a step the clock jumps to its start + `seconds`, and its parts (forward and
     backward, optimizer, data wait) are scaled to fit. The budget then holds the same steps anywhere, and what
     the run learns in them never depends on the machine's load."""
     import time
-    offset = {"time": 0.0, "perf": 0.0}
-    clock = types.SimpleNamespace(time=lambda: time.time() + offset["time"],
-                                  perf_counter=lambda: time.perf_counter() + offset["perf"])
+    offset = {"perf": 0.0}
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset["perf"])
     end_step = runtime.Run.end_step
 
     def stepped_end_step(self, *args):
@@ -55,7 +56,6 @@ def stepped_clock(monkeypatch, seconds=STEP_SECONDS):
         self._marks[1] = start + (middle - start) * scale
         self._data_wait *= scale
         offset["perf"] += start + seconds - clock.perf_counter()
-        offset["time"] += self._t0 + seconds - clock.time()
         return end_step(self, *args)
 
     monkeypatch.setattr(runtime, "time", clock)
@@ -63,7 +63,7 @@ def stepped_clock(monkeypatch, seconds=STEP_SECONDS):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(prepared):
+def tiny_run(prepared, tmp_path_factory):
     """One tiny training run through train.main(), the real loop and eval, serving several checks: its output
     (stdout is not a terminal, as in `> run.log`) and how often torch.compile's stand-in and the raw model ran.
     Its steps last STEP_SECONDS each (stepped_clock)."""
@@ -87,15 +87,18 @@ def tiny_run(prepared):
             setattr(train, name, value)
         hardware.compile_model = lambda model, device: Compiled(model)
         with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.chdir(tmp_path_factory.mktemp("tiny_run"))
             stepped_clock(monkeypatch)
             train.main()
+            with open("run.json", encoding="utf-8") as f:
+                run_record = json.load(f)
     finally:
         hardware.compile_model = compile_model
         for name, value in saved.items():
             setattr(train, name, value)
     stdout = out.getvalue()
     rows = summary(stdout)
-    return dict(stdout=stdout, rows=rows, values={k: v.strip() for k, v in rows}, calls=calls)
+    return dict(stdout=stdout, rows=rows, values={k: v.strip() for k, v in rows}, calls=calls, record=run_record)
 
 
 def test_tiny_run_prints_the_reference_summary(tiny_run):
@@ -290,11 +293,12 @@ def test_training_starts_from_the_references_initial_weights(prepared, monkeypat
 
 def test_constants_changed_at_run_time_make_a_run_comparable_with_none(monkeypatch):
     standard = dict(constants.RESOLVED)
+    EVAL, BUDGET = standard["EVAL_TOKENS"], standard["TIME_BUDGET"]
     assert runtime.modified_constants(standard) == []
     monkeypatch.setattr(constants, "EVAL_TOKENS", 1000)
     notes = runtime.modified_constants({**standard, "TIME_BUDGET": 600})
-    assert sorted(notes) == ["EVAL_TOKENS = 1000 set in constants.py at run time",
-                             "TIME_BUDGET = 600 set in train.py at run time"]
+    assert sorted(notes) == [f"EVAL_TOKENS = 1000 set in constants.py at run time (the fixed value is {EVAL})",
+                             f"TIME_BUDGET = 600 set in train.py at run time (the fixed value is {BUDGET})"]
 
 
 @pytest.mark.parametrize("names, expected", [

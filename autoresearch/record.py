@@ -1,0 +1,139 @@
+"""The run's record of itself, run.json: written by the fixed code only, read by results.py. DO NOT CHANGE.
+
+    running   written when the run starts (runtime.main): a unique run id, train.py's content hash as it runs, the
+              git commit and whether train.py matched it, the settings and the metric's constants as read
+    finished  written at the summary: its values, the budget counted, the uncounted steps, the steps begun after
+              the budget ran out, what the metric scored, and `violations`: why the run compares with no other
+    failed    written when the run stops on an error: a knob, the cache, out of memory, a diverged loss, a metric
+              that is not finite, SIGTERM (`timeout`), Ctrl-C, a traceback; with the reason in one line
+A run killed outright (SIGKILL, a power cut) stays `running`, and results.py records it as a crash. The record
+lands in the folder train.py runs in (beside run.log), written atomically: a temporary file, then a rename. The
+summary block that train.py prints is for people and agents to read; results.py trusts this file, not the log.
+Standard library only.
+"""
+import datetime
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+
+RECORD_NAME = "run.json"
+FORMAT = 1
+
+
+def git_blob_sha1(data):
+    """The id git gives a file with these bytes (`git hash-object`), to compare a file with a commit's."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def git(folder, *args):
+    """stdout of `git args` run in folder, or None where git is missing or fails (not a checkout, no commit)."""
+    try:
+        out = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def code_identity(path):
+    """What ran: {"path", "sha256", "blob"} of the file's bytes, and the checkout's HEAD: "commit" (full hash, or
+    None outside git) and "committed" (True when the file is exactly HEAD's, False when it differs, None outside
+    git)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    folder = os.path.dirname(os.path.abspath(path))
+    commit = git(folder, "rev-parse", "HEAD")
+    head_blob = git(folder, "rev-parse", f"HEAD:./{os.path.basename(path)}") if commit else None
+    blob = git_blob_sha1(data)
+    return {"path": os.path.abspath(path), "sha256": hashlib.sha256(data).hexdigest(), "blob": blob,
+            "commit": commit, "committed": None if commit is None else head_blob == blob}
+
+
+def new_run_id():
+    """A run id that no other run has: the start time and 48 random bits, e.g. 20261129-231502-3fa9c2d1e07b."""
+    return f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(6)}"
+
+
+def read(path):
+    """The record at path as a dict, or None when there is none; a record that does not parse is None too (the
+    caller says what that means)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT and "run_id" in data else None
+
+
+class RunRecord:
+    """This process's run.json. `data` holds what is written; save() writes it whole, atomically."""
+
+    def __init__(self, train_file, settings, constants, folder=None):
+        self.path = os.path.join(folder or os.getcwd(), RECORD_NAME)
+        self.data = {"format": FORMAT, "run_id": new_run_id(), "status": "running", "pid": os.getpid(),
+                     "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "code": code_identity(train_file), "settings": settings, "constants": dict(constants),
+                     "evaluations": [], "violations": [], "reason": None, "summary": None}
+        self.save()
+
+    @property
+    def run_id(self):
+        return self.data["run_id"]
+
+    def save(self):
+        """Write the record atomically; a record that cannot be written is said once on stderr, and the run goes
+        on (results.py will then refuse to record it as finished)."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.data, f, indent=1)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            import sys
+            print(f"note: cannot write the run's record {self.path} ({e.strerror or e})", file=sys.stderr)
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+
+    def finish(self, summary, violations, **details):
+        """The run ended in its summary: status finished, the summary's values, the violations and details."""
+        self.data.update(status="finished", summary=summary, violations=list(violations), **details)
+        self.save()
+
+    def fail(self, reason):
+        """The run stopped before its summary: status failed, and why in one line (a finished run stays so)."""
+        if self.data["status"] == "running":
+            self.data.update(status="failed", reason=reason)
+            self.save()
+
+
+_current = None  # this process's run record, once runtime.main (or the first Run) started it
+EVALUATIONS = []  # what evaluate_bpb scored in this process, in order (dicts; see prepare.evaluate_bpb)
+
+
+def start(train_file, settings, constants, folder=None):
+    """Start this process's run record (a new run id) and forget earlier evaluations."""
+    global _current
+    EVALUATIONS.clear()
+    _current = RunRecord(train_file, settings, constants, folder)
+    return _current
+
+
+def current():
+    """This process's run record, or None outside a run."""
+    return _current
+
+
+def stop():
+    """Forget this process's run record (the run is over)."""
+    global _current
+    _current = None
+
+
+def note_evaluation(evaluation):
+    """Called by the metric (prepare.evaluate_bpb) with what it scored; kept for the run's summary and record."""
+    EVALUATIONS.append(dict(evaluation))
+    if _current is not None:
+        _current.data["evaluations"].append(dict(evaluation))
