@@ -39,9 +39,12 @@ def git(folder, *args):
 def code_identity(path):
     """What ran: {"path", "sha256", "blob"} of the file's bytes, and the checkout's HEAD: "commit" (full hash, or
     None outside git) and "committed" (True when the file is exactly HEAD's, False when it differs, None outside
-    git)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    git). A file that cannot be read (code run from `python -c`) has no hashes."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return {"path": None, "sha256": None, "blob": None, "commit": None, "committed": None}
     folder = os.path.dirname(os.path.abspath(path))
     commit = git(folder, "rev-parse", "HEAD")
     head_blob = git(folder, "rev-parse", f"HEAD:./{os.path.basename(path)}") if commit else None

@@ -438,7 +438,7 @@ def identify(text, log_dir):
 
 def check_code(data, short):
     """Refuse a run whose train.py is not the one committed at HEAD (by content), saying what to do."""
-    if data is not None:
+    if data is not None and data["code"]["blob"]:
         blob, where = data["code"]["blob"], os.path.dirname(data["code"]["path"])
         name = os.path.basename(data["code"]["path"])
     else:  # a run that stopped before its record began: the train.py here is the best witness of what ran

@@ -136,3 +136,47 @@ def run_script(args, env=None, timeout=600, cwd=None):
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+AGENT_FILES = ["train.py", "prepare.py", "constants.py", "autoresearch"]
+
+
+def agent_repo(folder):
+    """A git checkout as an agent's night starts: the project's files (as they are now) committed as `baseline`
+    in folder/repo; returns its path."""
+    repo = os.path.join(str(folder), "repo")
+    os.makedirs(repo)
+    for name in AGENT_FILES:
+        if os.path.isdir(os.path.join(ROOT, name)):
+            shutil.copytree(os.path.join(ROOT, name), os.path.join(repo, name),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(os.path.join(ROOT, name), repo)
+    git(repo, "init", "-q")
+    git(repo, "add", *AGENT_FILES)
+    git(repo, "commit", "-qm", "baseline")
+    return repo
+
+
+def edit_train(repo, old, new, message=None):
+    """Replace `old` (which must be there) in repo's train.py; commit with message unless it is None."""
+    path = os.path.join(repo, "train.py")
+    text = open(path, encoding="utf-8").read()
+    assert old in text, old
+    open(path, "w", encoding="utf-8").write(text.replace(old, new))
+    if message is not None:
+        git(repo, "commit", "-qam", message)
+
+
+def run_train(repo, **env):
+    """`timeout 600 uv run train.py > run.log 2>&1` in repo, on a 1-s budget; returns (exit status, the log)."""
+    with open(os.path.join(repo, "run.log"), "w") as log:
+        proc = subprocess.run([sys.executable, "train.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=600, env={**os.environ, **TEST_ENV, "AUTORESEARCH_TIME_BUDGET": "1", **env})
+    return proc.returncode, open(os.path.join(repo, "run.log"), encoding="utf-8").read()
+
+
+def record_cli(repo, status, description):
+    """`uv run -m autoresearch.results record STATUS DESCRIPTION` in repo; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "autoresearch.results", "record", status, description], cwd=repo,
+                          capture_output=True, text=True, timeout=60)

@@ -163,7 +163,8 @@ def test_program_md_states_the_loop_rules():
         "baseline (rerun)", "mean of its two runs", "at least 0.001",       # the two baselines, the floor
         "with the final status", "both runs beat",                            # a marginal win's re-run
         "timeout 600", "as a crash", "never through `tee`",                   # timeouts, a small context
-        "uv run -m autoresearch.results record", "(typo)", "off CUDA torch measures none", # one-step bookkeeping, memory_gb
+        "uv run -m autoresearch.results record", "(typo)",                    # one-step bookkeeping
+        "off CUDA torch measures none",                                       # memory_gb
         "AUTORESEARCH_PRESET=small", "the same settings",                     # comparability
         "AUTORESEARCH_", "not comparable with any run",                 # the metric is not the agent's
         'grep "^step', "the same `%`",                                        # reading the progress lines

@@ -2,50 +2,26 @@
 kept change and its re-run, a typo crash, a run under other settings; results.tsv, the summary and the notes."""
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 from autoresearch import results
-from conftest import ROOT, TEST_ENV, git
-
-FILES = ["train.py", "prepare.py", "constants.py", "autoresearch"]
-
+from conftest import agent_repo, edit_train, git, record_cli, run_train
 
 def edit(repo, old, new, message):
-    path = os.path.join(repo, "train.py")
-    text = open(path, encoding="utf-8").read()
-    assert old in text
-    open(path, "w", encoding="utf-8").write(text.replace(old, new))
-    git(repo, "commit", "-qam", message)
+    edit_train(repo, old, new, message)
 
 
 def run(repo, **env):
     """`timeout 600 uv run train.py > run.log 2>&1`, then the grep of step 4; returns what the agent reads."""
-    with open(os.path.join(repo, "run.log"), "w") as log:
-        subprocess.run([sys.executable, "train.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT, timeout=600,
-                       env={**os.environ, **TEST_ENV, "AUTORESEARCH_TIME_BUDGET": "1", **env})
-    return "".join(line for line in open(os.path.join(repo, "run.log"))
-                   if line.startswith(("val_bpb:", "peak_vram_mb:")))
+    _, log = run_train(repo, **env)
+    return "".join(line + "\n" for line in log.splitlines() if line.startswith(("val_bpb:", "peak_vram_mb:")))
 
 
 def record(repo, status, description):
-    return subprocess.run([sys.executable, "-m", "autoresearch.results", "record", status, description], cwd=repo,
-                          capture_output=True, text=True, timeout=60)
+    return record_cli(repo, status, description)
 
 
 def test_a_night_of_the_loop(prepared, tmp_path):
-    repo = str(tmp_path / "repo")
-    os.makedirs(repo)
-    for name in FILES:
-        if os.path.isdir(os.path.join(ROOT, name)):
-            shutil.copytree(os.path.join(ROOT, name), os.path.join(repo, name),
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(os.path.join(ROOT, name), repo)
-    git(repo, "init", "-q")
-    git(repo, "add", *FILES)
-    git(repo, "commit", "-qm", "baseline")
+    repo = agent_repo(tmp_path)
 
     assert run(repo).startswith("val_bpb:")                       # the baseline, twice
     assert record(repo, "keep", "baseline").returncode == 0

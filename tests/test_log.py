@@ -1,0 +1,209 @@
+"""The research log cannot lie: the slips an agent makes, each tried for real (the tiny model on the CPU; a real
+git checkout where git matters), and what the run and `record` make of it. Each test names the case of issue 24
+it covers."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import constants
+import train
+from autoresearch import record, results, runtime
+from conftest import TEST_ENV, agent_repo, edit_train, git, record_cli, run_train
+from test_train import TINY_KNOBS, stepped_clock
+
+
+def rows(repo):
+    return results.read_rows(os.path.join(repo, "results.tsv"), [])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In git: the code that ran, and a run recorded once
+
+def test_uncommitted_or_reset_code_is_refused_and_a_run_is_recorded_once(prepared, tmp_path):
+    repo = agent_repo(tmp_path)
+    assert run_train(repo)[0] == 0
+    with open(os.path.join(repo, "run.log"), "a") as log:  # (1.5) an extra block after the real summary
+        log.write("---\nnote_from_the_agent: 1\n")
+    assert record_cli(repo, "keep", "baseline").returncode == 0
+    twice = record_cli(repo, "keep", "baseline")  # (2) the agent forgot to run: the same run again
+    assert twice.returncode == 1 and "is already recorded, as row 1" in twice.stderr
+    # (1) an edit the agent forgot to commit
+    edit_train(repo, "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ")
+    status, log = run_train(repo)
+    assert status == 0 and "note: train.py differs from the commit it is on" in log
+    forgot = record_cli(repo, "discard", "matrix lr 0.05")
+    assert forgot.returncode == 1 and "commit the code that ran first" in forgot.stderr
+    git(repo, "stash", "-q")  # ... or the edit reset away before recording
+    reset = record_cli(repo, "discard", "matrix lr 0.05")
+    assert reset.returncode == 1 and "commit the code that ran first" in reset.stderr
+    git(repo, "stash", "pop", "-q")
+    git(repo, "commit", "-qam", "matrix lr 0.05")
+    assert record_cli(repo, "discard", "matrix lr 0.05").returncode == 0
+    assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "baseline"),
+                                                                     ("discard", "matrix lr 0.05")]
+    assert rows(repo)[1]["commit"] == git(repo, "rev-parse", "--short", "HEAD").strip()
+    assert sorted(n.split("-")[0] for n in os.listdir(os.path.join(repo, "runs")) if n.endswith(".log")) == \
+        ["001", "002"]
+
+
+def test_a_summary_the_agents_code_printed_before_the_run_was_killed_is_a_crash(prepared, tmp_path):
+    repo = agent_repo(tmp_path)  # (5) train.py prints a block of its own, then hangs until `timeout` kills it
+    edit_train(repo, "    while not run.done:\n", "    print('---\\nval_bpb:          0.100000', flush=True)\n"
+                                                  "    time.sleep(600)\n    while not run.done:\n", "a fake summary")
+    log = open(os.path.join(repo, "run.log"), "w")
+    proc = subprocess.Popen([sys.executable, "train.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **TEST_ENV})
+    try:
+        deadline = time.time() + 120
+        while "val_bpb:" not in open(os.path.join(repo, "run.log")).read() and time.time() < deadline:
+            time.sleep(0.2)
+        going = record_cli(repo, "keep", "a fake summary")
+        assert going.returncode == 1 and "is still going" in going.stderr
+    finally:
+        proc.send_signal(signal.SIGKILL)  # (killed outright: no `failed` record)
+        proc.wait()
+        log.close()
+    recorded = record_cli(repo, "keep", "a fake summary")
+    assert recorded.returncode == 0 and "recorded as a crash" in recorded.stdout
+    assert rows(repo)[0]["status"] == "crash" and "killed before its summary" in rows(repo)[0]["description"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In process: what train.py may do to the fixed rules, and what the run then says
+
+def run_in_process(monkeypatch, capsys, seconds=1.0):
+    """train.main() on the tiny settings, each step lasting `seconds` (a 4-s budget: 4 steps), in the current
+    folder: returns (the `error:` line or None, stdout, the run's record)."""
+    for name, value in TINY_KNOBS:
+        monkeypatch.setattr(train, name, value)
+    stepped_clock(monkeypatch, seconds)
+    try:
+        train.main()
+        error = None
+    except SystemExit as e:
+        error = str(e.code)
+    out = capsys.readouterr().out
+    with open("run.log", "w", encoding="utf-8") as f:
+        f.write(out + (error or "") + "\n")
+    return error, out, record.read("run.json")
+
+
+def test_weights_that_turn_nan_after_the_last_step_end_in_an_error_and_a_crash(prepared, monkeypatch, capsys):
+    evaluate = train.evaluate_bpb
+
+    def poisoned(model, tokenizer, batch_size):  # (3) the last update overflowed
+        for p in model.parameters():
+            p.data.fill_(float("nan"))
+        return evaluate(model, tokenizer, batch_size)
+
+    monkeypatch.setattr(train, "evaluate_bpb", poisoned)
+    error, out, run = run_in_process(monkeypatch, capsys)
+    assert error.startswith("error: val_bpb is nan") and "\n---\n" not in out
+    assert run["status"] == "failed" and run["reason"].startswith("val_bpb is nan")
+    identity, _, kind, reason = results.identify(open("run.log").read(), ".")
+    assert (identity, kind) == (run["run_id"], "crash") and reason.startswith("val_bpb is nan")
+
+
+@pytest.mark.parametrize("where", ["runtime", "train"])
+def test_a_metric_constant_reassigned_before_the_start_stops_the_run_at_once(prepared, monkeypatch, capsys, where):
+    # (4) `runtime.TIME_BUDGET = 20` in train.py; MAX_SEQ_LEN reassigned in train.py
+    if where == "runtime":
+        monkeypatch.setattr(runtime, "TIME_BUDGET", 20.0, raising=False)
+        says = "TIME_BUDGET = 20.0 set in autoresearch/runtime.py"
+    else:
+        monkeypatch.setattr(train, "MAX_SEQ_LEN", 64)
+        says = "MAX_SEQ_LEN = 64 set in train.py"
+    error, out, run = run_in_process(monkeypatch, capsys)
+    assert error.startswith("error: the metric's constants are fixed: ") and says in error, error
+    assert "step 00000" not in out and run["status"] == "failed"
+
+
+def refused_keep(run):
+    """What `record keep` says of a finished run (it refuses before it looks at git)."""
+    with open("run.json", "w", encoding="utf-8") as f:  # (as the run left it)
+        import json
+        json.dump(run, f)
+    with pytest.raises(SystemExit) as refusal:
+        results.record("keep", "an idea")
+    return str(refusal.value.code)
+
+
+def test_uncounted_steps_set_by_train_py_are_ignored_and_said(prepared, monkeypatch, capsys):
+    init = runtime.Run.__init__
+
+    def warm_up_three(self, *args, **kwargs):  # (4) `run.warmup = 3`
+        init(self, *args, **kwargs)
+        self.warmup = 3
+
+    monkeypatch.setattr(runtime.Run, "__init__", warm_up_three)
+    error, out, run = run_in_process(monkeypatch, capsys)
+    assert error is None and "note: not comparable with any run: train.py set the uncounted steps" in out
+    assert run["uncounted_steps"] == 0 and run["violations"]
+    assert "(modified at run time)" in run["summary"]["settings"]
+    assert "compares with no other" in refused_keep(run) and "record it as discard" in refused_keep(run)
+
+
+def test_a_step_begun_after_the_budget_ran_out_is_said(prepared, monkeypatch, capsys):
+    end_step = runtime.Run.end_step
+
+    def one_more(self, loss, lrm, epoch):  # (4) a loop that does not stop at run.done
+        end_step(self, loss, lrm, epoch)
+        if self.done and not getattr(self, "_one_more", False):
+            self._one_more = True
+            self.begin_step()
+            self.begin_optimizer()
+            end_step(self, loss, lrm, epoch)
+
+    monkeypatch.setattr(runtime.Run, "end_step", one_more)
+    error, out, run = run_in_process(monkeypatch, capsys)
+    assert error is None and "1 step(s) begun after the budget ran out" in out
+    assert run["late_steps"] == 1 and "compares with no other" in refused_keep(run)
+
+
+def test_eval_tokens_lowered_during_the_evaluation_is_said(prepared, monkeypatch, capsys):
+    evaluate = train.evaluate_bpb
+
+    def fewer_rows(model, tokenizer, batch_size):  # (4) the metric's constant changed only while it runs
+        saved = constants.EVAL_TOKENS
+        constants.EVAL_TOKENS = 2 * constants.MAX_SEQ_LEN
+        try:
+            return evaluate(model, tokenizer, batch_size)
+        finally:
+            constants.EVAL_TOKENS = saved
+
+    monkeypatch.setattr(train, "evaluate_bpb", fewer_rows)
+    error, out, run = run_in_process(monkeypatch, capsys)
+    rows_fixed = constants.EVAL_TOKENS // constants.MAX_SEQ_LEN
+    assert error is None
+    assert f"the metric scored 2 rows of {constants.MAX_SEQ_LEN} tokens, not the fixed {rows_fixed} rows" in out
+    assert "compares with no other" in refused_keep(run)
+
+
+def test_a_forward_that_ignores_reduction_none_is_one_line(prepared, monkeypatch, capsys):
+    forward = train.GPT.forward
+
+    def mean_only(self, idx, targets=None, reduction="mean"):  # (4) a forward that drops the argument
+        return forward(self, idx, targets)
+
+    monkeypatch.setattr(train.GPT, "forward", mean_only)
+    error, out, run = run_in_process(monkeypatch, capsys)
+    assert error.startswith("error: the model returned a loss of shape () for reduction='none'")
+    assert run["status"] == "failed" and "\n---\n" not in out
+
+
+def test_a_val_bpb_that_is_not_the_metrics_is_said(prepared, monkeypatch, capsys):
+    monkeypatch.setattr(train, "evaluate_bpb", lambda model, tokenizer, batch_size: 0.5)  # (no metric ran)
+    error, out, run = run_in_process(monkeypatch, capsys)
+    assert error is None and "val_bpb did not come from prepare.evaluate_bpb" in out
+    assert "compares with no other" in refused_keep(run)
+
+
+def test_a_run_that_counted_no_step_ends_in_one_line(prepared):
+    import torch
+    run = runtime.Run(torch.device("cpu"), 1.0, 1024, time.perf_counter(), {})
+    with pytest.raises(SystemExit, match="error: no step counted toward the"):
+        run.summary(1.0, 10, 2)
