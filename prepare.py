@@ -2,7 +2,7 @@
 
     uv run prepare.py                      # download 10 training shards + the validation shard, train the tokenizer
     uv run prepare.py --num-shards 40      # more training data (-1 = all 6542 training shards)
-    uv run prepare.py --source DIR         # offline: a local corpus (.parquet/.jsonl/.txt/.md) instead of the hub
+    uv run prepare.py --source DIR         # offline: a local corpus (.parquet/.jsonl, text and source code)
 
 The ground truth, first in this file: the tokenizer (Tokenizer), the cache check train.py starts with
 (check_cache), the packing loader (make_dataloader) and the metric (evaluate_bpb). Then what the command does,
@@ -44,7 +44,8 @@ from autoresearch.cache import (PREPARE_HINT, SHARD_RE, TOKENIZER_RELS, Manifest
                                 remove_empty_cache, sample_sha256, token_rels)
 from autoresearch.download import Downloader, download_shards
 from autoresearch.errors import UserError
-from autoresearch.source import check_source_folder, read_source, write_source_shards
+from autoresearch.source import (TEXT_EXTENSIONS, check_source_folder, parse_extensions, read_source,
+                                 write_source_shards)
 from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, HF_ENDPOINT, HF_HUB_OFFLINE,
                        LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MANIFEST_PATH, MAX_SHARD, SPECIAL_TOKENS,
                        SPLIT_PATTERN, TOKENIZER_DIR, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS, VAL_SHARD,
@@ -391,10 +392,10 @@ def prepare_hub_data(manifest, num_shards, workers):
         raise UserError(f"{len(names)} of {len(indices)} shards are missing: {shown}: {why}")
 
 
-def prepare_local_data(manifest, source_path):
+def prepare_local_data(manifest, source_path, extensions=TEXT_EXTENSIONS):
     """Build the shards from --source unless the source is unchanged and every shard matches the manifest.
     Returns True when the data changed (the tokenizer must then be trained again)."""
-    docs, digest = read_source(source_path)
+    docs, digest = read_source(source_path, extensions)
     names = manifest.shards("val") + manifest.shards("train")
     present = {os.path.basename(p) for p in list_shards("val") + list_shards("train")}
     if (manifest.source.get("digest") == digest and names and present == set(names)
@@ -521,9 +522,15 @@ def main(argv=None):
     ap.add_argument("--source", metavar="DIR",
                     help="build the shards from a local corpus instead of downloading (offline; the folder is "
                          "only read); replaces cached data from any other source")
+    ap.add_argument("--extensions", metavar="EXTS",
+                    help="with --source: the plain-text files to read, e.g. .py,.md (default: prose and source code, "
+                         f"{' '.join(TEXT_EXTENSIONS)}); .parquet and .jsonl are always read")
     args = ap.parse_args(argv)
     if args.download_workers < 1:
         raise UserError("--download-workers must be at least 1")
+    if args.extensions is not None and args.source is None:
+        raise UserError("--extensions goes with --source DIR (the hub's shards are parquet)")
+    extensions = parse_extensions(args.extensions) if args.extensions is not None else TEXT_EXTENSIONS
     if args.source is not None:
         source = {"kind": "local", "path": check_source_folder(args.source)}
     elif args.num_shards == 0 or args.num_shards < -1:
@@ -539,7 +546,7 @@ def main(argv=None):
             manifest = load_or_reset_manifest(source)
             manifest.save()
             if source["kind"] == "local":
-                retrain = prepare_local_data(manifest, source["path"])
+                retrain = prepare_local_data(manifest, source["path"], extensions)
             else:
                 prepare_hub_data(manifest, args.num_shards, args.download_workers)
                 retrain = False

@@ -14,8 +14,52 @@ from autoresearch.cache import SHARD_RE, read_parquet_texts, write_parquet
 from autoresearch.errors import UserError
 from constants import CACHE_DIR, DATA_DIR, LOADER_BUFFER_DOCS, VAL_SHARD, shard_name
 
-SOURCE_EXTENSIONS = (".parquet", ".jsonl", ".txt", ".md")
+# Plain-text files read by default (prose and source code): each is split into documents at blank lines. .parquet
+# (a `text` column) and .jsonl (a `text` field) are always read, their documents as they are.
+TEXT_EXTENSIONS = (
+    ".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".ipynb", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".cu",
+    ".rs", ".go", ".java", ".kt", ".scala", ".js", ".mjs", ".ts", ".tsx", ".jsx", ".rb", ".php", ".pl", ".lua",
+    ".sh", ".bash", ".r", ".jl", ".swift", ".m", ".cs", ".fs", ".hs", ".ml", ".ex", ".exs", ".erl", ".clj", ".sql",
+    ".html", ".css", ".scss", ".yaml", ".yml", ".toml", ".ini", ".cfg")
+DATA_EXTENSIONS = (".parquet", ".jsonl")
+DOC_CHARS = 5000  # a plain-text file is split at blank lines into documents of at most this many characters
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_extensions(text):
+    """The --extensions value ('.py,.txt' or 'py txt') as a tuple of lower-case extensions with their dot; one
+    `error:` line for an empty list or one of the data formats (always read)."""
+    names = tuple(sorted({("." + e.strip().lstrip(".")).lower() for e in re.split(r"[,\s]+", text) if e.strip()}))
+    if not names or any(n == "." or n in DATA_EXTENSIONS for n in names):
+        raise UserError(f"--extensions {text!r}: give plain-text extensions such as .py,.md (.parquet and .jsonl "
+                        "are always read)")
+    return names
+
+
+def split_document(text, max_chars=DOC_CHARS):
+    """A long text as documents of at most max_chars characters: cut at blank lines (paragraphs, functions), a
+    paragraph longer than that at line ends, a line longer than that every max_chars characters; the pieces of one
+    document keep the separators between them. The loader crops a document longer than a row, so a whole file as
+    one document would be seen only from its start."""
+    pieces = []  # (separator before the piece, piece)
+    for para in text.split("\n\n"):
+        sep = "\n\n"
+        for line in [para] if len(para) <= max_chars else para.split("\n"):
+            for start in range(0, max(len(line), 1), max_chars):
+                pieces.append((sep, line[start:start + max_chars]))
+                sep = ""
+            sep = "\n"
+    docs, doc = [], ""
+    for sep, piece in pieces:
+        if doc and len(doc) + len(sep) + len(piece) <= max_chars:
+            doc += sep + piece
+        else:
+            if doc.strip():
+                docs.append(doc)
+            doc = piece
+    if doc.strip():
+        docs.append(doc)
+    return docs
 
 
 def replace_lone_surrogates(text):
@@ -58,10 +102,11 @@ def _jsonl_documents(path):
                 yield replace_lone_surrogates(text)
 
 
-def iter_source_documents(source, skipped=None):
-    """Documents of a local corpus, files in sorted path order: .parquet (`text` column), .jsonl (`text` field),
-    .txt / .md (one document per file). Opens files for reading only. Entries that are not readable regular files
-    (FIFOs, sockets, broken links, no permission) are skipped and counted in `skipped` (a dict)."""
+def iter_source_documents(source, skipped=None, extensions=TEXT_EXTENSIONS):
+    """Documents of a local corpus, files in sorted path order: .parquet (`text` column) and .jsonl (`text` field)
+    as they are, and plain-text files with one of `extensions` (prose and source code by default) split into
+    documents (split_document). Opens files for reading only. Entries that are not readable regular files (FIFOs,
+    sockets, broken links, no permission) and files of other types are skipped and counted in `skipped` (a dict)."""
     skipped = {} if skipped is None else skipped
 
     def unreadable(error):
@@ -70,8 +115,9 @@ def iter_source_documents(source, skipped=None):
     for root, dirs, files in os.walk(source, onerror=unreadable):
         dirs.sort()
         for name in sorted(files):
-            if not name.endswith(SOURCE_EXTENSIONS):
-                kind = f"{os.path.splitext(name)[1] or 'extensionless'} files"
+            ext = os.path.splitext(name)[1].lower()
+            if ext not in DATA_EXTENSIONS and ext not in extensions:
+                kind = f"{ext or 'extensionless'} files"
                 skipped[kind] = skipped.get(kind, 0) + 1
                 continue
             path = os.path.join(root, name)
@@ -81,35 +127,35 @@ def iter_source_documents(source, skipped=None):
                 regular = False  # a broken link
             if not regular or not os.access(path, os.R_OK):
                 skipped["not readable regular files"] = skipped.get("not readable regular files", 0) + 1
-            elif name.endswith(".parquet"):
+            elif ext == ".parquet":
                 for texts in read_parquet_texts(path):
                     yield from (t for t in texts if t)
-            elif name.endswith(".jsonl"):
+            elif ext == ".jsonl":
                 yield from _jsonl_documents(path)
             else:
                 with open(path, encoding="utf-8-sig", errors="replace") as f:
-                    text = f.read()
-                if text:
-                    yield text
+                    yield from split_document(f.read())
 
 
-def read_source(source):
+def read_source(source, extensions=TEXT_EXTENSIONS):
     """(documents, digest) of a local corpus; the digest identifies exactly what was read."""
     skipped = {}
-    docs = list(iter_source_documents(source, skipped))
+    docs = list(iter_source_documents(source, skipped, extensions))
     digest = hashlib.sha256()
     for doc in docs:
         data = doc.encode("utf-8")
         digest.update(len(data).to_bytes(8, "little") + data)
-    read = ", ".join(f"*{ext}" for ext in SOURCE_EXTENSIONS)
+    shown = " ".join(extensions) if len(extensions) <= 8 else f"{len(extensions)} plain-text extensions (--extensions)"
+    read = f".parquet, .jsonl and {shown} files (text split at blank lines into documents of <= {DOC_CHARS:,} chars)"
     if skipped:
-        print(f"source: read {read} files; skipped {', '.join(f'{n} {what}' for what, n in sorted(skipped.items()))}"
+        print(f"source: read {read}; skipped {', '.join(f'{n} {what}' for what, n in sorted(skipped.items()))}"
               f" in {source}")
     else:
-        print(f"source: read {read} files in {source}")
+        print(f"source: read {read} in {source}")
     if len(docs) < 2:
-        raise UserError(f"--source {source} holds {len(docs)} document(s) in .parquet/.jsonl/.txt/.md files; "
-                         "need at least 2 (one for validation, one for training)")
+        raise UserError(f"--source {source} holds {len(docs)} document(s) in .parquet/.jsonl files and files of the "
+                        "plain-text extensions read; need at least 2 (one for validation, one for training): "
+                        "--extensions names others")
     return docs, digest.hexdigest()
 
 

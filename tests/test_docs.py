@@ -160,8 +160,11 @@ def test_program_md_states_the_loop_rules():
     for rule in [
         "uv run train.py > run.log 2>&1", 'grep "^val_bpb:\\|^peak_vram_mb:" run.log', "tail -n 50 run.log",
         "git reset --hard", "Never stop to ask", "do not run it yourself",    # the reference's rules
-        "baseline (rerun)", "mean of its two runs", "at least 0.001",       # the two baselines, the floor
-        "with the final status", "both runs beat",                            # a marginal win's re-run
+        "baseline (rerun)", "worth the mean of its runs", "at least 0.001",   # the two baselines, the floor
+        "with the final status", "mean of its\n  two runs beats",             # a marginal win's re-run
+        "equal: B - F <= v <= B + F", "simpler", "starts from the last kept commit",  # rules with no gap
+        "flops_per_sec", "run the same commit again", "re-measure",          # the machine's speed
+        "commit the code that ran first", "already recorded",                # the log cannot lie
         "timeout 600", "as a crash", "never through `tee`",                   # timeouts, a small context
         "uv run -m autoresearch.results record", "(typo)",                    # one-step bookkeeping
         "off CUDA torch measures none",                                       # memory_gb
@@ -220,3 +223,24 @@ def test_the_results_command_imports_only_the_standard_library(tmp_path):
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("heavy: []"), proc.stdout
+
+
+def test_the_notebook_runs_headless_with_what_uv_sync_installed(tmp_path):
+    """README's headless command, `uv run jupyter execute analysis.ipynb` (nbclient comes with `uv sync`), writes
+    progress.png from the results here and leaves the notebook as stored (no outputs)."""
+    import shutil
+    import subprocess
+    import sys
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "uv run jupyter execute analysis.ipynb" in readme
+    shutil.copy(os.path.join(ROOT, "analysis.ipynb"), tmp_path)
+    shutil.copytree(os.path.join(ROOT, "autoresearch"), tmp_path / "autoresearch",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    write_results(str(tmp_path / "results.tsv"), [("a1", "0.997900", "44.0", "keep", "baseline"),
+                                                  ("b2", "0.990000", "44.0", "keep", "halve the batch")])
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "jupyter", "execute", "analysis.ipynb"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "progress.png").stat().st_size > 10_000
+    assert nbformat.read(str(tmp_path / "analysis.ipynb"), as_version=4).cells[1].outputs == []

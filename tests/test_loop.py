@@ -1,60 +1,92 @@
-"""The research loop as program.md tells an agent to live it, scripted on the small settings: two baselines, a
-kept change and its re-run, a typo crash, a run under other settings; results.tsv, the summary and the notes."""
+"""The research loop as program.md tells an agent to live it: its commands, run exactly as written (a `uv` on the
+PATH that stands for the project's environment runs them with this Python), on the small settings: the setup,
+the standard run refused off CUDA, two baselines, a change, a typo crash, a run under other settings, the
+baseline measured again mid-night; results.tsv, the summary and the notes."""
 import os
 import re
+import subprocess
+import sys
 
 from autoresearch import results
-from conftest import agent_repo, edit_train, git, record_cli, run_train
-
-def edit(repo, old, new, message):
-    edit_train(repo, old, new, message)
+from conftest import ROOT, TEST_ENV, agent_repo, edit_train, git
 
 
-def run(repo, **env):
-    """`timeout 600 uv run train.py > run.log 2>&1`, then the grep of step 4; returns what the agent reads."""
-    _, log = run_train(repo, **env)
-    return "".join(line + "\n" for line in log.splitlines() if line.startswith(("val_bpb:", "peak_vram_mb:")))
+def program_commands():
+    """The command lines of program.md's "Commands" section, in order: the standard run, the small-preset run,
+    the grep, the tail, the record, the summary."""
+    text = open(os.path.join(ROOT, "program.md"), encoding="utf-8").read()
+    section = text.split("\n## Commands\n")[1].split("\n## ")[0]
+    return [line for block in re.findall(r"```\n(.*?)```", section, flags=re.S) for line in block.splitlines()]
 
 
-def record(repo, status, description):
-    return record_cli(repo, status, description)
+def shell(repo, bin_dir, command, **env):
+    """Run one command line in bash in the agent's checkout, as the agent's shell would."""
+    full = {k: v for k, v in {**os.environ, **TEST_ENV, **env}.items() if k != "AUTORESEARCH_PRESET"}
+    full.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", AUTORESEARCH_TIME_BUDGET="1")
+    return subprocess.run(["bash", "-c", command], cwd=repo, env=full, capture_output=True, text=True, timeout=600)
 
 
-def test_a_night_of_the_loop(prepared, tmp_path):
+def test_a_night_of_the_loop_with_program_mds_commands(prepared, tmp_path):
+    program = open(os.path.join(ROOT, "program.md"), encoding="utf-8").read()
+    run_standard, run_small, grep, tail, record_keep, summary = program_commands()
+    assert run_small.startswith("AUTORESEARCH_PRESET=small timeout 600 uv run train.py")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "uv").write_text(f'#!/bin/sh\n[ "$1" = run ] && shift\nexec {sys.executable} "$@"\n')
+    os.chmod(bin_dir / "uv", 0o755)
     repo = agent_repo(tmp_path)
+    sh = lambda command, **env: shell(repo, bin_dir, command, **env)  # noqa: E731
+    record = lambda status, what: sh(record_keep.replace("keep", status).replace("<what you tried>", what))  # noqa
+    for step in ("git checkout -b autoresearch/<tag>", 'git commit -am "<short description>"',
+                 "git reset --hard <last kept commit>", 'record crash "<idea> (typo)"',
+                 "git checkout -q <baseline commit>"):
+        assert step in program, f"program.md no longer says {step!r}"
+    assert sh("git checkout -b autoresearch/<tag>".replace("<tag>", "test")).returncode == 0
 
-    assert run(repo).startswith("val_bpb:")                       # the baseline, twice
-    assert record(repo, "keep", "baseline").returncode == 0
-    run(repo)
-    assert record(repo, "keep", "baseline").returncode == 0
-    edit(repo, "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ", "matrix lr 0.05")
-    run(repo)
-    assert record(repo, "keep", "matrix lr 0.05").returncode == 0  # a marginal win: run it again
-    run(repo)
-    assert record(repo, "discard", "matrix lr 0.05").returncode == 0
-    git(repo, "reset", "-q", "--hard", "HEAD~1")
-    edit(repo, "DEPTH = 2 if SMALL", "DEPTH = 0 if SMALL", "depth typo")
-    assert run(repo) == ""                                         # an empty grep: a crash
-    assert "error: DEPTH = 0 in train.py" in open(os.path.join(repo, "run.log")).read()
-    assert record(repo, "crash", "depth typo").returncode == 0
-    git(repo, "reset", "-q", "--hard", "HEAD~1")
-    run(repo, AUTORESEARCH_EVAL_TOKENS="2048")                     # not the night's settings: refused
-    refused = record(repo, "keep", "baseline under other settings")
-    assert refused.returncode != 0 and "differ from the baseline's" in refused.stderr
+    refused = sh(run_standard)  # the standard settings on a CPU: one line naming the preset
+    assert refused.returncode != 0 and "error: no CUDA GPU" in open(os.path.join(repo, "run.log")).read()
+    for _ in range(2):  # the baseline, twice
+        assert sh(run_small).returncode == 0
+        assert sh(grep).stdout.startswith("val_bpb:")
+        assert sh(record_keep.replace("<what you tried>", "baseline")).returncode == 0
+    baseline = git(repo, "rev-parse", "--short", "HEAD").strip()
+
+    edit_train(repo, "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ")
+    assert sh('git commit -am "<short description>"'.replace("<short description>", "matrix lr 0.05")).returncode == 0
+    assert sh(run_small).returncode == 0
+    assert record("discard", "matrix lr 0.05").returncode == 0
+    assert sh("git reset --hard <last kept commit>".replace("<last kept commit>", baseline)).returncode == 0
+
+    edit_train(repo, "DEPTH = 2 if SMALL", "DEPTH = 0 if SMALL", "depth typo")
+    sh(run_small)
+    assert sh(grep).stdout == ""  # an empty grep: read the tail
+    assert "error: DEPTH = 0 in train.py" in sh(tail).stdout
+    assert sh('uv run -m autoresearch.results record crash "<idea> (typo)"'.replace("<idea>", "depth")).returncode == 0
+    git(repo, "reset", "-q", "--hard", baseline)
+
+    sh("AUTORESEARCH_EVAL_TOKENS=2048 " + run_small)  # not the night's settings: refused
+    other = record("keep", "baseline under other settings")
+    assert other.returncode != 0 and "differ from the baseline's" in other.stderr
+
+    # the baseline measured again mid-night: its runs join the baseline experiment
+    block = program.split("To re-measure the baseline during the night")[1].split("```")[1].strip().splitlines()
+    for line in block:
+        line = line.replace("<baseline commit>", baseline).replace("autoresearch/<tag>", "autoresearch/test")
+        line = line.replace("<the run command>", run_small)
+        assert sh(line).returncode == 0, line
 
     rows = results.read_rows(os.path.join(repo, "results.tsv"), [])
     assert [(r["status"], r["description"]) for r in rows] == [
-        ("keep", "baseline"), ("keep", "baseline (rerun)"), ("keep", "matrix lr 0.05"),
-        ("discard", "matrix lr 0.05 (rerun)"),
-        ("crash", "depth typo (error: DEPTH = 0 in train.py: it must be a positive integer)")]
-    assert rows[4]["val_bpb"] == "0.000000" and rows[4]["memory_gb"] == "0.0"
-    assert all(float(r["val_bpb"]) > 0 and r["memory_gb"] == "0.0" for r in rows[:4])  # no CUDA: no peak memory
+        ("keep", "baseline"), ("keep", "baseline (rerun)"), ("discard", "matrix lr 0.05"),
+        ("crash", "depth (typo) (error: DEPTH = 0 in train.py: it must be a positive integer)"),
+        ("keep", "baseline (rerun)")]
+    assert rows[3]["val_bpb"] == "0.000000" and rows[3]["memory_gb"] == "0.0"
+    assert all(float(r["val_bpb"]) > 0 and r["memory_gb"] == "0.0" for r in rows[:3])  # no CUDA: no peak memory
     assert len([n for n in os.listdir(os.path.join(repo, "runs")) if n.endswith(".log")]) == 5
-    for log in sorted(n for n in os.listdir(os.path.join(repo, "runs")) if n.endswith(".log"))[:4]:
-        text = open(os.path.join(repo, "runs", log)).read()
-        assert re.search(r"^note: settings AUTORESEARCH_PRESET=small .*: this run compares only with runs under "
-                         r"the same settings$", text, flags=re.M)
-    paths, agents, problems = results.load([os.path.join(repo, "results.tsv")], worktrees=False)
-    summary = "\n".join(results.summary_lines(paths, agents, problems))
-    assert "3 experiments: 1 keep, 1 discard, 1 crash (5 runs" in summary and problems == []
-    assert "baseline: " in summary and "(mean of 2 runs)" in summary
+    out = sh(summary).stdout
+    assert "3 experiments: 1 keep, 1 discard, 1 crash (5 runs" in out and "note:" not in out
+    assert "baseline: " in out and "(mean of 3 runs)" in out and "noise floor: " in out
+    first = sorted(n for n in os.listdir(os.path.join(repo, "runs")) if n.endswith(".log"))[0]
+    log = open(os.path.join(repo, "runs", first)).read()
+    assert re.search(r"^note: settings AUTORESEARCH_PRESET=small .*: this run compares only with runs under the same "
+                     r"settings$", log, flags=re.M)

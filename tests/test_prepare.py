@@ -252,7 +252,7 @@ def test_repair_commands_quote_their_folder():
 def test_unreadable_folders_and_skipped_files_are_counted(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.txt").write_text("readable " * 20)
     (tmp_path / "b.md").write_text("also readable " * 20)
-    (tmp_path / "code.py").write_text("print('not a document type')")
+    (tmp_path / "data.bin").write_bytes(b"not a document type")
     real_walk = os.walk
 
     def walk_with_an_unreadable_folder(top, onerror=None, **kw):  # (as root every folder is readable)
@@ -262,8 +262,34 @@ def test_unreadable_folders_and_skipped_files_are_counted(tmp_path, monkeypatch,
     monkeypatch.setattr(cache.os, "walk", walk_with_an_unreadable_folder)
     source.read_source(str(tmp_path))
     out = capsys.readouterr().out
-    assert "read *.parquet, *.jsonl, *.txt, *.md files" in out
-    assert "1 .py files" in out and "1 unreadable folders" in out
+    assert "read .parquet, .jsonl and 51 plain-text extensions (--extensions) files" in out
+    assert "1 .bin files" in out and "1 unreadable folders" in out
+
+
+def test_source_code_is_read_and_long_files_split_into_documents(tmp_path, capsys):
+    """(issue 25) A folder of .py files is a corpus; a long file becomes documents of at most DOC_CHARS, cut at
+    blank lines, so that the loader sees all of it, not only its start."""
+    functions = [f"def f{i}(x):\n    return x + {i}\n" * 20 for i in range(200)]
+    (tmp_path / "module.py").write_text("\n\n".join(functions))
+    (tmp_path / "notes.md").write_text("short notes\n\nin two paragraphs")
+    docs, _ = source.read_source(str(tmp_path))
+    notes = "short notes\n\nin two paragraphs"
+    assert len(docs) > 20 and max(len(d) for d in docs) <= source.DOC_CHARS and notes in docs
+    assert "\n\n".join(d for d in docs if d != notes) == "\n\n".join(functions)  # nothing lost
+    with pytest.raises(SystemExit, match="holds 1 document"):  # a short file is one document
+        source.read_source(str(tmp_path), source.parse_extensions("md"))
+    assert "skipped 1 .py files" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["", ",", ".parquet", "jsonl,.py"])
+def test_bad_extensions_are_one_line(value):
+    with pytest.raises(SystemExit, match="--extensions .*: give plain-text extensions"):
+        source.parse_extensions(value)
+
+
+def test_a_line_longer_than_a_document_is_cut():
+    docs = source.split_document("x" * 12_000, 5000)
+    assert [len(d) for d in docs] == [5000, 5000, 2000]
 
 
 def test_an_empty_home_is_refused():

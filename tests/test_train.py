@@ -40,25 +40,33 @@ TINY_KNOBS = (("DEPTH", 2), ("DEVICE_BATCH_SIZE", 8), ("TOTAL_BATCH_SIZE", 2 * 8
 STEP_SECONDS = 0.19  # what every step of the tiny run lasts on runtime's clock: the 4-s budget ends at step 22
 
 
-def stepped_clock(monkeypatch, seconds=STEP_SECONDS):
+def stepped_clock(monkeypatch, seconds=STEP_SECONDS, pause=0.0):
     """runtime's clock for a tiny run, so that every training step lasts exactly `seconds` on a fast, a slow or
     a busy machine: at the end of a step the clock jumps to its start + `seconds`, and its parts (forward and
     backward, optimizer, data wait) are scaled to fit. The budget then holds the same steps anywhere, and what
-    the run learns in them never depends on the machine's load."""
+    the run learns in them never depends on the machine's load. `pause`: seconds of each step that its parts do not
+    account for (the machine paused between them)."""
     import time
-    offset = {"perf": 0.0}
+    offset = {"perf": 0.0, "pending": 0.0}
     clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset["perf"])
-    end_step = runtime.Run.end_step
+    end_step, synchronize = runtime.Run.end_step, runtime.synchronize
 
     def stepped_end_step(self, *args):
         start, middle = self._marks  # (the CPU's marks: perf_counter readings)
-        scale = seconds / (clock.perf_counter() - start)
+        scale = (seconds - pause) / (clock.perf_counter() - start)
         self._marks[1] = start + (middle - start) * scale
         self._data_wait *= scale
-        offset["perf"] += start + seconds - clock.perf_counter()
+        offset["perf"] += start + seconds - pause - clock.perf_counter()
+        offset["pending"] = pause  # (the pause falls after the step's last mark: in its wait for the device)
         return end_step(self, *args)
 
+    def pausing_synchronize(device):
+        synchronize(device)
+        offset["perf"] += offset["pending"]
+        offset["pending"] = 0.0
+
     monkeypatch.setattr(runtime, "time", clock)
+    monkeypatch.setattr(runtime, "synchronize", pausing_synchronize)
     monkeypatch.setattr(runtime.Run, "end_step", stepped_end_step)
 
 
@@ -143,11 +151,25 @@ def test_tiny_run_log_is_fit_for_a_file(tiny_run):
     assert len(progress) <= 3 + 1 + float(values["total_seconds"]) / runtime.LOG_EVERY_SECONDS + 1
     assert abs(float(values["train_loss"]) - float(re.findall(r"\| loss: (\S+) \|", stdout)[-1])) < 1e-6
     assert "attention: SDPA in eager mode on cpu" in stdout
+    # the test corpus's training shard is smaller than the loader's look-ahead: a second pass from step 0, said once
+    assert len(re.findall(r"^note: epoch \d+ from step 0: the loader has read every training document once",
+                          stdout, flags=re.M)) == 1
     # the run under the small preset and overrides says so, in one line right before the summary and in its key
     before = stdout.split("\n---\n")[0].splitlines()
     assert before[-1] == f"note: settings {constants.SETTINGS}, not the standard ones: this run compares only " \
                          "with runs under the same settings"
     assert "AUTORESEARCH_PRESET=small" in values["settings"] and "AUTORESEARCH_TIME_BUDGET=4" in values["settings"]
+
+
+def test_time_a_steps_parts_do_not_account_for_is_said(prepared, monkeypatch, capsys):
+    tiny_in_process(monkeypatch)
+    stepped_clock(monkeypatch, 1.0, pause=0.6)  # 0.6 s of every 1-s step outside its parts (a paused machine)
+    train.main()
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^note: step 0 took 1000ms, but its parts \(fb/opt/data\) add to 400ms: 0\.6s went "
+                          r"elsewhere", out, flags=re.M)) == 1  # said once
+    other = float(re.search(r"^other_seconds: +(\S+)$", out, flags=re.M).group(1))
+    assert other == pytest.approx(0.6 * int(re.search(r"^num_steps: +(\d+)$", out, flags=re.M).group(1)), abs=0.1)
 
 
 def test_tiny_run_says_where_a_step_goes(tiny_run):
@@ -230,6 +252,7 @@ def test_a_step_too_slow_for_the_budget_is_said_at_once(prepared, monkeypatch, c
     train.main()
     out = capsys.readouterr().out
     assert re.search(r"^note: one step takes 3\.0s, so the 4s budget holds about 1 steps", out, flags=re.M)
+    assert "small preset" not in out  # (the run is under it)
     assert re.search(r"^note: training overshot the 4s budget by 2\.0s", out, flags=re.M)
 
 
