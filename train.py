@@ -333,12 +333,13 @@ POLAR_EXPRESS_COEFFS = [
 
 def adamw_step(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
     """One AdamW update of p in place, in p's dtype (the moments are like p: bf16 for the embedding tables on
-    CUDA): decoupled weight decay, bias-corrected moments. Hyperparameters are fp32 0-d tensors."""
+    CUDA): decoupled weight decay, bias-corrected moments, the step added with one rounding (add with alpha).
+    Hyperparameters are fp32 0-d CPU tensors."""
     p.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.lerp_(grad.square(), 1 - beta2)
     bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
-    p.sub_((lr / bias1) * exp_avg / ((exp_avg_sq / bias2).sqrt() + eps))
+    p.add_(exp_avg / ((exp_avg_sq / bias2).sqrt() + eps), alpha=-(lr / bias1))
 
 
 def polar_express(g, steps, low):
@@ -359,7 +360,7 @@ def muon_step(params, grads, momentum_buf, second_moment, lr, momentum, weight_d
     momentum_buf.lerp_(grads, 1 - momentum)
     g = polar_express(grads.lerp_(momentum_buf, momentum), ns_steps, low)  # Nesterov, then orthogonalize
     # NorMuon: normalize each row (tall or square) or column (wide) by a running second moment, then rescale so
-    # the update keeps its overall norm. The scale is computed in fp32 and applied in `low`.
+    # the update keeps its overall norm. The scale is computed and applied in fp32, as the compiled reference does.
     red_dim = -1 if g.size(-2) >= g.size(-1) else -2
     n = g.size(red_dim)
     v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
@@ -367,7 +368,7 @@ def muon_step(params, grads, momentum_buf, second_moment, lr, momentum, weight_d
     second_moment.lerp_(v_mean, 1 - beta2)
     step_size = second_moment.clamp_min(1e-10).rsqrt()
     norm_after = ((v_mean * n) * step_size.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-    g = g * (step_size * (norm_before / norm_after.clamp_min(1e-10))).to(low)
+    g = g * (step_size * (norm_before / norm_after.clamp_min(1e-10)))
     # Cautious weight decay: only where the update and the weight agree in sign (or either is zero).
     lr, wd = lr.to(low), weight_decay.to(low)
     params.sub_(lr * g + lr * wd * params * ((g * params) >= 0))

@@ -197,6 +197,7 @@ def test_without_data_one_line_points_at_prepare(tmp_path):
 
 def test_a_diverging_run_prints_fail_and_exits_non_zero(prepared, monkeypatch, capsys):
     tiny_in_process(monkeypatch)
+    stepped_clock(monkeypatch)  # (a slow machine's step 0 must not spend the budget before the loss diverges)
     monkeypatch.setattr(train, "EMBEDDING_LR", float("inf"))
     with pytest.raises(SystemExit) as exit_info:
         train.main()
