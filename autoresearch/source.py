@@ -22,7 +22,8 @@ TEXT_EXTENSIONS = (
     ".sh", ".bash", ".r", ".jl", ".swift", ".m", ".cs", ".fs", ".hs", ".ml", ".ex", ".exs", ".erl", ".clj", ".sql",
     ".html", ".css", ".scss", ".yaml", ".yml", ".toml", ".ini", ".cfg")
 DATA_EXTENSIONS = (".parquet", ".jsonl")
-DOC_CHARS = 5000  # a plain-text file is split at blank lines into documents of at most this many characters
+DOC_CHARS = 2000  # a plain-text file is split at blank lines into documents of at most this many characters (about
+# 500 tokens of code: a 2048-token row packs several, a 256-token row (the small preset) sees the first half)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -148,8 +149,11 @@ def read_source(source, extensions=TEXT_EXTENSIONS):
     shown = " ".join(extensions) if len(extensions) <= 8 else f"{len(extensions)} plain-text extensions (--extensions)"
     read = f".parquet, .jsonl and {shown} files (text split at blank lines into documents of <= {DOC_CHARS:,} chars)"
     if skipped:
-        print(f"source: read {read}; skipped {', '.join(f'{n} {what}' for what, n in sorted(skipped.items()))}"
-              f" in {source}")
+        ranked = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{n} {what}" for what, n in ranked[:6])
+        if len(ranked) > 6:
+            shown += f" and {sum(n for _, n in ranked[6:])} files of {len(ranked) - 6} other kinds"
+        print(f"source: read {read}; skipped {shown} in {source}")
     else:
         print(f"source: read {read} in {source}")
     if len(docs) < 2:
