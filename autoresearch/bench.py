@@ -117,7 +117,12 @@ def bench_attention(B=32, H=4, T=MAX_SEQ_LEN, D=128, iters=20):
 
 
 def bench_run():
-    proc = subprocess.run([sys.executable, "train.py"], capture_output=True, text=True)
+    """One full run of train.py, in a temporary folder (its run.json must not replace an agent's)."""
+    import tempfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as folder:
+        proc = subprocess.run([sys.executable, os.path.join(root, "train.py")], capture_output=True, text=True,
+                              cwd=folder, env={**os.environ, "PYTHONPATH": root})
     keys = run_summary(proc.stdout)
     if proc.returncode != 0 or "val_bpb" not in keys:
         return [("train.py run", f"failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")]
@@ -147,7 +152,7 @@ def bench_startup(budget=20):
             path = os.path.join(folder, "train.py")
             with open(path, "w", encoding="utf-8") as f:
                 f.write(source if old is None else source.replace(old, new))
-            proc = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env, cwd=root)
+            proc = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env, cwd=folder)
             keys = run_summary(proc.stdout)
             if proc.returncode != 0 or "startup_seconds" not in keys:
                 out.append((f"start-up: {label}", f"failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"))

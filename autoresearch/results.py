@@ -416,7 +416,7 @@ def identify(text, log_dir):
     in a few words. Refuses, in one line, a log and a record of different runs, a finished-looking log without a
     record, and a run still going."""
     data = run_record.read(os.path.join(log_dir, run_record.RECORD_NAME))
-    started = re.findall(r"^run: (\S+?);", text, flags=re.M)
+    started = re.findall(r"^run: (\S+)$", text, flags=re.M)
     if data is not None and started and started[-1] == data["run_id"]:
         if data["status"] == "finished":
             return data["run_id"], data, "finished", None

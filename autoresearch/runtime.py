@@ -88,7 +88,10 @@ class Run:
         self.device, self.flops_per_token, self.tokens_per_step = device, flops_per_token, tokens_per_step
         self.t_start, self.train_globals = t_start, train_globals or {}
         self.cuda = device.type == "cuda"
-        self._record = record.current() or start_record(self.train_globals.get("__file__", "train.py"))
+        self._record = record.current()
+        if self._record is None:  # (train.py did not go through main())
+            self._record = start_record(self.train_globals.get("__file__", "train.py"))
+            print(f"run: {self._record.run_id}")
         modified = modified_constants(self.train_globals)
         if modified:
             raise UserError(f"the metric's constants are fixed: {'; '.join(modified)}: remove that assignment")
@@ -102,8 +105,7 @@ class Run:
         self.unaccounted_seconds, self._unaccounted_said = 0.0, False
         self.tty, self._last_log, self._profiler, self._t_trained = sys.stdout.isatty(), 0.0, None, None
         self._data_wait, self._marks, self._t0, self._epoch_said = 0.0, [], None, False
-        print(f"run: {self._record.run_id}; device: {device} ({self.gpu_name}), torch {torch.__version__}; "
-              f"settings: {constants.SETTINGS}")
+        print(f"device: {device} ({self.gpu_name}), torch {torch.__version__}; settings: {constants.SETTINGS}")
         code = self._record.data["code"]
         if code["committed"] is False:
             print(f"note: train.py differs from the commit it is on ({code['commit'][:7]}): commit it before "
@@ -393,6 +395,7 @@ def main(train, knobs):
     os.environ.setdefault("PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF",
                           "expandable_segments:True")  # read at the first CUDA allocation
     run_record = start_record(train.__globals__.get("__file__", "train.py"))
+    print(f"run: {run_record.run_id}", flush=True)  # (the log's first line: results.py matches it to run.json)
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stopped) if on_main_thread else None
     try:

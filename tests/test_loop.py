@@ -78,7 +78,7 @@ def test_a_night_of_the_loop_with_program_mds_commands(prepared, tmp_path):
     rows = results.read_rows(os.path.join(repo, "results.tsv"), [])
     assert [(r["status"], r["description"]) for r in rows] == [
         ("keep", "baseline"), ("keep", "baseline (rerun)"), ("discard", "matrix lr 0.05"),
-        ("crash", "depth (typo) (error: DEPTH = 0 in train.py: it must be a positive integer)"),
+        ("crash", "depth (typo) (DEPTH = 0 in train.py: it must be a positive integer)"),
         ("keep", "baseline (rerun)")]
     assert rows[3]["val_bpb"] == "0.000000" and rows[3]["memory_gb"] == "0.0"
     assert all(float(r["val_bpb"]) > 0 and r["memory_gb"] == "0.0" for r in rows[:3])  # no CUDA: no peak memory

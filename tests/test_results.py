@@ -28,7 +28,7 @@ def finished_run(folder, val="0.997900", settings="standard", speed=1e12, violat
     rec = record.RunRecord(str(folder / "train.py"), settings, {}, folder=str(where))
     rec.finish({"val_bpb": val}, violations, val_bpb=float(val), val_bpb_exact=float(val), peak_vram_mb=45060.2,
                model_flops_per_sec=speed)
-    (where / "run.log").write_text(f"run: {rec.run_id}; device: cuda\nstep 00000 (0.0%) | loss: 9.0\n"
+    (where / "run.log").write_text(f"run: {rec.run_id}\ndevice: cuda\nstep 00000 (0.0%) | loss: 9.0\n"
                               + SUMMARY.format(val=val, settings=settings))
     return rec.run_id
 
