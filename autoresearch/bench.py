@@ -116,69 +116,243 @@ def bench_attention(B=32, H=4, T=MAX_SEQ_LEN, D=128, iters=20):
     return out
 
 
-def bench_run():
-    """One full run of train.py, in a temporary folder (its run.json must not replace an agent's)."""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(source=None, budget=None, log=None, timeout=None):
+    """Run train.py (or `source`, an edited copy of it) as `uv run train.py` does, in a temporary folder (its
+    run.json never replaces an agent's), with AUTORESEARCH_TIME_BUDGET=budget when given; the output goes to the
+    file `log` when given. Returns (exit status, {summary key: value}, the output's last 300 characters)."""
     import tempfile
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    if budget is not None:
+        env["AUTORESEARCH_TIME_BUDGET"] = str(budget)
     with tempfile.TemporaryDirectory() as folder:
-        proc = subprocess.run([sys.executable, os.path.join(root, "train.py")], capture_output=True, text=True,
-                              cwd=folder, env={**os.environ, "PYTHONPATH": root})
-    keys = run_summary(proc.stdout)
-    if proc.returncode != 0 or "val_bpb" not in keys:
-        return [("train.py run", f"failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")]
-    return [(f"train.py: {k}", keys[k]) for k in ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb",
-                                                 "mfu_percent", "total_tokens_M", "num_steps", "tok_per_sec", "gpu")]
+        path = os.path.join(ROOT, "train.py")
+        if source is not None:
+            path = os.path.join(folder, "train.py")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(source)
+        status, out = run_logged([sys.executable, path], folder, env, timeout, log)
+    return status, run_summary(out) if status == 0 else {}, out.strip()[-300:]
+
+
+def run_logged(command, cwd, env, timeout, log=None):
+    """(exit status or "timeout", stdout + stderr) of a command; the output also goes to the file `log`."""
+    try:
+        proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        status, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        status = "timeout"
+        out = "".join(p.decode(errors="replace") if isinstance(p, bytes) else p for p in (e.stdout, e.stderr) if p)
+    if log is not None:
+        with open(log, "w", encoding="utf-8") as f:
+            f.write(out)
+    return status, out
+
+
+RUN_KEYS = ("val_bpb", "val_bpb_exact", "training_seconds", "total_seconds", "startup_seconds", "eval_seconds",
+            "peak_vram_mb", "mfu_percent", "num_steps", "tok_per_sec", "flops_per_sec", "gpu")
+
+
+def bench_run(budget=None, log=None):
+    """One full run of train.py (a shorter one with `budget` seconds), its summary."""
+    label = "train.py" + (f" ({budget:g}-s budget)" if budget else "")
+    status, keys, tail = run_train(budget=budget, log=log)
+    if status != 0:
+        return [(f"{label} run", f"failed (exit {status}): {tail}")]
+    return [(f"{label}: {k}", keys[k]) for k in RUN_KEYS if k in keys]
 
 
 # The edits of the start-up benchmark (issue "every experiment starts fast"): the lines of train.py they change.
-EDITS = [("same train.py again", None, None),
-         ("after an MATRIX_LR edit", "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 "),
-         ("after a DEPTH edit (+1 layer)", "DEPTH = 2 if SMALL else 8 ", "DEPTH = 3 if SMALL else 9 ")]
+EDITS = [("after an MATRIX_LR edit", "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 "),
+         ("after a DEPTH edit (+1 layer)", "DEPTH = 2 if SMALL else 8 ", "DEPTH = 3 if SMALL else 9 "),
+         ("after an ASPECT_RATIO edit (64 -> 80)", "ASPECT_RATIO = 64 ", "ASPECT_RATIO = 80 ")]
 
 
-def bench_startup(budget=20):
-    """start-up and eval seconds of train.py as it is (first on this machine when the compile cache is cold), again,
-    and after the edits an agent makes most: each run a copy of train.py in a temporary folder, with a short
-    training budget (AUTORESEARCH_TIME_BUDGET) since only what comes before and after the training is timed."""
-    import tempfile
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = open(os.path.join(root, "train.py"), encoding="utf-8").read()
-    env = {**os.environ, "AUTORESEARCH_TIME_BUDGET": str(budget), "PYTHONPATH": root}
+def bench_startup(budget=20, log_dir=None):
+    """start-up and eval seconds of train.py as it is (cold when it is the first run on this machine, warm after
+    any other), and after the edits an agent makes most: each run a copy of train.py, with a short training budget
+    (AUTORESEARCH_TIME_BUDGET) since only what comes before and after the training is timed."""
+    source = open(os.path.join(ROOT, "train.py"), encoding="utf-8").read()
     out = []
-    with tempfile.TemporaryDirectory() as folder:
-        for label, old, new in [("train.py as it is", None, None)] + EDITS:
-            if old is not None:
-                assert old in source, f"train.py no longer has {old!r}: update bench.py's EDITS"
-            path = os.path.join(folder, "train.py")
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(source if old is None else source.replace(old, new))
-            proc = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env, cwd=folder)
-            keys = run_summary(proc.stdout)
-            if proc.returncode != 0 or "startup_seconds" not in keys:
-                out.append((f"start-up: {label}", f"failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"))
-                continue
-            out.append((f"start-up: {label}", ", ".join(f"{k} {keys[k]}" for k in (
-                "startup_seconds", "eval_seconds", "total_seconds", "tok_per_sec", "num_steps"))))
+    for n, (label, old, new) in enumerate([("train.py as it is", None, None)] + EDITS):
+        if old is not None:
+            assert old in source, f"train.py no longer has {old!r}: update bench.py's EDITS"
+        log = os.path.join(log_dir, f"startup-{n}.log") if log_dir else None
+        status, keys, tail = run_train(source if old is None else source.replace(old, new), budget, log)
+        if status != 0 or "startup_seconds" not in keys:
+            out.append((f"start-up: {label}", f"failed (exit {status}): {tail}"))
+            continue
+        out.append((f"start-up: {label}", ", ".join(f"{k} {keys[k]}" for k in (
+            "startup_seconds", "eval_seconds", "total_seconds", "tok_per_sec", "num_steps"))))
     return out
 
 
+# Kernel categories of a profile, by kernel name (the first that matches wins), as in REFERENCE_PROFILE.md.
+KERNEL_CATEGORIES = [
+    ("attention: FlexAttention", ("flex_attention",)),
+    ("attention: cuDNN", ("cudnn", "fmha", "fort_native_sdpa")),
+    ("attention: flash / mem-efficient", ("flash_fwd", "flash_bwd", "fmha_cutlass", "efficient_attention")),
+    ("matmul (GEMM)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "splitk")),
+    ("cross-entropy / softmax", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("RMSNorm", ("rms_norm", "rsqrt")),
+    ("ReLU^2", ("relu", "threshold_backward")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat_")),
+    ("other fused elementwise (Triton)", ("triton_",)),
+]
+
+
+def kernel_categories(kernels):
+    """{category: seconds} from (kernel name, seconds) pairs, in KERNEL_CATEGORIES' order, "other" last."""
+    totals = {name: 0.0 for name, _ in KERNEL_CATEGORIES}
+    totals["other"] = 0.0
+    for kernel, seconds in kernels:
+        lowered = kernel.lower()
+        category = next((name for name, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)), "other")
+        totals[category] += seconds
+    return {name: t for name, t in totals.items() if t > 0}
+
+
+def bench_profile(steps=3, warmup=15):
+    """Where a steady training step of train.py's model spends its GPU time: `warmup` steps (they compile), then
+    `steps` steps under the profiler, kernel time by category (CUDA)."""
+    import torch
+    import train
+    from autoresearch import hardware
+    from prepare import check_cache, make_dataloader
+    if not torch.cuda.is_available():
+        return [("profile", "needs a CUDA GPU")]
+    device = torch.device("cuda")
+    tokenizer = check_cache()
+    dim = ((train.DEPTH * train.ASPECT_RATIO + train.HEAD_DIM - 1) // train.HEAD_DIM) * train.HEAD_DIM
+    config = train.GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=train.DEPTH,
+                             n_head=dim // train.HEAD_DIM, n_kv_head=dim // train.HEAD_DIM, n_embd=dim,
+                             window_pattern=train.WINDOW_PATTERN, low_dtype=hardware.low_precision(device))
+    torch.manual_seed(train.SEED)
+    torch.set_float32_matmul_precision("high")
+    model = train.build_model(config, device)
+    optimizer = model.setup_optimizer(train.UNEMBEDDING_LR, train.EMBEDDING_LR, train.MATRIX_LR, train.SCALAR_LR,
+                                      train.WEIGHT_DECAY, train.ADAM_BETAS)
+    model = hardware.compile_model(model, device)
+    rows = train.DEVICE_BATCH_SIZE
+    accum = train.TOTAL_BATCH_SIZE // (rows * MAX_SEQ_LEN)
+    batches = make_dataloader(tokenizer, rows, MAX_SEQ_LEN, "train", device)
+
+    def step():
+        for _ in range(accum):
+            x, y, _ = next(batches)
+            with hardware.autocast(device):
+                loss = model(x, y)
+            (loss / accum).backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.device_time_total / 1e6 / steps) for e in prof.key_averages()
+               if getattr(e, "device_time_total", 0) > 0]
+    categories = kernel_categories(kernels)
+    total = sum(categories.values())
+    out = [(f"profile: {name}", f"{1000 * t:.1f} ms per step ({100 * t / total:.1f}%)") for name, t in
+           sorted(categories.items(), key=lambda kv: -kv[1])]
+    return out + [("profile: all kernels", f"{1000 * total:.1f} ms per step ({rows} rows x {accum} micro-batches)")]
+
+
+# The GPU check: one command, one table, every log in one folder, at most 9 minutes on an H100/H200 (estimated
+# from the 2026-11-29 H200 figures: tests ~100 s, attention ~40 s, the 80-s run ~160 s with its cold compile, the
+# start-up runs ~230 s; the profile runs in what is left).
+GPU_STEPS = [  # (name, arguments after `python -m`, timeout in seconds)
+    ("gpu-tests", ["pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"], 180),
+    ("attention", ["autoresearch.bench", "attention"], 90),
+    ("run-80s", ["autoresearch.bench", "run", "--budget", "80"], 240),
+    ("startup", ["autoresearch.bench", "startup", "--budget", "10"], 300),
+    ("profile", ["autoresearch.bench", "profile"], 150),
+]
+
+
+def table_rows(text):
+    """The (measurement, result) rows of the tables in a text (lines `| a | b |`, headers and rules left out)."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 2 and not cells[0].startswith(("measurement", "---")):
+            rows.append((cells[0], cells[1]))
+    return rows
+
+
+def run_step(args, log, timeout):
+    """One step of the GPU check: `python -m <args>` from the repository, its output into the file `log`; returns
+    (exit status or "timeout", output)."""
+    return run_logged([sys.executable, "-m", *args], ROOT, {**os.environ, "PYTHONPATH": ROOT}, timeout, log)
+
+
+def bench_gpu(out_dir, steps=GPU_STEPS, minutes=9.0):
+    """The GPU check (docs/PERF_NOTES.md): the GPU tests, the attention kernels, a profile of steady steps, an
+    80-s baseline run and the start-up after the edits an agent makes, each a step with its log in out_dir, all
+    within `minutes` (a step gets at most what is left; one that fails is said in the table and the next one
+    runs). Returns the table's rows and writes out_dir/table.md."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows, deadline = [], time.monotonic() + 60 * minutes
+    for name, args, timeout in steps:
+        left = deadline - time.monotonic()
+        if left < 30:
+            rows.append((f"{name} step", f"not run: the check's {minutes:g} minutes are spent"))
+            continue
+        status, out = run_step(args, os.path.join(out_dir, f"{name}.log"), min(timeout, left))
+        found = table_rows(out)
+        if name == "gpu-tests":
+            last = out.strip().splitlines()[-1] if out.strip() else "no output"
+            found = [("GPU tests (pytest -m gpu)", last.strip("= "))]
+        rows += found
+        if status != 0 or not found:
+            rows.append((f"{name} step", f"exit {status}: see {name}.log"))
+    write_table(rows, os.path.join(out_dir, "table.md"))
+    return rows
+
+
+def write_table(rows, path=None):
+    """Print the rows as one markdown table (and write it to path)."""
+    import platform
+    try:
+        import torch
+        version = torch.__version__
+    except ImportError:
+        version = "?"
+    text = f"| measurement ({platform.node()}, torch {version}) | result |\n|---|---|\n" + "".join(
+        f"| {name} | {value} |\n" for name, value in rows)
+    print(text, end="")
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def main():
-    ap = argparse.ArgumentParser(description="Benchmarks on the prepared cache.")
-    ap.add_argument("what", choices=["loader", "attention", "run", "startup", "all"])
+    ap = argparse.ArgumentParser(prog="uv run -m autoresearch.bench", description="Benchmarks on the prepared cache.")
+    ap.add_argument("what", choices=["loader", "attention", "run", "startup", "profile", "gpu", "all"])
+    ap.add_argument("--budget", type=float, help="run/startup: the training budget in seconds")
+    ap.add_argument("--out", default=os.path.join(ROOT, ".bench", "gpu"), help="gpu: the folder for the logs")
     args = ap.parse_args()
+    if args.what == "gpu":
+        bench_gpu(args.out)
+        return
     rows = []
     if args.what in ("loader", "all"):
         rows += bench_loader()
     if args.what in ("attention", "all"):
         rows += bench_attention()
+    if args.what in ("profile", "all"):
+        rows += bench_profile()
     if args.what in ("run", "all"):
-        rows += bench_run()
+        rows += bench_run(args.budget)
     if args.what in ("startup", "all"):
-        rows += bench_startup()
-    import torch
-    print(f"| measurement ({os.uname().nodename}, torch {torch.__version__}) | result |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+        rows += bench_startup(args.budget or 20)
+    write_table(rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""autoresearch.bench, the parts a CPU can check: the kernel categories of a profile, the tables, the edits of the
+start-up benchmark, and the GPU check's orchestration (its steps stand in for the GPU work)."""
+import os
+
+import pytest
+
+from autoresearch import bench
+from conftest import ROOT
+
+
+def test_kernels_are_sorted_into_the_profiles_categories():
+    kernels = [("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", 3.0), ("sm90_xmma_gemm_bf16bf16_bf16f32", 1.0),
+               ("triton_tem_fused_flex_attention_backward_0", 2.0),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 0.5),
+               ("triton_red_fused__to_copy_mul_rsqrt_0", 0.25), ("triton_poi_fused_relu_pow_1", 0.25),
+               ("triton_per_fused__log_softmax_backward_2", 0.125), ("Memcpy HtoD (Pageable -> Device)", 0.0625),
+               ("triton_poi_fused_add_mul_3", 0.03125), ("void at::native::vectorized_elementwise_kernel", 1.0)]
+    got = bench.kernel_categories(kernels)
+    assert got == {"matmul (GEMM)": 4.0, "attention: FlexAttention": 2.0, "attention: cuDNN": 0.5, "RMSNorm": 0.25,
+                   "ReLU^2": 0.25, "cross-entropy / softmax": 0.125, "copy / fill": 0.0625,
+                   "other fused elementwise (Triton)": 0.03125, "other": 1.0}
+
+
+def test_table_rows_are_read_back_from_a_table():
+    text = "noise\n| measurement (host, torch 2.11) | result |\n|---|---|\n| a | 1 ms |\n| b | x, y |\nmore\n"
+    assert bench.table_rows(text) == [("a", "1 ms"), ("b", "x, y")]
+
+
+def test_the_gpu_check_runs_every_step_logs_it_and_prints_one_table(tmp_path, monkeypatch, capsys):
+    outputs = {"gpu-tests": (0, "....\n4 passed in 80.1s\n"),
+               "attention": (0, "| measurement (h, torch) | result |\n|---|---|\n| attention: cuDNN | 1.42 ms |\n"),
+               "profile": (1, "Traceback ...\nRuntimeError: boom\n"),
+               "run-80s": (0, "| measurement (h, t) | result |\n|---|---|\n| train.py (80-s budget): val_bpb | 0.57 |\n"),
+               "startup": ("timeout", "")}
+    seen, clock = [], {"now": 0.0}
+
+    def fake_step(args, log, timeout):  # each step takes 100 s (the check's clock), or all it is given
+        name = os.path.basename(log)[:-len(".log")]
+        seen.append((name, args, timeout))
+        clock["now"] += min(100.0, timeout)
+        status, out = outputs[name]
+        open(log, "w").write(out)
+        return status, out
+
+    monkeypatch.setattr(bench, "run_step", fake_step)
+    monkeypatch.setattr(bench.time, "monotonic", lambda: clock["now"])
+    rows = bench.bench_gpu(str(tmp_path / "gpu"))
+    assert [name for name, _, _ in seen] == [name for name, _, _ in bench.GPU_STEPS]
+    assert clock["now"] <= 9 * 60  # the whole check fits in 9 minutes (one device call of at most 10)
+    assert rows == [("GPU tests (pytest -m gpu)", "4 passed in 80.1s"), ("attention: cuDNN", "1.42 ms"),
+                    ("train.py (80-s budget): val_bpb", "0.57"), ("startup step", "exit timeout: see startup.log"),
+                    ("profile step", "exit 1: see profile.log")]
+    table = (tmp_path / "gpu" / "table.md").read_text()
+    assert table == capsys.readouterr().out and table.count("\n") == 2 + len(rows)
+    assert sorted(os.listdir(tmp_path / "gpu")) == sorted([f"{n}.log" for n, _, _ in bench.GPU_STEPS] + ["table.md"])
+
+
+def test_the_gpu_check_stops_within_its_minutes(tmp_path, monkeypatch, capsys):
+    clock = {"now": 0.0}
+
+    def slow_step(args, log, timeout):  # every step runs into its timeout
+        clock["now"] += timeout
+        return "timeout", ""
+
+    monkeypatch.setattr(bench, "run_step", slow_step)
+    monkeypatch.setattr(bench.time, "monotonic", lambda: clock["now"])
+    rows = bench.bench_gpu(str(tmp_path), minutes=9)
+    assert clock["now"] <= 9 * 60 and rows[-1] == ("profile step", "not run: the check's 9 minutes are spent")
+
+
+def test_the_gpu_checks_steps_name_real_commands():
+    for name, args, _ in bench.GPU_STEPS:
+        if args[0] == "autoresearch.bench":
+            assert args[1] in ("attention", "profile", "run", "startup"), name
+        else:
+            assert args[0] == "pytest" and os.path.isfile(os.path.join(ROOT, args[-1]))
+
+
+def test_the_start_up_benchmark_edits_lines_train_py_has():
+    source = open(os.path.join(ROOT, "train.py")).read()
+    for label, old, new in bench.EDITS:
+        assert old is None or (source.count(old) == 1 and old != new), label
+
+
+@pytest.mark.parametrize("what", ["profile", "attention"])
+def test_gpu_only_benchmarks_say_so_on_a_cpu(what, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if what == "profile":
+        assert bench.bench_profile() == [("profile", "needs a CUDA GPU")]
+    else:
+        with pytest.raises(AssertionError, match="needs a CUDA GPU"):
+            bench.bench_attention()
