@@ -91,3 +91,21 @@ def test_gpu_only_benchmarks_say_so_on_a_cpu(what, monkeypatch):
     else:
         with pytest.raises(AssertionError, match="needs a CUDA GPU"):
             bench.bench_attention()
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_the_start_up_benchmark_runs_each_edit_of_train_py(warm, monkeypatch):
+    sources = []
+
+    def fake_run(source=None, budget=None, log=None, timeout=None):  # (the run itself needs a GPU to mean anything)
+        sources.append(source)
+        return 0, {"startup_seconds": "1.0", "eval_seconds": "0.5", "total_seconds": "9", "tok_per_sec": "1",
+                   "num_steps": "3"}, ""
+
+    monkeypatch.setattr(bench, "run_train", fake_run)
+    rows = bench.bench_startup(10, warm=warm)
+    original = open(os.path.join(ROOT, "train.py")).read()
+    labels = [label for label, _, _ in bench.EDITS]
+    assert [r[0] for r in rows] == [f"start-up: {label}" for label in ([] if warm else ["train.py as it is"]) + labels]
+    assert sources[:2 - warm] == [original] * (2 - warm)  # as it is (unless warm), and again
+    assert all(s != original for s in sources[2 - warm:]) and len(set(sources[2 - warm:])) == len(labels) - 1
