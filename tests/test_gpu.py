@@ -77,7 +77,7 @@ def test_flex_attention_matches_sdpa_with_an_explicit_mask():
     base = [torch.randn(2, T, 4, 64, device=CUDA) for _ in range(3)]
 
     def run(fn, dtype):
-        q, k, v = (t.to(dtype).requires_grad_() for t in base)
+        q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in base)
         out = fn(q, k, v)
         return [out.detach()] + list(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
 
