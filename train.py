@@ -57,6 +57,7 @@ class GPTConfig:
     n_embd: int = 512
     window_pattern: str = "SSSL"
     low_dtype: torch.dtype = torch.bfloat16  # embedding and rotary tables, Muon's orthogonalization (fp32 off CUDA)
+    window_kernel: str = "flex"  # the windowed layers' attention: "cudnn" or "flex" on CUDA, "sdpa" elsewhere
 
 
 def norm(x):
@@ -105,17 +106,20 @@ def block_masks(T, windows, device):
             for w in sorted(set(windows)) if w < T}
 
 
-def attention(q, k, v, window, block_mask):
+def attention(q, k, v, window, block_mask, kernel="flex"):
     """Causal attention. q: [B, T, H, D], k, v: [B, T, KV, D] -> [B, T, H, D].
 
-    Full-window layers use SDPA (on CUDA cuDNN first, see runtime.main); windowed layers use FlexAttention with a
-    block mask from block_masks() on CUDA, so no T x T mask is ever materialized, and SDPA with an explicit
-    boolean mask elsewhere (CPU, MPS: simple and correct for small runs)."""
+    Full-window layers use SDPA (on CUDA cuDNN first, see runtime.main). Windowed layers use the kernel
+    hardware.window_kernel picked: cuDNN's sliding window, or FlexAttention with a block mask from block_masks()
+    (no T x T mask is ever materialized) on CUDA; SDPA with an explicit boolean mask elsewhere (CPU, MPS: simple
+    and correct for small runs)."""
     T = q.size(1)
     gqa = q.size(2) != k.size(2)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if window >= T:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif kernel == "cudnn":
+        y = hardware.cudnn_window_attention(q, k, v, window)
     elif block_mask is not None:
         y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     else:
@@ -136,6 +140,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.ve_gate_channels = 32
+        self.window_kernel = config.window_kernel
         self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if has_value_embedding(layer_idx, config.n_layer) else None)
 
@@ -148,7 +153,7 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # [B, T, KV]
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        y = attention(q, k, v, window, block_mask)
+        y = attention(q, k, v, window, block_mask, self.window_kernel)
         return self.c_proj(y.contiguous().view(B, T, C))
 
 
@@ -237,7 +242,7 @@ class GPT(nn.Module):
         device = self.cos.device
         inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         freqs = torch.outer(torch.arange(self.config.sequence_len, dtype=torch.float32, device=device), inv_freq)
-        # The rotary and embedding tables live in low_dtype: bf16 on CUDA (half the memory and bandwidth of the lookups).
+        # The rotary and embedding tables live in low_dtype: bf16 on CUDA (half the memory and bandwidth of lookups).
         low = self.config.low_dtype
         self.cos, self.sin = freqs.cos()[None, :, None, :].to(low), freqs.sin()[None, :, None, :].to(low)
         self.transformer.wte.to(dtype=low)
@@ -291,7 +296,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         assert T <= self.config.sequence_len, f"sequence length {T} > the model's {self.config.sequence_len}"
         cos, sin = self.cos[:, :T], self.sin[:, :T]
-        masks = block_masks(T, tuple(self.windows), idx.device) if idx.device.type == "cuda" else {}
+        flex = idx.device.type == "cuda" and self.config.window_kernel == "flex"
+        masks = block_masks(T, tuple(self.windows), idx.device) if flex else {}
         x0 = norm(self.transformer.wte(idx))
         x = x0.clone()  # (x aliasing x0 would make the first block a compiled graph of its own)
         for i, block in enumerate(self.transformer.h):
@@ -477,9 +483,11 @@ def train():
 
     tokenizer = check_cache()  # every file the run reads matches the cache's manifest
     model_dim = ((DEPTH * ASPECT_RATIO + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
+    n_head = model_dim // HEAD_DIM
     config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
-                       n_head=model_dim // HEAD_DIM, n_kv_head=model_dim // HEAD_DIM, n_embd=model_dim,
-                       window_pattern=WINDOW_PATTERN, low_dtype=hardware.low_precision(device))
+                       n_head=n_head, n_kv_head=n_head, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
+                       low_dtype=hardware.low_precision(device),
+                       window_kernel=hardware.window_kernel(device, n_head, n_head, HEAD_DIM))
     model = build_model(config, device)
     num_params = model.param_counts()["total"]
     flops_per_token = model.estimate_flops()

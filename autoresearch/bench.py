@@ -95,7 +95,10 @@ def bench_attention(B=32, H=4, T=MAX_SEQ_LEN, D=128, iters=20):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return f
 
-    candidates = [("SDPA cuDNN, full causal", sdpa(SDPBackend.CUDNN_ATTENTION), T),
+    from autoresearch.hardware import cudnn_window_attention
+    candidates = [("cuDNN sliding window (nvidia-cudnn-frontend)",
+                   lambda: cudnn_window_attention(q, k, v, window), window),
+                  ("SDPA cuDNN, full causal", sdpa(SDPBackend.CUDNN_ATTENTION), T),
                   ("SDPA flash, full causal", sdpa(SDPBackend.FLASH_ATTENTION), T),
                   ("SDPA mem-efficient, full causal", sdpa(SDPBackend.EFFICIENT_ATTENTION), T),
                   (f"FlexAttention, window {window}", lambda: flex(q, k, v, block_mask=mask), window)]

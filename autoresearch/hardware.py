@@ -192,6 +192,95 @@ def fit_device_batch(device, rows, total_rows, fixed_bytes, row_bytes):
     return fitted
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Sliding-window attention: cuDNN's where it runs and computes the window exactly, else FlexAttention (CUDA), or SDPA
+# with an explicit mask off CUDA. PyTorch's SDPA has no window; nvidia-cudnn-frontend's torch operator (BHSD
+# tensors, fake and autograd registrations, so torch.compile traces it) gives cuDNN's left bound. Per query-key pair
+# cuDNN ran ~1.5x faster than FlexAttention on an H100 (../shared/bench/REFERENCE_PROFILE.md).
+
+CUDNN_WINDOW_GPUS = {(9, 0)}  # Hopper: cuDNN runs causal attention with a left bound, forward and backward, in bf16
+MIN_CUDNN_FOR_WINDOW = 90200  # cuDNN 9.2 (torch 2.11's wheels bring 9.19)
+
+
+def cudnn_window_attention(q, k, v, window):
+    """Causal attention in which a query at i sees the keys i-window..i, on cuDNN. q: [B, H, T, D]; k, v:
+    [B, KV, T, D] -> [B, H, T, D]. cuDNN's left bound counts the diagonal: window + 1."""
+    from cudnn.experimental.ops import scaled_dot_product_attention
+    return scaled_dot_product_attention(q, k, v, is_causal=True, left_bound=window + 1,
+                                        enable_gqa=q.size(1) != k.size(1))
+
+
+def window_kernel_for(device_type, capability, cudnn_version, frontend):
+    """(kernel, why) for the sliding-window layers, from the figures: "sdpa" (an explicit mask) off CUDA; on CUDA
+    "cudnn" where the GPU is one cuDNN runs windows on, cuDNN is recent enough and the frontend is installed (the
+    frontend's version, or None); else "flex"."""
+    if device_type != "cuda":
+        return "sdpa", f"SDPA with an explicit mask on {device_type}"
+    if frontend is None:
+        return "flex", "nvidia-cudnn-frontend is not installed"
+    if tuple(capability) not in CUDNN_WINDOW_GPUS:
+        return "flex", f"cuDNN's window is not used on compute capability {capability[0]}.{capability[1]} (Hopper only)"
+    if (cudnn_version or 0) < MIN_CUDNN_FOR_WINDOW:
+        return "flex", f"cuDNN {cudnn_version} is older than 9.2"
+    return "cudnn", f"cuDNN {cudnn_version}, nvidia-cudnn-frontend {frontend}"
+
+
+def _probe_cudnn_window(device, n_head, n_kv_head, head_dim, T=64, window=8):
+    """None when cuDNN's window runs forward and backward at these head sizes and agrees with SDPA under the
+    explicit mask (fp32), else why not. A short window, so that a key too many or too few moves the result by far
+    more than bf16's rounding."""
+    import torch.nn.functional as F
+    gen = torch.Generator(device).manual_seed(0)
+    shapes = [(2, n_head, T, head_dim), (2, n_kv_head, T, head_dim), (2, n_kv_head, T, head_dim)]
+    base = [torch.randn(shape, generator=gen, device=device) for shape in shapes]
+    try:
+        q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in base)
+        out = cudnn_window_attention(q, k, v, window)
+        got = [out] + list(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+    except Exception as e:  # a shape, GPU or build the operator refuses: FlexAttention instead
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
+    i = torch.arange(T, device=device)
+    mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= window)
+    q, k, v = (t.clone().requires_grad_() for t in base)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_head != n_kv_head)
+    truth = [out] + list(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for name, a, b in zip(("output", "dq", "dk", "dv"), got, truth):
+        error = ((a.float() - b).norm() / b.norm().clamp_min(1e-12)).item()
+        if not error < 2e-2:
+            return f"its {name} differs from the explicit mask's by {error:.1%}"
+    return None
+
+
+_window_kernels = {}
+
+
+def window_kernel(device, n_head, n_kv_head, head_dim):
+    """The kernel of the sliding-window layers on this device ("cudnn", "flex" or "sdpa"), decided once per head
+    shape and said in one `attention:` line: cuDNN where window_kernel_for allows it and a probe of its forward and
+    backward agrees with the explicit mask, else FlexAttention (the line says why)."""
+    key = (str(device), n_head, n_kv_head, head_dim)
+    if key not in _window_kernels:
+        capability, version, frontend = (0, 0), None, None
+        if device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            version = torch.backends.cudnn.version()
+            try:
+                import cudnn
+                frontend = getattr(cudnn, "__version__", "?")
+            except Exception:  # not installed, or its library does not load
+                frontend = None
+        kernel, why = window_kernel_for(device.type, capability, version, frontend)
+        if kernel == "cudnn":
+            problem = _probe_cudnn_window(device, n_head, n_kv_head, head_dim)
+            if problem:
+                kernel, why = "flex", f"cuDNN's window failed its check ({problem})"
+        if device.type == "cuda":  # (elsewhere runtime.Run says what runs)
+            name = "cuDNN's sliding window" if kernel == "cudnn" else "FlexAttention"
+            print(f"attention: windowed layers on {name} ({why}); full layers on SDPA, cuDNN first", flush=True)
+        _window_kernels[key] = kernel
+    return _window_kernels[key]
+
+
 def synchronize(device):
     """Wait for the device's queued work (so a step's wall time is its real time)."""
     if device.type == "cuda":

@@ -90,6 +90,32 @@ def test_flex_attention_matches_sdpa_with_an_explicit_mask():
         assert_as_close(a, b, t, name)
 
 
+def test_cudnns_window_matches_flex_attention_and_the_explicit_mask():
+    """cuDNN's sliding window (the windowed layers' kernel on Hopper), compiled as a region compiles it, against
+    FlexAttention and against SDPA under the explicit mask, all in bf16, each measured against that SDPA in fp32:
+    output and the gradients of q, k, v, at the baseline's head size."""
+    if hardware.window_kernel(CUDA, 4, 4, 128) != "cudnn":
+        pytest.skip("cuDNN's window is not used on this GPU (the attention line says why)")
+    torch.manual_seed(0)
+    T, window = 2048, 1024
+    base = [torch.randn(2, T, 4, 128, device=CUDA) for _ in range(3)]
+
+    def run(fn, dtype):
+        q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in base)
+        out = fn(q, k, v)
+        return [out.detach()] + list(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+
+    cudnn = torch.compile(lambda q, k, v: train.attention(q, k, v, window, None, "cudnn"), dynamic=False)
+    mask = train.block_masks(T, (window, T), CUDA)[window]
+    flex = torch.compile(lambda q, k, v: train.attention(q, k, v, window, mask), dynamic=False)
+    tested = run(cudnn, torch.bfloat16)
+    for other in (run(flex, torch.bfloat16), run(lambda q, k, v: train.attention(q, k, v, window, None),
+                                                 torch.bfloat16)):
+        truth = run(lambda q, k, v: train.attention(q, k, v, window, None), torch.float32)
+        for name, a, b, t in zip(("out", "dq", "dk", "dv"), tested, other, truth):
+            assert_as_close(a, b, t, name)
+
+
 def test_compiled_optimizer_matches_eager():
     """The compiled MuonAdamW (fused steps, as a run uses it) against its eager steps, both with the bf16 tables and
     bf16 Polar Express, measured against the eager steps in fp32 (low=fp32, fp32 tables): every parameter after
@@ -115,11 +141,12 @@ def test_compiled_optimizer_matches_eager():
 
 def test_tiny_training_run_on_cuda_names_its_attention_kernels(prepared):
     script = ("import train; train.DEPTH = 2; train.DEVICE_BATCH_SIZE = 8; train.TOTAL_BATCH_SIZE = 8 * 128; "
-              "train.WINDOW_PATTERN = 'SL'; train.main()")  # one windowed layer (Flex), one full (cuDNN)
+              "train.WINDOW_PATTERN = 'SL'; train.main()")  # one windowed layer, one full (cuDNN SDPA)
     proc = run_script(["-c", script], env={"AUTORESEARCH_DEVICE": "cuda", "AUTORESEARCH_TIME_BUDGET": "20"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = re.search(r"^attention \(profiled step 1\): (.*)$", proc.stdout, flags=re.M).group(1)
-    assert "cuDNN SDPA" in line and "FlexAttention" in line, line
+    chosen = re.search(r"^attention: windowed layers on (.*?) \(", proc.stdout, flags=re.M).group(1)
+    assert "cuDNN SDPA" in line and (chosen == "cuDNN's sliding window" or "FlexAttention" in line), (chosen, line)
     values = dict(re.findall(r"^(\w+): +(\S.*)$", proc.stdout.split("\n---\n")[1], flags=re.M))
     assert values["device"] == "cuda" and float(values["peak_vram_mb"]) > 0
     assert int(values["num_steps"]) > runtime.CUDA_WARMUP_STEPS and float(values["val_bpb"]) > 0
