@@ -295,10 +295,9 @@ def evaluate_bpb(model, tokenizer, batch_size):
             nbytes = token_bytes[:, y.reshape(-1)]
             counted = nbytes[1] > 0
             total_nats += torch.where(counted, loss.reshape(-1).float(), 0.0).sum().item()
-            for i in (0, 1):
-                total_bytes[i] += nbytes[i].sum().item()
+            reference, exact, n = torch.stack([nbytes[0].sum(), nbytes[1].sum(), counted.sum()]).tolist()  # 1 sync
+            total_bytes[0], total_bytes[1], tokens = total_bytes[0] + reference, total_bytes[1] + exact, tokens + n
             scored += len(y)
-            tokens += counted.sum().item()
     val_bpb, val_bpb_exact = (total_nats / (math.log(2) * n) for n in total_bytes)
     record.note_evaluation(dict(val_bpb=val_bpb, val_bpb_exact=val_bpb_exact, rows=scored, seq_len=seq_len,
                                 tokens=tokens, bytes=total_bytes[0], bytes_exact=total_bytes[1], nats=total_nats))

@@ -196,7 +196,8 @@ def fit_device_batch(device, rows, total_rows, fixed_bytes, row_bytes):
 # Sliding-window attention: cuDNN's where it runs and computes the window exactly, else FlexAttention (CUDA), or SDPA
 # with an explicit mask off CUDA. PyTorch's SDPA has no window; nvidia-cudnn-frontend's torch operator (BHSD
 # tensors, fake and autograd registrations, so torch.compile traces it) gives cuDNN's left bound. Per query-key pair
-# cuDNN ran ~1.5x faster than FlexAttention on an H100 (../shared/bench/REFERENCE_PROFILE.md).
+# cuDNN's full-causal kernel ran ~1.5x faster than FlexAttention's window on an H100 (REFERENCE_PROFILE.md); its
+# own window has not been timed yet (docs/PERF_NOTES.md).
 
 CUDNN_WINDOW_GPUS = {(9, 0)}  # Hopper: cuDNN runs causal attention with a left bound, forward and backward, in bf16
 MIN_CUDNN_FOR_WINDOW = 90200  # cuDNN 9.2 (torch 2.11's wheels bring 9.19)

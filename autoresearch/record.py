@@ -11,12 +11,14 @@ lands in the folder train.py runs in (beside run.log), written atomically: a tem
 summary block that train.py prints is for people and agents to read; results.py trusts this file, not the log.
 Standard library only.
 """
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import secrets
 import subprocess
+import sys
 
 RECORD_NAME = "run.json"
 FORMAT = 1
@@ -45,12 +47,15 @@ def code_identity(path):
             data = f.read()
     except OSError:
         return {"path": None, "sha256": None, "blob": None, "commit": None, "committed": None}
-    folder = os.path.dirname(os.path.abspath(path))
-    commit = git(folder, "rev-parse", "HEAD")
-    head_blob = git(folder, "rev-parse", f"HEAD:./{os.path.basename(path)}") if commit else None
+    commit = git(os.path.dirname(os.path.abspath(path)), "rev-parse", "HEAD")
     blob = git_blob_sha1(data)
     return {"path": os.path.abspath(path), "sha256": hashlib.sha256(data).hexdigest(), "blob": blob,
-            "commit": commit, "committed": None if commit is None else head_blob == blob}
+            "commit": commit, "committed": None if commit is None else head_blob(path) == blob}
+
+
+def head_blob(path):
+    """The blob id of the file at path as its checkout's HEAD has it now, or None (outside git, not in HEAD)."""
+    return git(os.path.dirname(os.path.abspath(path)), "rev-parse", f"HEAD:./{os.path.basename(path)}")
 
 
 def new_run_id():
@@ -93,12 +98,9 @@ class RunRecord:
                 json.dump(self.data, f, indent=1)
             os.replace(tmp, self.path)
         except OSError as e:
-            import sys
             print(f"note: cannot write the run's record {self.path} ({e.strerror or e})", file=sys.stderr)
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(tmp)
-            except OSError:
-                pass
 
     def finish(self, summary, violations, **details):
         """The run ended in its summary: status finished, the summary's values, the violations and details."""

@@ -24,6 +24,7 @@ functions. Standard library only (matplotlib for the plot).
 import argparse
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -395,12 +396,12 @@ def crash_reason(text):
 
 
 def head_commit():
-    """(short hash, full hash) of HEAD in the current folder; one `error:` line outside a git checkout."""
-    short, full = run_record.git(".", "rev-parse", "--short", "HEAD"), run_record.git(".", "rev-parse", "HEAD")
-    if not short or not full:
+    """The short hash of HEAD in the current folder; one `error:` line outside a git checkout."""
+    short = run_record.git(".", "rev-parse", "--short", "HEAD")
+    if not short:
         raise UserError("cannot read the commit (`git rev-parse HEAD` failed): run this in the experiment's git "
                         "checkout, after its first commit")
-    return short, full
+    return short
 
 
 def _pid_alive(pid):
@@ -432,24 +433,14 @@ def identify(text, log_dir):
     if run_summary(text).get("val_bpb"):
         raise UserError("the log ends in a summary but names no run (no `run:` line): it did not come from this "
                         "project's train.py, or was cut; run again")
-    import hashlib
     return "log-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:24], None, "crash", crash_reason(text)
 
 
 def check_code(data, short):
-    """Refuse a run whose train.py is not the one committed at HEAD (by content), saying what to do."""
-    if data is not None and data["code"]["blob"]:
-        blob, where = data["code"]["blob"], os.path.dirname(data["code"]["path"])
-        name = os.path.basename(data["code"]["path"])
-    else:  # a run that stopped before its record began: the train.py here is the best witness of what ran
-        where, name = ".", "train.py"
-        try:
-            with open(name, "rb") as f:
-                blob = run_record.git_blob_sha1(f.read())
-        except OSError:
-            return
-    head = run_record.git(where, "rev-parse", f"HEAD:./{name}")
-    if head != blob:
+    """Refuse a run whose train.py is not, by content, the one committed at HEAD now, saying what to do. A run
+    that stopped before its record began is judged by the train.py here, the best witness of what ran."""
+    code = data["code"] if data is not None and data["code"]["blob"] else run_record.code_identity("train.py")
+    if code["blob"] is not None and run_record.head_blob(code["path"]) != code["blob"]:
         raise UserError(f"the train.py that ran is not the one in HEAD ({short}): commit the code that ran first "
                         "(`git commit -am \"<idea>\"`), then record; if you reset or edited since, run again")
 
@@ -535,7 +526,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
             notes.append(f"{log} has no finished run ({reason}): recorded as a crash")
         status, val_bpb, memory = "crash", "0.000000", "0.0"
         description = f"{description} ({reason})" if reason not in description else description
-    short, _ = head_commit()
+    short = head_commit()
     check_code(data, short)
     real = os.path.realpath(path)
     runs_dir = runs_dir or runs_folder(path)

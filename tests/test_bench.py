@@ -30,7 +30,8 @@ def test_the_gpu_check_runs_every_step_logs_it_and_prints_one_table(tmp_path, mo
     outputs = {"gpu-tests": (0, "....\n4 passed in 80.1s\n"),
                "attention": (0, "| measurement (h, torch) | result |\n|---|---|\n| attention: cuDNN | 1.42 ms |\n"),
                "profile": (1, "Traceback ...\nRuntimeError: boom\n"),
-               "run-80s": (0, "| measurement (h, t) | result |\n|---|---|\n| train.py (80-s budget): val_bpb | 0.57 |\n"),
+               "run-80s": (0, "| measurement (h, t) | result |\n|---|---|\n"
+                              "| train.py (80-s budget): val_bpb | 0.57 |\n"),
                "startup": ("timeout", "")}
     seen, clock = [], {"now": 0.0}
 

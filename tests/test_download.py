@@ -161,12 +161,14 @@ def test_404_fails_at_once_naming_the_url(hub, tmp_path):
 
 def test_resume_after_an_interrupted_run(hub, tmp_path):
     hub.cut[shard_name(1)] = 2
-    failed = download.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0), workers=2)
+    failed = download.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0),
+                                      workers=2)
     assert list(failed) == [shard_name(1)]
     assert names_in(tmp_path) == [shard_name(0), shard_name(2)]
     (tmp_path / f"{shard_name(1)}.999.part").write_bytes(b"left by a killed run")
     hub.requests.clear()
-    failed = download.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0), workers=2)
+    failed = download.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0),
+                                      workers=2)
     assert failed == {}
     assert hub.requests == [shard_name(1)]  # whole shards are not fetched again
     assert names_in(tmp_path) == [shard_name(0), shard_name(1), shard_name(2)]

@@ -69,51 +69,49 @@ def test_compiled_model_matches_eager_forward_and_backward():
         assert_as_close(g_compiled[name], g_eager[name], g_truth[name], name)
 
 
-def test_flex_attention_matches_sdpa_with_an_explicit_mask():
-    """FlexAttention's sliding window (compiled, bf16) against SDPA with the boolean window mask written out (bf16),
-    both measured against that SDPA in fp32: output and the gradients of q, k, v."""
-    torch.manual_seed(0)
-    T, window = 512, 128
-    base = [torch.randn(2, T, 4, 64, device=CUDA) for _ in range(3)]
+def attention_run(base, fn, dtype):
+    """[output, dq, dk, dv] of fn(q, k, v) on copies of the `base` tensors in dtype (a sum of squares as loss)."""
+    q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in base)
+    out = fn(q, k, v)
+    return [out.detach()] + list(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
 
-    def run(fn, dtype):
-        q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in base)
-        out = fn(q, k, v)
-        return [out.detach()] + list(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
 
-    mask = train.block_masks(T, (window, T), CUDA)[window]
-    flex = torch.compile(train.attention, dynamic=False)
-    tested = run(lambda q, k, v: flex(q, k, v, window, mask), torch.bfloat16)
-    other = run(lambda q, k, v: train.attention(q, k, v, window, None), torch.bfloat16)
-    truth = run(lambda q, k, v: train.attention(q, k, v, window, None), torch.float32)
+def assert_window_as_close(fn, base, window):
+    """fn (bf16) is as close to SDPA under the explicit window mask in fp32 as that SDPA in bf16 is: output and
+    the gradients of q, k, v."""
+    explicit = lambda q, k, v: train.attention(q, k, v, window, None)  # noqa: E731
+    tested, other = attention_run(base, fn, torch.bfloat16), attention_run(base, explicit, torch.bfloat16)
+    truth = attention_run(base, explicit, torch.float32)
     for name, a, b, t in zip(("out", "dq", "dk", "dv"), tested, other, truth):
         assert_as_close(a, b, t, name)
 
 
+def test_flex_attention_matches_sdpa_with_an_explicit_mask():
+    """FlexAttention's sliding window (compiled, bf16) against SDPA with the boolean window mask written out."""
+    torch.manual_seed(0)
+    T, window = 512, 128
+    base = [torch.randn(2, T, 4, 64, device=CUDA) for _ in range(3)]
+    mask = train.block_masks(T, (window, T), CUDA)[window]
+    flex = torch.compile(train.attention, dynamic=False)
+    assert_window_as_close(lambda q, k, v: flex(q, k, v, window, mask), base, window)
+
+
 def test_cudnns_window_matches_flex_attention_and_the_explicit_mask():
     """cuDNN's sliding window (the windowed layers' kernel on Hopper), compiled as a region compiles it, against
-    FlexAttention and against SDPA under the explicit mask, all in bf16, each measured against that SDPA in fp32:
-    output and the gradients of q, k, v, at the baseline's head size."""
+    SDPA under the explicit mask, at the baseline's head size; and as close to the fp32 truth as FlexAttention."""
     if hardware.window_kernel(CUDA, 4, 4, 128) != "cudnn":
         pytest.skip("cuDNN's window is not used on this GPU (the attention line says why)")
     torch.manual_seed(0)
     T, window = 2048, 1024
     base = [torch.randn(2, T, 4, 128, device=CUDA) for _ in range(3)]
-
-    def run(fn, dtype):
-        q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in base)
-        out = fn(q, k, v)
-        return [out.detach()] + list(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
-
     cudnn = torch.compile(lambda q, k, v: train.attention(q, k, v, window, None, "cudnn"), dynamic=False)
+    assert_window_as_close(cudnn, base, window)
     mask = train.block_masks(T, (window, T), CUDA)[window]
     flex = torch.compile(lambda q, k, v: train.attention(q, k, v, window, mask), dynamic=False)
-    tested = run(cudnn, torch.bfloat16)
-    for other in (run(flex, torch.bfloat16), run(lambda q, k, v: train.attention(q, k, v, window, None),
-                                                 torch.bfloat16)):
-        truth = run(lambda q, k, v: train.attention(q, k, v, window, None), torch.float32)
-        for name, a, b, t in zip(("out", "dq", "dk", "dv"), tested, other, truth):
-            assert_as_close(a, b, t, name)
+    truth = attention_run(base, lambda q, k, v: train.attention(q, k, v, window, None), torch.float32)
+    for name, a, b, t in zip(("out", "dq", "dk", "dv"), attention_run(base, cudnn, torch.bfloat16),
+                             attention_run(base, flex, torch.bfloat16), truth):
+        assert_as_close(a, b, t, name)
 
 
 def test_compiled_optimizer_matches_eager():
