@@ -6,7 +6,9 @@ A few environment overrides exist for tests and small machines only; a run that 
   AUTORESEARCH_PRESET        small: the small preset (a CPU, Apple silicon, a small GPU; see README.md)
   AUTORESEARCH_FORCE         1: run the standard configuration off CUDA anyway (it would take hours per step)
   AUTORESEARCH_CACHE_DIR     where data, tokenizer and token files live (default ~/.cache/autoresearch)
-  AUTORESEARCH_TIME_BUDGET   seconds of training (default 300)
+  AUTORESEARCH_BUDGET        time or flops: what ends training (default: time, flops under the small preset)
+  AUTORESEARCH_TIME_BUDGET   seconds of training under the time budget (default 300)
+  AUTORESEARCH_FLOP_BUDGET   FLOPs of training under the compute budget (default: see FLOP_BUDGET below)
   AUTORESEARCH_EVAL_TOKENS   validation tokens scored by evaluate_bpb (default 40 * 524288)
   AUTORESEARCH_MAX_SEQ_LEN   context length (default 2048)
   AUTORESEARCH_GPU_MEMORY_GB the GPU memory train.py fits DEVICE_BATCH_SIZE to (default: what is free)
@@ -40,27 +42,44 @@ def _env(name, default, parse, ok, allowed, unset_means=None):
 
 
 # The defaults are the reference's; a run whose values differ from them is not comparable with a standard one.
-DEFAULTS = {"MAX_SEQ_LEN": 2048, "TIME_BUDGET": 300.0, "EVAL_TOKENS": 40 * 524288}
+# The compute budget (flops) ends training after a fixed number of FLOPs, counted by the fixed code from what each
+# step computes (runtime.Run): the same code takes the same steps on any machine at any load. The standard one is
+# what the reference's baseline computed in its 5 minutes on an H100: 953 steps of 1.543e14 FLOPs as torch's
+# counter counts the baseline's step on the CPU (2.936e8 per token forward and backward, every key of the windowed
+# layers counted, plus 3.2e11 for Muon). The small one is 99 steps of the small baseline (4.045e10 each), 68-75 s
+# on a quiet 2-core CPU (docs/PERF_NOTES.md).
+DEFAULTS = {"MAX_SEQ_LEN": 2048, "TIME_BUDGET": 300.0, "EVAL_TOKENS": 40 * 524288, "BUDGET": "time",
+            "FLOP_BUDGET": 1.47e17}
 # The small preset, for machines without a big CUDA GPU (a CPU, Apple silicon, a small GPU): these constants, and
 # train.py's size knobs at their small values. Its runs compare with each other, not with standard ones.
 PRESET = _env("AUTORESEARCH_PRESET", "", str.lower, lambda v: v == "small", "small", "the standard settings")
-SMALL_DEFAULTS = {"MAX_SEQ_LEN": 256, "TIME_BUDGET": 60.0, "EVAL_TOKENS": 256 * 256}
+SMALL_DEFAULTS = {"MAX_SEQ_LEN": 256, "TIME_BUDGET": 60.0, "EVAL_TOKENS": 256 * 256, "BUDGET": "flops",
+                  "FLOP_BUDGET": 4e12}
 _BASE = SMALL_DEFAULTS if PRESET == "small" else DEFAULTS
 MAX_SEQ_LEN = _env("AUTORESEARCH_MAX_SEQ_LEN", _BASE["MAX_SEQ_LEN"], int, lambda v: 8 <= v <= 1 << 20,
                    "an integer from 8 to 1048576")  # context length of training and eval
 TIME_BUDGET = _env("AUTORESEARCH_TIME_BUDGET", _BASE["TIME_BUDGET"], float,
                    lambda v: math.isfinite(v) and 0 < v <= 7 * 86400,
                    "a number of seconds above 0 (at most a week)")  # seconds of counted training time
+BUDGET = _env("AUTORESEARCH_BUDGET", _BASE["BUDGET"], str.lower, lambda v: v in ("time", "flops"),
+              "time or flops")  # what ends training: TIME_BUDGET seconds, or FLOP_BUDGET FLOPs
+FLOP_BUDGET = _env("AUTORESEARCH_FLOP_BUDGET", _BASE["FLOP_BUDGET"], float, lambda v: math.isfinite(v) and v >= 1,
+                   "a number of FLOPs, at least 1 (e.g. 2e12)")  # FLOPs of training under the compute budget
 EVAL_TOKENS = _env("AUTORESEARCH_EVAL_TOKENS", _BASE["EVAL_TOKENS"], int, lambda v: 1 <= v <= 1 << 40,
                    "a positive integer, at least one row (MAX_SEQ_LEN)")  # tokens evaluate_bpb scores
 if EVAL_TOKENS < MAX_SEQ_LEN:  # evaluate_bpb scores EVAL_TOKENS // MAX_SEQ_LEN rows: at least one
     raise UserError(f"AUTORESEARCH_EVAL_TOKENS={str(EVAL_TOKENS)!r} is not allowed: it must be at least one "
                      f"row of MAX_SEQ_LEN = {MAX_SEQ_LEN} tokens")
-RESOLVED = {"MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET, "EVAL_TOKENS": EVAL_TOKENS}  # as read at start
-# The overrides of the metric's constants that this process runs under (name -> raw value), for the run's notes.
+RESOLVED = {"MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET, "EVAL_TOKENS": EVAL_TOKENS, "BUDGET": BUDGET,
+            "FLOP_BUDGET": FLOP_BUDGET}  # as read at start
+# The overrides of the metric's constants that this process runs under (name -> raw value), for the run's notes:
+# the budget's kind when it is not the preset's, and only the size of the budget that runs.
 METRIC_OVERRIDES = {name: os.environ[name].strip() for name in
-                    ("AUTORESEARCH_MAX_SEQ_LEN", "AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_EVAL_TOKENS")
+                    ("AUTORESEARCH_MAX_SEQ_LEN", "AUTORESEARCH_EVAL_TOKENS",
+                     "AUTORESEARCH_TIME_BUDGET" if BUDGET == "time" else "AUTORESEARCH_FLOP_BUDGET")
                     if os.environ.get(name, "").strip()}
+if BUDGET != _BASE["BUDGET"]:
+    METRIC_OVERRIDES["AUTORESEARCH_BUDGET"] = BUDGET
 # What a run's val_bpb compares with: "standard", or the preset and overrides it ran under (the `settings:` line).
 SETTINGS = " ".join(([f"AUTORESEARCH_PRESET={PRESET}"] if PRESET else [])
                     + [f"{name}={value}" for name, value in sorted(METRIC_OVERRIDES.items())]) or "standard"

@@ -248,7 +248,14 @@ def make_dataloader(tokenizer, B, T, split, device):
     """Yield (inputs, targets, epoch) forever: int64 tensors [B, T] on `device`, targets = inputs shifted by
     one. On CUDA the rows go through pinned memory with an asynchronous copy; PyTorch's pinned-memory allocator
     does not hand a block out again before the copy reading it is done, so a fresh pinned tensor per batch
-    cannot race with the copy of the previous one."""
+    cannot race with the copy of the previous one. During a run, only the metric reads the val split: a loader
+    of it made anywhere else makes the run comparable with none."""
+    if split == "val" and record.current() is not None and not record.called_from_the_metric():
+        record.note_violation("train.py made a loader of the validation split (make_dataloader(..., 'val', ...))")
+    return _batches(tokenizer, B, T, split, device)
+
+
+def _batches(tokenizer, B, T, split, device):
     import torch
     device = torch.device(device)
     pin = device.type == "cuda"

@@ -1,11 +1,12 @@
-"""Pretrain a small GPT for a fixed time budget and report val_bpb. The one file the research agent edits.
+"""Pretrain a small GPT for a fixed budget (5 minutes on a GPU, a fixed number of FLOPs under the small preset) and
+report val_bpb. The one file the research agent edits.
 
     uv run train.py
 
 Top to bottom: the hyperparameters, the model (GPT with value embeddings, sliding-window attention, ReLU^2 MLP),
 the MuonAdamW optimizer, the schedules and the training loop. Everything here is the agent's to change. The fixed
 parts it calls: prepare.py (tokenizer, loader, the metric evaluate_bpb) and the harness in autoresearch/:
-hardware.py (device, precision, compiling, memory) and runtime.py (the time budget, progress lines, the summary).
+hardware.py (device, precision, compiling, memory) and runtime.py (the budget, progress lines, the summary).
 """
 import functools
 import time
@@ -38,7 +39,7 @@ MATRIX_LR = 0.04            # Muon lr of the block matrices
 SCALAR_LR = 0.5             # AdamW lr of x0_lambdas (resid_lambdas get 1% of it)
 WEIGHT_DECAY = 0.2          # Muon cautious weight decay, decayed linearly to 0 over the budget
 ADAM_BETAS = (0.8, 0.95)    # AdamW betas
-WARMUP_RATIO = 0.0          # fraction of the budget spent warming the lr up
+WARMUP_RATIO = 0.0          # fraction of the budget (FLOPs or time) spent warming the lr up
 WARMDOWN_RATIO = 0.5        # fraction of the budget at the end spent decaying the lr
 FINAL_LR_FRAC = 0.0         # lr multiplier at the very end
 SEED = 42
@@ -324,8 +325,8 @@ def build_model(config, device):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer: AdamW for embeddings, head and scalars; Muon (Polar Express orthogonalization + NorMuon variance
-# normalization + cautious weight decay) for the 2-D matrices inside the blocks. The numerics are the
-# reference's (../shared/SPEC.md, "Optimizer numerics"); `low` is bf16 on CUDA as there, fp32 on the CPU.
+# normalization + cautious weight decay) for the 2-D matrices inside the blocks. The numerics are the compiled
+# reference's (README.md, "Design choices"); `low` is bf16 on CUDA as there, fp32 on the CPU.
 
 # Polar Express coefficients (Amsel et al. 2025), one (a, b, c) per iteration.
 POLAR_EXPRESS_COEFFS = [
@@ -435,7 +436,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Schedules, by progress = counted training time / TIME_BUDGET
+# Schedules, by progress = the fraction of the budget done (run.progress: counted FLOPs or counted time)
 
 
 def get_lr_multiplier(progress):

@@ -322,8 +322,25 @@ def open_token_shard(manifest, name, fingerprint, check="stat"):
 # SQLite database used only for its locks) on every OS, native Windows included; the OS drops a killed process's
 # hold.
 
+SQLITE_MAGIC = b"SQLite format 3\x00"  # how a SQLite file (the lock) begins; an empty file becomes one
+
+
 def _read_write_lock(path):
+    """filelock's read-write lock at path. A path that is not a lock (a folder, a file of other bytes) is one line
+    naming it and the fix, never a database error."""
     import filelock
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        head = b""
+    except IsADirectoryError:
+        head = None
+    except OSError:  # (unreadable: taking the lock says what follows)
+        head = b""
+    if head is None or (head and head != SQLITE_MAGIC):
+        raise UserError(f"{path} is not the cache's lock ({'a folder' if head is None else 'other bytes'}): remove "
+                        "it (prepare.py and train.py make a new one)")
     return filelock.ReadWriteLock(path, is_singleton=False)
 
 
@@ -343,8 +360,8 @@ def cache_lock(cache_dir=CACHE_DIR):
         raise UserError(f"the cache {cache_dir} is not writable: fix its permissions or set AUTORESEARCH_CACHE_DIR")
     check_no_links(cache_dir)
     path = os.path.join(cache_dir, os.path.basename(LOCK_PATH))
-    lock = _read_write_lock(path)
     try:
+        lock = _read_write_lock(path)
         lock.acquire_write(blocking=False)
     except filelock.Timeout:
         probe = _read_write_lock(path)  # readers share: a read that succeeds means the holders are readers
@@ -355,6 +372,8 @@ def cache_lock(cache_dir=CACHE_DIR):
         probe.release(force=True)
         raise UserError(f"a train.py is reading the cache {cache_dir}: prepare.py never changes the data under a "
                         "running experiment; run it again when the run has ended") from None
+    except (OSError, sqlite3.Error) as e:  # (after Timeout, an OSError too)
+        raise UserError(f"cannot take the cache's lock {path} ({e}): remove that file and run again") from None
     try:
         yield
     finally:
@@ -365,19 +384,23 @@ def cache_lock(cache_dir=CACHE_DIR):
 def reading(cache_dir=CACHE_DIR):
     """Hold the cache shared for the block (runtime.main: a whole train.py run): refused at once while a
     prepare.py writes it; while held, no prepare.py can start. Where there is no cache folder, or the lock cannot
-    be taken (a read-only cache shared by several users), the block runs unlocked: the cache check that follows
-    says what is missing, and the metric re-checks the validation tokens it scores."""
+    be taken (a read-only cache shared by several users: said in one note), the block runs unlocked: the cache check
+    that follows says what is missing, and the metric re-checks the validation tokens it scores. A lock file that
+    is not a lock is one line."""
     import filelock
-    if not os.path.isdir(cache_dir) or os.path.islink(os.path.join(cache_dir, os.path.basename(LOCK_PATH))):
+    path = os.path.join(cache_dir, os.path.basename(LOCK_PATH))
+    if not os.path.isdir(cache_dir) or os.path.islink(path):
         yield
         return
-    lock = _read_write_lock(os.path.join(cache_dir, os.path.basename(LOCK_PATH)))
     try:
+        lock = _read_write_lock(path)
         lock.acquire_read(blocking=False)
     except filelock.Timeout:
         raise UserError(f"prepare.py is writing the cache {cache_dir}: wait for it to finish, then run again") \
             from None
-    except (OSError, sqlite3.Error):
+    except (OSError, sqlite3.Error) as e:
+        print(f"note: the cache's lock cannot be taken ({e}): running unlocked, as for a read-only cache (no "
+              "prepare.py can change it under this run either)", flush=True)
         yield
         return
     try:

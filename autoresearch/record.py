@@ -116,12 +116,15 @@ class RunRecord:
 
 _current = None  # this process's run record, once runtime.main (or the first Run) started it
 EVALUATIONS = []  # what evaluate_bpb scored in this process, in order (dicts; see prepare.evaluate_bpb)
+VIOLATIONS = []  # what the fixed code saw train.py do against the rules in this run, in words
+_METRIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prepare.py")
 
 
 def start(train_file, settings, constants, folder=None):
     """Start this process's run record (a new run id) and forget earlier evaluations."""
     global _current
     EVALUATIONS.clear()
+    VIOLATIONS.clear()
     _current = RunRecord(train_file, settings, constants, folder)
     return _current
 
@@ -137,8 +140,24 @@ def stop():
     _current = None
 
 
+def called_from_the_metric(depth=2):
+    """True when the function `depth` frames up is prepare.evaluate_bpb, the fixed metric (this repository's
+    prepare.py): what the fixed code accepts as the metric's own call."""
+    code = sys._getframe(depth).f_code
+    return code.co_name == "evaluate_bpb" and os.path.abspath(code.co_filename) == _METRIC
+
+
+def note_violation(what):
+    """What the fixed code saw train.py do against the rules: the run compares with no other."""
+    VIOLATIONS.append(what)
+
+
 def note_evaluation(evaluation):
-    """Called by the metric (prepare.evaluate_bpb) with what it scored; kept for the run's summary and record."""
+    """Called by the metric (prepare.evaluate_bpb) with what it scored; kept for the run's summary and record. A
+    call from anywhere else is not an evaluation: it is noted as a violation, and ignored."""
+    if not called_from_the_metric():
+        note_violation("record.note_evaluation was called by code other than prepare.evaluate_bpb")
+        return
     EVALUATIONS.append(dict(evaluation))
     if _current is not None:
         _current.data["evaluations"].append(dict(evaluation))

@@ -23,12 +23,14 @@ functions. Standard library only (matplotlib for the plot).
 """
 import argparse
 import contextlib
+import functools
 import glob
 import hashlib
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 
 from autoresearch import record as run_record
@@ -44,6 +46,17 @@ RERUN = " (rerun)"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
+
+def printable(text):
+    """text as it can be stored and shown safely: bytes that were not UTF-8 (a Latin-1 terminal's, passed on as
+    surrogate escapes) become U+FFFD, and control characters (escape codes, a bell) are shown escaped (\\x1b), so
+    no description or reason can drive a terminal."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
 
 def _is_header(fields):
     names = {f.strip().lower() for f in fields}
@@ -91,7 +104,7 @@ def read_rows(path, problems):
             problems.append(f"{path}:{n}: {len(fields)} fields where the header has {len(header)}: missing ones "
                             "left blank")
         row = dict(zip(header, fields))
-        rows.append({c: row.get(c, "").strip() for c in COLUMNS})
+        rows.append({c: printable(row.get(c, "").strip()) for c in COLUMNS})
     return rows
 
 
@@ -124,8 +137,9 @@ def archived_records(runs_dir):
 
 
 def attach_speeds(rows, records):
-    """Give each row the model FLOP/s of the run recorded as that row (None where no record says): a row and its
-    record match by their five fields, in order."""
+    """Give each row the model FLOP/s of the run recorded as that row (None where no record says, and for a run
+    under the compute budget, whose verdict no speed moves): a row and its record match by their five fields, in
+    order."""
     pending = {}
     for data in records:
         key = tuple(str(v) for v in data["recorded"].get("row", []))
@@ -133,7 +147,7 @@ def attach_speeds(rows, records):
     for row in rows:
         found = pending.get(tuple(row[c] for c in COLUMNS))
         data = found.pop(0) if found else None
-        speed = data.get("model_flops_per_sec") if data else None
+        speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
         row["speed"] = speed if isinstance(speed, (int, float)) and speed > 0 else None
     return rows
 
@@ -174,7 +188,26 @@ def experiments(rows, agent="", problems=None):
     for e in out:
         e["value"] = sum(e["runs"]) / len(e["runs"]) if e["runs"] else math.nan
         e["finished"] = e["status"] != "crash" and bool(e["runs"])
+        e["pair"] = None
+    base = next((e for e in out if e["finished"]), None)
+    if base is not None:  # the baseline is worth its latest pair of runs: the same runs as the noise floor
+        base["pair"] = baseline_pair(base)
+        if base["pair"]:
+            base["value"] = sum(base["pair"]) / 2
     return out
+
+
+def baseline_pair(base):
+    """The baseline's latest two runs that ran at the same speed (within SPEED_TOLERANCE; runs of unknown speed,
+    and runs under the compute budget, agree with any): the runs its value and the noise floor come from, so that
+    a baseline run again later (the machine changed) renews both. None until two such runs exist."""
+    runs = list(zip(base["runs"], base["speeds"]))
+    for i in range(len(runs) - 1, 0, -1):
+        value, speed = runs[i]
+        for earlier, earlier_speed in reversed(runs[:i]):
+            if not (speed and earlier_speed and off_speed(earlier_speed / speed)):
+                return (earlier, value)
+    return None
 
 
 def _median(values):
@@ -183,17 +216,22 @@ def _median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def baseline_speed(exps):
-    """The baseline's model FLOP/s (median over its runs with a known speed), or None."""
-    base = next((e for e in exps if e["finished"]), None)
-    speeds = [s for s in (base["speeds"] if base else []) if s]
+def experiment_speed(exp):
+    """An experiment's model FLOP/s (median over its runs with a known speed), or None (none known, or the compute
+    budget)."""
+    speeds = [s for s in (exp["speeds"] if exp else []) if s]
     return _median(speeds) if speeds else None
 
 
-def speed_ratio(exp, base_speed):
-    """An experiment's model FLOP/s over the baseline's (mean over its runs with a known speed), or None."""
-    speeds = [s for s in exp["speeds"] if s]
-    return sum(speeds) / len(speeds) / base_speed if speeds and base_speed else None
+def best_experiment(exps, leave_out=None):
+    """The finished `keep` experiment with the lowest value (leaving out `leave_out`), or None."""
+    kept = [e for e in exps if e["status"] == "keep" and e["finished"] and e is not leave_out]
+    return min(kept, key=lambda e: e["value"]) if kept else None
+
+
+def speed_ratio(speed, reference):
+    """speed / reference, or None where either is unknown."""
+    return speed / reference if speed and reference else None
 
 
 def off_speed(ratio):
@@ -202,21 +240,31 @@ def off_speed(ratio):
 
 
 def noise_floor(exps):
-    """(floor, why): the spread of the baseline's runs (the first finished experiment) that ran at the same speed
-    (within 10% of their median model FLOP/s; runs of unknown speed count), at least MIN_FLOOR. floor is None, and
-    why says what to do, until two such runs exist."""
+    """(floor, why): the spread of the baseline's latest pair of same-speed runs (baseline_pair), at least
+    MIN_FLOOR. floor is None, and why says what to do, until such a pair exists."""
     base = next((e for e in exps if e["finished"]), None)
     if base is None:
         return None, "no finished baseline run yet"
     if len(base["runs"]) < 2:
         return None, "one baseline run so far: run the baseline again"
-    speed = baseline_speed(exps)
-    same = [v for v, s in zip(base["runs"], base["speeds"]) if not (s and speed and off_speed(s / speed))]
-    if len(same) < 2:
+    if not base["pair"]:
         shown = ", ".join(f"{s:.3g}" if s else "?" for s in base["speeds"])
         return None, (f"the baseline's runs ran at different speeds (model FLOP/s {shown}; more than "
                       f"{SPEED_TOLERANCE:.0%} apart: a busy or throttled machine): run the baseline again")
-    return max(max(same) - min(same), MIN_FLOOR), f"from {len(same)} baseline runs"
+    a, b = base["pair"]
+    return max(abs(a - b), MIN_FLOOR), f"from the baseline's latest 2 runs of {len(base['runs'])}"
+
+
+def verdict(value, best, floor):
+    """What the rules make of a value against the best B and the floor F: better (v < B - 2F), marginal
+    (B - 2F <= v < B - F: run it again), equal (within F), worse (v > B + F); None without a best and a floor."""
+    if best is None or floor is None or math.isnan(value):
+        return None
+    if value < best - 2 * floor:
+        return "better"
+    if value < best - floor:
+        return "marginal"
+    return "equal" if value <= best + floor else "worse"
 
 
 def agent_name(path):
@@ -265,9 +313,9 @@ def agent_lines(exps):
              f"keep rate: {counts['keep'] / decided:.1%} of the experiments that finished" if decided
              else "keep rate: no experiment finished",
              f"noise floor: {floor:.6f} ({why})" if floor is not None else f"noise floor: not set: {why}"]
-    speed = baseline_speed(exps)
-    flag = {e["number"]: speed_ratio(e, speed) for e in exps}
-    mark = lambda e: f"  [{flag[e['number']]:.2f}x the baseline's speed]" if off_speed(flag[e["number"]]) else ""  # noqa
+    speed = experiment_speed(best_experiment(exps))
+    flag = {e["number"]: speed_ratio(experiment_speed(e), speed) for e in exps}
+    mark = lambda e: f"  [{flag[e['number']]:.2f}x the best's speed]" if off_speed(flag[e["number"]]) else ""  # noqa
     kept = [e for e in exps if e["status"] == "keep" and e["finished"]]
     if not kept:
         return lines + ["No kept result yet: nothing to compare."], (0, None, None, "")
@@ -275,8 +323,8 @@ def agent_lines(exps):
     lines += [f"  #{e['number']:<4} {e['value']:.6f}  {e['commit']}  {e['description']}{mark(e)}" for e in kept]
     baseline, top, tip = kept[0]["value"], min(kept, key=lambda e: e["value"]), kept[-1]
     best = top["value"]
-    lines += [f"baseline: {baseline:.6f}" + (f" (mean of {len(kept[0]['runs'])} runs)"
-                                             if len(kept[0]["runs"]) > 1 else ""),
+    lines += [f"baseline: {baseline:.6f}" + (f" (mean of its latest 2 runs of {len(kept[0]['runs'])})"
+                                             if kept[0]["pair"] else ""),
               f"best:     {best:.6f} (#{top['number']} {top['commit']}: the bar a change must beat by the floor)"]
     if tip is not top:
         within = floor is not None and tip["value"] - best <= floor
@@ -296,8 +344,8 @@ def agent_lines(exps):
         lines.append("  (only the baseline so far)")
     odd = [e for e in exps if off_speed(flag[e["number"]])]
     if odd:
-        lines.append(f"Ran more than {SPEED_TOLERANCE:.0%} away from the baseline's speed (model FLOP/s; a busy "
-                     "machine, or a change that costs speed): their verdicts are unreliable, re-run to tell")
+        lines.append(f"Ran more than {SPEED_TOLERANCE:.0%} away from the best's speed (model FLOP/s, time budget: a "
+                     "busy machine, or a change that costs speed): their verdicts are unreliable, re-run to tell")
         lines += [f"  #{e['number']:<4} {flag[e['number']]:.2f}x  {e['status']:<7} {e['description']}" for e in odd]
     return lines, (len(kept), baseline, best, f"#{top['number']} {top['commit']} {top['description']}")
 
@@ -445,6 +493,80 @@ def check_code(data, short):
                         "(`git commit -am \"<idea>\"`), then record; if you reset or edited since, run again")
 
 
+@functools.lru_cache(maxsize=None)
+def expected_constants(settings):
+    """The metric's constants (constants.RESOLVED) that a run under `settings` (the `settings:` line: `standard`, or
+    the preset and overrides, NAME=value) reads at start, computed afresh in a clean process; None if they cannot
+    be (settings that do not parse, or that constants.py refuses)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    if settings != "standard":
+        for item in str(settings).split():
+            name, sep, value = item.partition("=")
+            if not (sep and name.startswith("AUTORESEARCH_")):
+                return None
+            env[name] = value
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root
+    try:
+        out = subprocess.run([sys.executable, "-c", "import json, constants; print(json.dumps(constants.RESOLVED))"],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def check_run(data, text):
+    """Refuse, in one line, a run whose record the rules cannot trust: one from another checkout (it belongs to
+    that checkout's results), one recorded already (in any results file), and for a finished run, a record whose
+    values differ from its log's summary (rewritten after the run?) or whose constants and budget are not the ones
+    its settings give (changed by train.py while it ran)."""
+    if data is None:
+        return
+    where = data["code"].get("path")
+    if where:
+        here = run_record.git(".", "rev-parse", "--show-toplevel")
+        there = run_record.git(os.path.dirname(where), "rev-parse", "--show-toplevel")
+        if here and there and os.path.realpath(here) != os.path.realpath(there):
+            raise UserError(f"this run ran in another checkout ({there}): record it there (`cd {there}`), under the "
+                            "commit it ran on")
+    done = data.get("recorded_in")
+    if isinstance(done, dict):
+        raise UserError(f"this run ({data['run_id']}) is already recorded, as row {done.get('row')} of "
+                        f"{done.get('file')}: run the next experiment first")
+    if data["status"] != "finished":
+        return
+    blocks = [dict(re.findall(r"^(\w+):[ \t]+(.*?)\s*$", block, flags=re.M))
+              for block in ("\n" + text).split("\n---\n")[1:]]  # (the summary of this run: its run_id)
+    shown = next((to_float(b.get("val_bpb")) for b in blocks if b.get("run_id") == data["run_id"]), math.nan)
+    if not abs(shown - data["val_bpb"]) <= 5e-7:
+        raise UserError(f"the log's summary says val_bpb {shown} but the run's record says {data['val_bpb']}: the "
+                        "record or the log was changed after the run; not recorded. Run again")
+    expected = expected_constants(data["settings"])
+    kind = data.get("budget_kind", "time")
+    if expected is not None:
+        active = "FLOP_BUDGET" if expected["BUDGET"] == "flops" else "TIME_BUDGET"  # (the other is no setting)
+        changed = [f"{k} {data['constants'].get(k)!r} (its settings give {expected[k]!r})"
+                   for k in ("MAX_SEQ_LEN", "EVAL_TOKENS", "BUDGET", active) if data["constants"].get(k) != expected[k]]
+        if kind != expected["BUDGET"] or data.get("budget") != expected[active]:
+            changed.append(f"the budget {kind} {data.get('budget')!r} (its settings give {expected['BUDGET']} "
+                           f"{expected[active]!r})")
+        if changed:
+            raise UserError(f"this run did not run under the fixed rules of its settings ({data['settings']}): "
+                            f"{'; '.join(changed)}: train.py changed them; it compares with no run; not recorded")
+
+
+def mark_recorded(log_dir, data, real, number):
+    """Say in the run's own record (run.json beside its log) which results file and row hold it, so that no other
+    results file takes it too. A record that cannot be written is said, and the row stands."""
+    marked = dict(data, recorded_in={"file": real, "row": number})
+    path = os.path.join(log_dir, run_record.RECORD_NAME)
+    try:
+        _write_atomically(path, json.dumps(marked, indent=1).encode("utf-8"))
+    except OSError as e:
+        return [f"cannot mark {path} as recorded ({e.strerror or e})"]
+    return []
+
+
 @contextlib.contextmanager
 def locked(path):
     """Hold results.tsv's lock (results.tsv.lock beside the file): one `record` at a time, agents and worktrees
@@ -497,12 +619,13 @@ def append_row(path, row):
     _write_atomically(path, data)
 
 
-def record(status, description, log="run.log", path="results.tsv", runs_dir=None):
+def record(status, description, log="run.log", path="results.tsv", runs_dir=None, overrule=False):
     """Append the row of the run in `log` to the results file at `path` (see the module's docstring); prints the
-    row and what the run's verdict needs to be read with; returns the row."""
+    row, the verdict the rules give it and what it needs to be read with; returns the row. A status that
+    contradicts the verdict (discard for a clear win, keep for a loss) is refused unless `overrule`."""
     if status not in STATUSES:
         raise UserError(f"status {status!r}: use one of {', '.join(STATUSES)}")
-    description = " ".join(description.replace("\t", " ").split())
+    description = printable(" ".join(description.split()))
     if not description:
         raise UserError("give a short description of what the run tried")
     try:
@@ -511,7 +634,9 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
     except OSError as e:
         raise UserError(f"cannot read the run's log {log} ({e.strerror or e}): run "
                         "`timeout 600 uv run train.py > run.log 2>&1` first")
-    identity, data, kind, reason = identify(text, os.path.dirname(os.path.abspath(log)))
+    log_dir = os.path.dirname(os.path.abspath(log))
+    identity, data, kind, reason = identify(text, log_dir)
+    check_run(data, text)
     notes = []
     if kind == "finished":
         if status == "crash":
@@ -525,7 +650,8 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
         if status != "crash":
             notes.append(f"{log} has no finished run ({reason}): recorded as a crash")
         status, val_bpb, memory = "crash", "0.000000", "0.0"
-        description = f"{description} ({reason})" if reason not in description else description
+        description = printable(f"{description} ({' '.join(reason.split())})" if reason not in description
+                                else description)
     short = head_commit()
     check_code(data, short)
     real = os.path.realpath(path)
@@ -550,6 +676,10 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
             if not description.endswith(RERUN):
                 description += RERUN
         row = dict(commit=short, val_bpb=val_bpb, memory_gb=memory, status=status, description=description)
+        judged = judge(rows, archived, row, data)
+        if judged["contradiction"] and not overrule:
+            raise UserError(f"{judged['line']}: `{status}` contradicts it; not recorded. Record "
+                            f"{'keep' if status == 'discard' else 'discard'}, or add --overrule if you mean it")
         number = len(rows) + 1
         stem = os.path.join(runs_dir, f"{number:03d}-{short}-{identity}")
         saved = dict(data or {"run_id": identity, "status": "crashed before its record began"})
@@ -565,34 +695,56 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
             raise UserError(f"cannot keep the run's log in {runs_dir} ({e.strerror or e}): nothing recorded")
         try:
             append_row(real, row)
-        except OSError as e:
+        except BaseException as e:  # (whatever stopped the row, the run's files go too: both or neither)
             for suffix in (".log", ".json"):
                 with contextlib.suppress(OSError):
                     os.remove(stem + suffix)
-            raise UserError(f"cannot write {path} ({e.strerror or e}): nothing recorded")
+            if isinstance(e, OSError):
+                raise UserError(f"cannot write {path} ({e.strerror or e}): nothing recorded")
+            raise
         rows.append(row)
+        if data is not None:
+            notes += mark_recorded(log_dir, data, real, number)
     print("\t".join(row[c] for c in COLUMNS))
-    for note in notes + verdict_notes(rows, archived + [saved], row):
-        print(f"note: {note}")
+    if judged["line"]:
+        print(judged["line"] + (" (overruled)" if judged["contradiction"] else ""))
+    for note in notes + judged["notes"]:
+        print(printable(f"note: {note}"))
     return row
 
 
-def verdict_notes(rows, records, row):
-    """What the row just recorded needs to be read with: its experiment's runs, the noise floor, its speed."""
-    exps = experiments(attach_speeds([dict(r) for r in rows], records))
+def judge(rows, records, row, data):
+    """The verdict on `row` before it is written (rows: those already there; records: their archived records;
+    data: this run's record): {line: the verdict in words or None, contradiction: True when row's status is discard
+    for a clear win or keep for a loss, notes: the experiment's runs, the noise floor, its speed}. A re-run is
+    judged on its experiment's mean, against the best of the other experiments."""
+    speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
+    exps = experiments(attach_speeds([dict(r) for r in rows + [row]], records + [{"recorded": {
+        "row": [row[c] for c in COLUMNS]}, "model_flops_per_sec": speed}]))
     floor, why = noise_floor(exps)
     exp = next(e for e in reversed(exps) if e["commit"] == row["commit"])
-    notes = []
+    out = dict(line=None, contradiction=False, notes=[])
     if exp["rows"] > 1 and row["status"] != "crash":
-        notes.append(f"a re-run of experiment #{exp['number']} ({exp['description']}): {len(exp['runs'])} runs, "
-                     f"mean {exp['value']:.6f}; the experiment's status is now {exp['status']}")
-    notes.append(f"noise floor: {floor:.6f} ({why})" if floor is not None else f"noise floor: not set: {why}")
-    ratio = speed_ratio(exp, baseline_speed(exps)) if row["status"] != "crash" else None
+        out["notes"].append(f"a re-run of experiment #{exp['number']} ({exp['description']}): {len(exp['runs'])} "
+                            f"runs, mean {exp['value']:.6f}")
+    out["notes"].append(f"noise floor: {floor:.6f} ({why})" if floor is not None else f"noise floor: not set: {why}")
+    best = best_experiment(exps, leave_out=exp)
+    base = next((e for e in exps if e["finished"]), None)
+    if row["status"] == "crash" or exp is base or best is None:
+        return out
+    said = verdict(exp["value"], best["value"], floor)
+    if said is not None:
+        value = f"{'mean ' if len(exp['runs']) > 1 else ''}{exp['value']:.6f}"
+        out["line"] = (f"verdict: {said} ({value} against the best {best['value']:.6f}, #{best['number']}; floor "
+                       f"{floor:.6f})" + {"better": "", "marginal": ": run it again before deciding",
+                                          "equal": ": keep only if it makes train.py simpler", "worse": ""}[said])
+        out["contradiction"] = (said, row["status"]) in (("better", "discard"), ("worse", "keep"))
+    ratio = speed_ratio(speed, experiment_speed(best))
     if off_speed(ratio):
-        notes.append(f"this experiment ran at {ratio:.2f}x the baseline's model FLOP/s: the machine (or the change) "
-                     "was that much slower or faster, and under a fixed budget val_bpb follows speed: its verdict is "
-                     "unreliable; run it again (and the baseline, if the machine changed) before keeping it")
-    return notes
+        out["notes"].append(f"this run trained at {ratio:.2f}x the model FLOP/s of the best's runs: under a time "
+                            "budget val_bpb follows speed, so if the change was not meant to change speed the machine "
+                            "did: run it again before trusting the verdict (or use AUTORESEARCH_BUDGET=flops)")
+    return out
 
 
 def main(argv=None):
@@ -605,13 +757,18 @@ def main(argv=None):
     rec.add_argument("description")
     rec.add_argument("--log", default="run.log")
     rec.add_argument("--file", default="results.tsv")
+    rec.add_argument("--overrule", action="store_true",
+                     help="record a status that contradicts the verdict (discard a clear win, keep a loss)")
     sub.add_parser("show", help="the summary (the default)")
     args = ap.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # (a terminal that cannot show a character gets it escaped)
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         if args.command == "record":
-            record(args.status, args.description, args.log, args.file)
+            record(args.status, args.description, args.log, args.file, overrule=args.overrule)
         else:
-            print("\n".join(summary_lines(*load())))
+            print("\n".join(printable(line) for line in summary_lines(*load())))
         sys.stdout.flush()
     except BrokenPipeError:  # `... | head`: the reader has gone; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

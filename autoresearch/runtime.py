@@ -21,8 +21,11 @@ What the fixed code promises it checks itself, at the start and at the end: the 
 MAX_SEQ_LEN, EVAL_TOKENS) as read at start, in constants, train.py and here (one reassigned before the start stops
 the run at once; one changed during it makes the run comparable with none); the uncounted steps; the steps begun
 after the budget ran out; the rows and sequence length the metric scored, and that val_bpb is the metric's. Every
-clock here is time.perf_counter (monotonic), so a step's parts and its time come from one clock.
+clock here is time.perf_counter (monotonic), taken when this module is imported, so a step's parts and its time
+come from one clock, and train.py replacing time.perf_counter later changes nothing; a clock replaced before (its
+counted training far shorter than time.monotonic says it took) makes the run comparable with none.
 """
+import contextlib
 import gc
 import math
 import os
@@ -33,16 +36,20 @@ import time
 import types
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import constants
 from autoresearch import cache, record
 from autoresearch.errors import UserError
 from autoresearch.hardware import attention_kernels, peak_flops, synchronize
 
+_clock = time.perf_counter  # every time this module counts (bound here: see the module's docstring)
+_reference_clock = time.monotonic  # what the counted training time is checked against at the end
 # The metric's constants as this process read them at import: what every check compares with.
 FIXED = types.MappingProxyType(dict(constants.RESOLVED))
 LOG_EVERY_SECONDS = 5.0  # progress line interval when stdout is a file (a terminal gets one live line)
-CUDA_WARMUP_STEPS = 11  # on CUDA the first steps compile: they do not count toward the budget (elsewhere none)
+CUDA_WARMUP_STEPS = 11  # under the time budget on CUDA the first steps compile: they do not count (else none)
+FEW_STEPS = 20  # a budget that holds fewer steps than this is said at the first counted step
 UNACCOUNTED = 0.25  # a step whose parts leave more than this share of its time (and 0.1 s) unaccounted is said
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,6 +70,48 @@ def modified_constants(train_globals):
     return notes
 
 
+def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs):
+    """FLOPs of one attention forward from the shapes q: [B, H, Tq, D], k: [B, KV, Tk, D], v: [B, KV, Tk, Dv]:
+    the scores and the weighted sum, every key counted (as torch's own formulas count the CUDA kernels)."""
+    b, h, tq, d = q
+    return 2 * b * h * tq * k[-2] * (d + v[-1])
+
+
+def _sdpa_backward_flops(grad, q, k, v, *args, out_shape=None, **kwargs):
+    """FLOPs of one attention backward: the scores again, then the gradients of the weights, V, Q and K."""
+    b, h, tq, d = q
+    return 2 * b * h * tq * k[-2] * (3 * d + 2 * v[-1])
+
+
+class FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of the ops run under it (`total`): every op torch's FLOP counter has a formula for (matmuls,
+    convolutions, the CUDA attention kernels), plus the CPU's attention kernels, which it lacks (SDPA, causal or
+    with a mask, runs `_scaled_dot_product_flash_attention_for_cpu` there, and would count 0). Lighter than torch's
+    FlopCounterMode (no per-module breakdown): on a tiny CPU step it costs 7% where that costs 26%."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry, shape_wrapper
+        aten = torch.ops.aten
+        self.formulas = {**flop_registry,
+                         aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_sdpa_flops),
+                         aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(_sdpa_backward_flops)}
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+# What measures a step's FLOPs while it runs (the counter; on CUDA the compiler's eager stance too): closed at the
+# step's end, or by main() when the step stops on an error.
+_MEASURING = contextlib.ExitStack()
+
+
 def start_record(train_file):
     """Start this process's run record (run.json in the current folder) for the train.py at train_file."""
     return record.start(train_file, constants.SETTINGS, FIXED)
@@ -74,12 +123,18 @@ def summary_line(key, value):
 
 
 class Run:
-    """The fixed bookkeeping of one training run: which steps count toward TIME_BUDGET, their time and where it
-    goes, progress lines, the end of training, and the summary. On CUDA the first 11 steps (compilation) are not
-    counted and step 1 is profiled to name the attention kernels that ran; elsewhere every step counts. Training
-    ends with the first step that brings the counted time to TIME_BUDGET. A step's time is split into
-    forward/backward, optimizer (GPU time on CUDA) and the wait for batches from loader(); a first counted step
-    so slow that the budget holds few steps is said at once, and a budget overshot at the end is said too.
+    """The fixed bookkeeping of one training run: which steps count toward the budget, their FLOPs or time and
+    where it goes, progress lines, the end of training, and the summary.
+
+    The budget is BUDGET's kind (constants.py). `flops`: every step counts, with the FLOPs torch's counter sees it
+    compute (matmuls and attention: forward, backward and optimizer, whatever train.py runs between begin_step
+    and end_step); off CUDA every step is counted so, on CUDA step 0 is (run eagerly, the compiler standing aside)
+    and each later step counts as much. Training ends with the first step that brings the counted FLOPs to
+    FLOP_BUDGET: the same code takes the same steps on any machine, at any load. `time`: the reference's wall
+    clock: on CUDA the first 11 steps (compilation) are not counted; training ends with the first step that brings
+    the counted time to TIME_BUDGET, so a slower or busier machine trains fewer steps. On CUDA step 1 is profiled
+    to name the attention kernels that ran. A step's time is split into forward/backward, optimizer (GPU time on
+    CUDA) and the wait for batches from loader(); a budget that holds few steps is said at once.
 
     The counts live here, read-only from outside (step, training_seconds, done, progress, counted_steps are
     properties), so train.py cannot move them by accident. t_start: time.perf_counter() when train() began."""
@@ -95,9 +150,11 @@ class Run:
         modified = modified_constants(self.train_globals)
         if modified:
             raise UserError(f"the metric's constants are fixed: {'; '.join(modified)}: remove that assignment")
-        self._budget = FIXED["TIME_BUDGET"]
-        self._warmup = CUDA_WARMUP_STEPS if self.cuda else 0
+        self.kind = FIXED["BUDGET"]
+        self._budget = FIXED["FLOP_BUDGET"] if self.kind == "flops" else FIXED["TIME_BUDGET"]
+        self._warmup = CUDA_WARMUP_STEPS if self.cuda and self.kind == "time" else 0
         self._steps, self._counted_seconds, self._done, self._late_steps = 0, 0.0, False, 0
+        self._counted_flops, self._step_flops, self._measuring = 0.0, 0.0, False
         self._violations = []  # what train.py did to the fixed rules during the run, in words
         self.peak, self.gpu_name, mfu_note = peak_flops(device)
         self.startup_seconds, self.smooth_loss, self.train_loss = 0.0, 0.0, float("nan")
@@ -105,6 +162,7 @@ class Run:
         self.unaccounted_seconds, self._unaccounted_said = 0.0, False
         self.tty, self._last_log, self._profiler, self._t_trained = sys.stdout.isatty(), 0.0, None, None
         self._data_wait, self._marks, self._t0, self._epoch_said = 0.0, [], None, False
+        self._reference_start = self._reference_end = None  # _reference_clock() around the counted steps
         print(f"device: {device} ({self.gpu_name}), torch {torch.__version__}; settings: {constants.SETTINGS}")
         code = self._record.data["code"]
         if code["committed"] is False:
@@ -123,19 +181,24 @@ class Run:
         return self._steps
 
     @property
+    def training_flops(self):
+        """FLOPs counted so far (compute budget), 0 under the time budget."""
+        return self._counted_flops
+
+    @property
     def training_seconds(self):
         """Counted training time so far: the seconds of every step after the warm-up."""
         return self._counted_seconds
 
     @property
     def done(self):
-        """True once a counted step brought the counted time to TIME_BUDGET: the loop must end."""
+        """True once a counted step brought the counted FLOPs or time to the budget: the loop must end."""
         return self._done
 
     @property
     def warmup(self):
-        """The uncounted first steps: 11 on CUDA (they compile), none elsewhere. Fixed: setting it is noted, and
-        ignored."""
+        """The uncounted first steps: 11 on CUDA under the time budget (they compile), none elsewhere. Fixed:
+        setting it is noted, and ignored."""
         return self._warmup
 
     @warmup.setter
@@ -150,15 +213,16 @@ class Run:
 
     @property
     def progress(self):
-        """Counted training time / TIME_BUDGET, in [0, 1]: what the schedules follow."""
-        return min(self._counted_seconds / self._budget, 1.0)
+        """Counted FLOPs / FLOP_BUDGET or counted time / TIME_BUDGET, in [0, 1]: what the schedules follow."""
+        counted = self._counted_flops if self.kind == "flops" else self._counted_seconds
+        return min(counted / self._budget, 1.0)
 
     def loader(self, batches):
         """Wrap the training loader: the time spent waiting for its batches is counted as data wait."""
         while True:
-            t0 = time.perf_counter()
+            t0 = _clock()
             batch = next(batches)
-            self._data_wait += time.perf_counter() - t0
+            self._data_wait += _clock() - t0
             yield batch
 
     def _mark(self):
@@ -167,17 +231,23 @@ class Run:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return _clock()
 
     def begin_step(self):
         """Call at the start of every step: waits for the device and starts the step's clock."""
         if self._done:
             self._late_steps += 1
         synchronize(self.device)
-        self._t0 = time.perf_counter()
+        self._t0 = _clock()
         self._data_wait, self._marks = 0.0, [self._mark()]
         if self.step == self._warmup:  # the first counted step: everything before it is start-up
             self.startup_seconds = self._t0 - self.t_start
+            self._reference_start = _reference_clock()
+        if self.kind == "flops" and (self.step == 0 or not self.cuda):
+            if self.cuda:  # the counter sees what eager kernels compute; compiled graphs would hide it
+                _MEASURING.enter_context(torch.compiler.set_stance("force_eager"))
+            self._counter = _MEASURING.enter_context(FlopCount())
+            self._measuring = True
         if self.step == 1 and self.cuda:  # compiled by now: record the kernels that run
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                 torch.profiler.ProfilerActivity.CUDA],
@@ -193,6 +263,13 @@ class Run:
         loader's epoch: waits for the step, stops the program with FAIL on a NaN or exploding loss, counts the
         step's time, prints progress, and sets `done` when the budget is spent."""
         self._marks.append(self._mark())
+        if self._measuring:
+            _MEASURING.close()
+            self._measuring = False
+            self._step_flops = float(self._counter.total)
+            if not self._step_flops and self.step == 0:  # (nothing counted would never end the run)
+                raise UserError(f"torch's FLOP counter saw no matmul in step {self.step}: the compute budget cannot "
+                                "count it (run the model between run.begin_step() and run.end_step())")
         loss_f = loss.item()  # waits for the step
         if self._profiler is not None:
             self._profiler.stop()
@@ -205,18 +282,19 @@ class Run:
             raise UserError(f"the training loss is {loss_f} at step {self.step}: the run diverged; lower the learning "
                             "rates or undo the change")
         synchronize(self.device)
-        dt = time.perf_counter() - self._t0
+        dt = _clock() - self._t0
         phases = self._phases()
         counted = self.step >= self._warmup
         if counted:
             self._counted_seconds += dt
+            self._counted_flops += self._step_flops
             for name, seconds in phases.items():
                 self.phase_seconds[name] += seconds
         self._steps += 1
         step = self.step - 1  # the step just ended
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss_f
         self.train_loss = self.smooth_loss / (1 - 0.9 ** (step + 1))
-        if counted and self._counted_seconds >= self._budget:
+        if counted and self.progress >= 1.0:
             self._done = True
         self._print_progress(step, dt, lrm, epoch, phases)
         self._notes(step, dt, phases, epoch)
@@ -227,23 +305,27 @@ class Run:
         elif step % 5000 == 0:  # as the reference: a collection now and then on very long runs
             gc.collect()
         if self._done and self._t_trained is None:
-            self._t_trained = time.perf_counter()
+            self._t_trained = _clock()
+            self._reference_end = _reference_clock()
             if self.tty:
                 print()
 
     def _notes(self, step, dt, phases, epoch):
         """The notes a step may call for, each said once: a budget that holds few steps, time the step's parts do
         not account for, the first pass over the training data ending."""
-        if step == self._warmup and dt > self._budget / 20 and not self._done:
+        cost = self._step_flops if self.kind == "flops" else dt
+        if step == self._warmup and cost > self._budget / FEW_STEPS and not self._done:
             smaller = "make steps smaller (TOTAL_BATCH_SIZE, DEPTH)" + (
                 "" if constants.PRESET == "small" else " or use the small preset")
-            print(f"note: one step takes {dt:.1f}s, so the {self._budget:.0f}s budget holds about "
-                  f"{max(1, round(self._budget / dt))} steps and the run ends with the first step past it: "
-                  f"{smaller}", flush=True)
+            said = (f"computes {cost:.3g} FLOPs, so the {self._budget:.3g}-FLOP budget" if self.kind == "flops"
+                    else f"takes {dt:.1f}s, so the {self._budget:.0f}s budget")
+            print(f"note: one step {said} holds about {max(1, round(self._budget / cost))} steps and the run ends "
+                  f"with the first step past it: {smaller}", flush=True)
         unaccounted = dt - sum(phases.values())
         if step >= self._warmup:
             self.unaccounted_seconds += max(0.0, unaccounted)
-        if unaccounted > max(UNACCOUNTED * dt, 0.1) and not self._unaccounted_said and len(self._marks) == 3:
+        if (unaccounted > max(UNACCOUNTED * dt, 0.1) and not self._unaccounted_said and len(self._marks) == 3
+                and self.kind == "time"):  # (under the compute budget the machine's load moves no verdict)
             self._unaccounted_said = True
             print(f"note: step {step} took {dt * 1000:.0f}ms, but its parts (fb/opt/data) add to "
                   f"{1000 * sum(phases.values()):.0f}ms: {unaccounted:.1f}s went elsewhere (another process, a paused "
@@ -270,18 +352,30 @@ class Run:
         split = "/".join(f"{1000 * phases[k]:.0f}" for k in ("forward_backward", "optimizer", "data_wait"))
         line = (f"step {step:05d} ({100 * self.progress:.1f}%) | loss: {self.train_loss:.6f} | lrm: {lrm:.2f} | "
                 f"dt: {dt * 1000:.0f}ms | tok/sec: {int(self.tokens_per_step / dt):,} | mfu: {mfu:.1f}% | "
-                f"epoch: {epoch} | remaining: {max(0.0, self._budget - self._counted_seconds):.0f}s | "
+                f"epoch: {epoch} | remaining: {self._remaining()} | "
                 f"fb/opt/data: {split}ms")
         if self.tty:
             print(f"\r{line}    ", end="", flush=True)
         elif (step in (0, 1, self._warmup) or self._done
-              or time.perf_counter() - self._last_log >= LOG_EVERY_SECONDS):
+              or _clock() - self._last_log >= LOG_EVERY_SECONDS):
             print(line, flush=True)
-            self._last_log = time.perf_counter()
+            self._last_log = _clock()
+
+    def _remaining(self):
+        """What the budget has left: steps at the last step's FLOPs, or seconds."""
+        if self.kind == "flops":
+            left = max(0.0, self._budget - self._counted_flops)
+            return f"{math.ceil(left / self._step_flops) if self._step_flops else '?'} steps"
+        return f"{max(0.0, self._budget - self._counted_seconds):.0f}s"
 
     def _check(self, val_bpb, evaluation):
         """Why this run compares with no other (empty for an honest run), checked at its end."""
-        problems = modified_constants(self.train_globals) + self._violations
+        problems = modified_constants(self.train_globals) + self._violations + record.VIOLATIONS
+        if self._reference_start is not None and self._reference_end is not None:
+            wall = self._reference_end - self._reference_start
+            if self._counted_seconds < 0.8 * wall - 1.0:
+                problems.append(f"its clock counted {self._counted_seconds:.1f}s of training that took {wall:.1f}s "
+                                "(time.perf_counter was replaced?)")
         if self._late_steps:
             problems.append(f"{self._late_steps} step(s) begun after the budget ran out (run.done was True)")
         rows, seq_len = FIXED["EVAL_TOKENS"] // FIXED["MAX_SEQ_LEN"], FIXED["MAX_SEQ_LEN"]
@@ -296,12 +390,16 @@ class Run:
                             f"({evaluation['val_bpb']})")
         return problems
 
+    def budget_text(self):
+        """The budget that ran, as the summary says it: `flops 1.4e+12` or `time 60s`."""
+        return f"flops {self._budget:.4g}" if self.kind == "flops" else f"time {self._budget:g}s"
+
     def summary(self, val_bpb, num_params, depth):
         """Print the run's notes (settings, a budget overshot, what makes it comparable with no other), then `---`
         and the summary: the reference's nine keys in its order and format, then this project's (README.md lists
         them); write the run's record. A run that counted no step, or whose metric is not finite, ends instead in
         one `error:` line (and a `failed` record)."""
-        t_end = time.perf_counter()
+        t_end = _clock()
         evaluation = record.EVALUATIONS[-1] if record.EVALUATIONS else None
         violations = self._check(float(val_bpb), evaluation)
         metric = evaluation["val_bpb"] if evaluation is not None else float(val_bpb)
@@ -310,7 +408,7 @@ class Run:
         flops_per_sec = self.flops_per_token * counted_tokens / self._counted_seconds if self._counted_seconds else 0.0
         mfu = 100 * flops_per_sec / self.peak if self.peak else 0.0
         over = self._counted_seconds - self._budget
-        if self.counted_steps and over > 0.05 * self._budget:
+        if self.kind == "time" and self.counted_steps and over > 0.05 * self._budget:
             print(f"note: training overshot the {self._budget:.0f}s budget by {over:.1f}s: its last step took "
                   f"{over:.1f}s or more, and a run ends with the first step past the budget")
         settings = constants.SETTINGS + (" (modified at run time)" if violations else "")
@@ -320,7 +418,7 @@ class Run:
             print(f"note: settings {constants.SETTINGS}, not the standard ones: this run compares only with runs "
                   "under the same settings")
         if not self.counted_steps:
-            raise UserError(f"no step counted toward the {self._budget:.0f}s budget ({self.step} step(s) run, "
+            raise UserError(f"no step counted toward the {self.budget_text()} budget ({self.step} step(s) run, "
                             f"{self._warmup} uncounted): the loop ended before training did")
         if not math.isfinite(metric):
             raise UserError(f"val_bpb is {metric}: the model's losses on the validation rows are not finite (weights "
@@ -341,6 +439,7 @@ class Run:
             ("data_seconds", f"{self.phase_seconds['data_wait']:.1f}"),
             ("other_seconds", f"{self.unaccounted_seconds:.1f}"),
             ("device", self.device.type), ("gpu", self.gpu_name), ("settings", settings),
+            ("budget", self.budget_text()), ("train_flops", f"{self._counted_flops:.4e}"),
             ("run_id", self._record.run_id),
         ]
         print("---")
@@ -348,7 +447,8 @@ class Run:
             print(summary_line(key, value))
         sys.stdout.flush()
         self._record.finish(dict(values), violations, val_bpb=metric, val_bpb_exact=exact,
-                            training_seconds=self._counted_seconds, budget=self._budget, steps=self.step,
+                            training_seconds=self._counted_seconds, budget=self._budget, budget_kind=self.kind,
+                            training_flops=self._counted_flops, steps=self.step,
                             uncounted_steps=min(self.step, self._warmup), late_steps=self._late_steps,
                             model_flops_per_sec=flops_per_sec, peak_vram_mb=peak_vram_mb)
         gc.enable()
@@ -410,6 +510,7 @@ def main(train, knobs):
         run_record.fail(_reason(e))
         raise
     finally:
+        _MEASURING.close()
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
         record.stop()

@@ -1,5 +1,5 @@
 """Shared fixtures. The environment overrides are set before any project module is imported, so every test
-(and every subprocess it starts) uses a private temporary cache and a tiny budget, never ~/.cache."""
+(and every subprocess it starts) uses a private temporary cache and a tiny compute budget, never ~/.cache."""
 import json
 import os
 import shutil
@@ -11,12 +11,15 @@ _CACHE = tempfile.mkdtemp(prefix="autoresearch-test-cache-")
 TEST_ENV = {
     "AUTORESEARCH_CACHE_DIR": _CACHE,
     "AUTORESEARCH_PRESET": "small",  # (what a CPU runs; the overrides below shrink it further)
-    "AUTORESEARCH_TIME_BUDGET": "4",
+    "AUTORESEARCH_TIME_BUDGET": "4",  # (for the tests of the time budget: see set_budget)
+    "AUTORESEARCH_FLOP_BUDGET": "2e11",  # the tiny runs' compute budget: 11 steps of the tiny model
     "AUTORESEARCH_MAX_SEQ_LEN": "128",
     "AUTORESEARCH_EVAL_TOKENS": str(4 * 8 * 128),  # 4 eval batches of 8 rows
     "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: no test can reach the real hub
     "AUTORESEARCH_DEVICE": "cpu",  # the same path on every machine; tests marked `gpu` use CUDA explicitly
 }
+for _name in [n for n in os.environ if n.startswith(("AUTORESEARCH_", "HF_"))]:  # a user's own exports stay out
+    del os.environ[_name]
 os.environ.update(TEST_ENV)
 
 import pytest  # noqa: E402
@@ -168,11 +171,24 @@ def edit_train(repo, old, new, message=None):
         git(repo, "commit", "-qam", message)
 
 
+def set_budget(monkeypatch, kind, amount):
+    """Run the in-process tests' runs under another budget, as if the environment had said so at start: `time`
+    (amount seconds) or `flops` (amount FLOPs), in constants and in what runtime checks against."""
+    import constants
+    from autoresearch import runtime
+    name = "TIME_BUDGET" if kind == "time" else "FLOP_BUDGET"
+    monkeypatch.setattr(constants, "BUDGET", kind)
+    monkeypatch.setattr(constants, name, float(amount))
+    fixed = {**runtime.FIXED, "BUDGET": kind, name: float(amount)}
+    monkeypatch.setattr(runtime, "FIXED", type(runtime.FIXED)(fixed))
+
+
 def run_train(repo, **env):
-    """`timeout 600 uv run train.py > run.log 2>&1` in repo, on a 1-s budget; returns (exit status, the log)."""
+    """`timeout 600 uv run train.py > run.log 2>&1` in repo, on the tiny compute budget; returns (exit status, the
+    log)."""
     with open(os.path.join(repo, "run.log"), "w") as log:
         proc = subprocess.run([sys.executable, "train.py"], cwd=repo, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=600, env={**os.environ, **TEST_ENV, "AUTORESEARCH_TIME_BUDGET": "1", **env})
+                              timeout=600, env={**os.environ, **TEST_ENV, **env})
     return proc.returncode, open(os.path.join(repo, "run.log"), encoding="utf-8").read()
 
 

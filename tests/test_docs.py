@@ -161,9 +161,10 @@ def test_program_md_states_the_loop_rules():
         "uv run train.py > run.log 2>&1", 'grep "^val_bpb:\\|^peak_vram_mb:" run.log', "tail -n 50 run.log",
         "git reset --hard", "Never stop to ask", "do not run it yourself",    # the reference's rules
         "baseline (rerun)", "worth the mean of its runs", "at least 0.001",   # the two baselines, the floor
-        "with the final status", "mean of its\n  two runs beats",             # a marginal win's re-run
-        "equal: B - F <= v <= B + F", "simpler", "starts from the last kept commit",  # rules with no gap
-        "flops_per_sec", "run the same commit again", "re-measure",          # the machine's speed
+        "run the same commit again", "the mean of both",                      # a marginal win's re-run
+        "equal: within F", "simpler", "starts from the last kept commit",     # rules with no gap
+        "--overrule", "Read the result before you record it",                 # the verdict
+        "flops_per_sec", "re-measure", "AUTORESEARCH_BUDGET=flops",           # the machine's speed
         "commit the code that ran first", "already recorded",                # the log cannot lie
         "timeout 600", "as a crash", "never through `tee`",                   # timeouts, a small context
         "uv run -m autoresearch.results record", "(typo)",                    # one-step bookkeeping

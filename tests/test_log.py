@@ -13,7 +13,7 @@ import constants
 import train
 from autoresearch import record, results, runtime
 from conftest import TEST_ENV, agent_repo, edit_train, git, record_cli, run_train
-from test_train import TINY_KNOBS, stepped_clock
+from test_train import TINY_KNOBS
 
 
 def rows(repo):
@@ -75,12 +75,11 @@ def test_a_summary_the_agents_code_printed_before_the_run_was_killed_is_a_crash(
 # ---------------------------------------------------------------------------------------------------------------
 # In process: what train.py may do to the fixed rules, and what the run then says
 
-def run_in_process(monkeypatch, capsys, seconds=1.0):
-    """train.main() on the tiny settings, each step lasting `seconds` (a 4-s budget: 4 steps), in the current
-    folder: returns (the `error:` line or None, stdout, the run's record)."""
+def run_in_process(monkeypatch, capsys):
+    """train.main() on the tiny settings and the tests' compute budget, in the current folder: returns (the
+    `error:` line or None, stdout, the run's record)."""
     for name, value in TINY_KNOBS:
         monkeypatch.setattr(train, name, value)
-    stepped_clock(monkeypatch, seconds)
     try:
         train.main()
         error = None

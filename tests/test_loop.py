@@ -22,7 +22,7 @@ def program_commands():
 def shell(repo, bin_dir, command, **env):
     """Run one command line in bash in the agent's checkout, as the agent's shell would."""
     full = {k: v for k, v in {**os.environ, **TEST_ENV, **env}.items() if k != "AUTORESEARCH_PRESET"}
-    full.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", AUTORESEARCH_TIME_BUDGET="1")
+    full.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return subprocess.run(["bash", "-c", command], cwd=repo, env=full, capture_output=True, text=True, timeout=600)
 
 
@@ -51,10 +51,13 @@ def test_a_night_of_the_loop_with_program_mds_commands(prepared, tmp_path):
         assert sh(record_keep.replace("<what you tried>", "baseline")).returncode == 0
     baseline = git(repo, "rev-parse", "--short", "HEAD").strip()
 
-    edit_train(repo, "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ")
-    assert sh('git commit -am "<short description>"'.replace("<short description>", "matrix lr 0.05")).returncode == 0
+    edit_train(repo, "UNEMBEDDING_LR = 0.004 ", "UNEMBEDDING_LR = 0.0 ")  # the head never learns: worse
+    assert sh('git commit -am "<short description>"'.replace("<short description>", "frozen head")).returncode == 0
     assert sh(run_small).returncode == 0
-    assert record("discard", "matrix lr 0.05").returncode == 0
+    refused = record("keep", "frozen head")  # a loss recorded keep by accident: refused, nothing written
+    assert refused.returncode != 0 and "verdict: worse" in refused.stderr and "--overrule" in refused.stderr
+    decided = record("discard", "frozen head")
+    assert decided.returncode == 0 and "verdict: worse" in decided.stdout
     assert sh("git reset --hard <last kept commit>".replace("<last kept commit>", baseline)).returncode == 0
 
     edit_train(repo, "DEPTH = 2 if SMALL", "DEPTH = 0 if SMALL", "depth typo")
@@ -69,7 +72,7 @@ def test_a_night_of_the_loop_with_program_mds_commands(prepared, tmp_path):
     assert other.returncode != 0 and "differ from the baseline's" in other.stderr
 
     # the baseline measured again mid-night: its runs join the baseline experiment
-    block = program.split("To re-measure the baseline during the night")[1].split("```")[1].strip().splitlines()
+    block = program.split("To run the baseline again:")[1].split("```")[1].strip().splitlines()
     for line in block:
         line = line.replace("<baseline commit>", baseline).replace("autoresearch/<tag>", "autoresearch/test")
         line = line.replace("<the run command>", run_small)
@@ -77,7 +80,7 @@ def test_a_night_of_the_loop_with_program_mds_commands(prepared, tmp_path):
 
     rows = results.read_rows(os.path.join(repo, "results.tsv"), [])
     assert [(r["status"], r["description"]) for r in rows] == [
-        ("keep", "baseline"), ("keep", "baseline (rerun)"), ("discard", "matrix lr 0.05"),
+        ("keep", "baseline"), ("keep", "baseline (rerun)"), ("discard", "frozen head"),
         ("crash", "depth (typo) (DEPTH = 0 in train.py: it must be a positive integer)"),
         ("keep", "baseline (rerun)")]
     assert rows[3]["val_bpb"] == "0.000000" and rows[3]["memory_gb"] == "0.0"
@@ -85,7 +88,7 @@ def test_a_night_of_the_loop_with_program_mds_commands(prepared, tmp_path):
     assert len([n for n in os.listdir(os.path.join(repo, "runs")) if n.endswith(".log")]) == 5
     out = sh(summary).stdout
     assert "3 experiments: 1 keep, 1 discard, 1 crash (5 runs" in out and "note:" not in out
-    assert "baseline: " in out and "(mean of 3 runs)" in out and "noise floor: " in out
+    assert "baseline: " in out and "(mean of its latest 2 runs of 3)" in out and "noise floor: " in out
     first = sorted(n for n in os.listdir(os.path.join(repo, "runs")) if n.endswith(".log"))[0]
     log = open(os.path.join(repo, "runs", first)).read()
     assert re.search(r"^note: settings AUTORESEARCH_PRESET=small .*: this run compares only with runs under the same "

@@ -17,19 +17,23 @@ val_bpb:          {val}
 training_seconds: 300.1
 peak_vram_mb:     45060.2
 settings:         {settings}
+run_id:           {run_id}
 """
 
 
 def finished_run(folder, val="0.997900", settings="standard", speed=1e12, violations=(), where=None):
     """A finished run of the train.py in folder as the fixed code leaves it: run.json (written by
-    record.RunRecord) and a run.log whose `run:` line names it, both in `where` (default: folder). Returns the
-    run id."""
+    record.RunRecord, with the constants and budget its settings give) and a run.log whose `run:` line names it,
+    both in `where` (default: folder). Returns the run id."""
     where = where or folder
-    rec = record.RunRecord(str(folder / "train.py"), settings, {}, folder=str(where))
+    fixed = results.expected_constants(settings)
+    kind = fixed["BUDGET"]
+    rec = record.RunRecord(str(folder / "train.py"), settings, fixed, folder=str(where))
     rec.finish({"val_bpb": val}, violations, val_bpb=float(val), val_bpb_exact=float(val), peak_vram_mb=45060.2,
-               model_flops_per_sec=speed)
+               model_flops_per_sec=speed, budget_kind=kind,
+               budget=fixed["FLOP_BUDGET" if kind == "flops" else "TIME_BUDGET"])
     (where / "run.log").write_text(f"run: {rec.run_id}\ndevice: cuda\nstep 00000 (0.0%) | loss: 9.0\n"
-                              + SUMMARY.format(val=val, settings=settings))
+                              + SUMMARY.format(val=val, settings=settings, run_id=rec.run_id))
     return rec.run_id
 
 
@@ -83,7 +87,7 @@ def test_record_a_baseline_its_rerun_a_change_and_a_crash(repo, tmp_path, capsys
     assert [n.split("-")[:2] for n in logs] == [["001", base], ["002", base], ["003", change], ["004", crash]]
     exps = results.experiments(rows())
     assert [e["number"] for e in exps] == [1, 2, 3] and exps[0]["value"] == pytest.approx(0.9969)
-    assert results.noise_floor(exps) == (pytest.approx(0.002), "from 2 baseline runs")
+    assert results.noise_floor(exps) == (pytest.approx(0.002), "from the baseline's latest 2 runs of 2")
 
 
 def test_a_marginal_win_and_its_rerun_keep_their_own_rows(repo, tmp_path):
@@ -115,7 +119,63 @@ def test_the_baseline_run_again_later_joins_the_baseline(repo, tmp_path):
     results.record("keep", "baseline")
     exps = results.experiments(rows())
     assert len(exps) == 2 and exps[0]["runs"] == [0.9979, 0.9981, 0.9989] and exps[0]["status"] == "keep"
+    # the latest pair renews both the floor and the baseline's value: the same two runs
+    assert exps[0]["pair"] == (0.9981, 0.9989) and exps[0]["value"] == pytest.approx(0.9985)
     assert results.noise_floor(exps)[0] == pytest.approx(0.001)
+    finished_run(tmp_path, "0.9959")
+    results.record("keep", "baseline")
+    exps = results.experiments(rows())
+    assert exps[0]["value"] == pytest.approx(0.9974) and results.noise_floor(exps)[0] == pytest.approx(0.003)
+
+
+@pytest.mark.parametrize("value, verdict", [("0.9900", "better"), ("0.9955", "marginal"), ("0.9975", "equal"),
+                                            ("0.9995", "worse")])
+def test_record_prints_the_verdict_and_refuses_a_status_that_contradicts_it(repo, tmp_path, capsys, value,
+                                                                            verdict):
+    repo("baseline")
+    for val in ("0.9979", "0.9969"):  # B = 0.9974, F = 0.001
+        finished_run(tmp_path, val)
+        results.record("keep", "baseline")
+    repo("idea")
+    capsys.readouterr()
+    finished_run(tmp_path, value)
+    wrong = {"better": "discard", "worse": "keep"}.get(verdict)
+    if wrong:  # a clear win discarded, or a loss kept, by accident: refused, nothing written
+        with pytest.raises(SystemExit, match=f"verdict: {verdict} .*`{wrong}` contradicts it.*--overrule"):
+            results.record(wrong, "idea")
+        assert len(rows()) == 2 and len(os.listdir("runs")) == 4
+        assert results.record(wrong, "idea", overrule=True)["status"] == wrong  # said explicitly: recorded
+        assert "(overruled)" in capsys.readouterr().out
+    else:  # both statuses are the agent's call
+        results.record("keep", "idea")
+        assert f"verdict: {verdict} (0.99" in capsys.readouterr().out
+
+
+def test_a_marginal_rerun_is_judged_on_the_mean_of_its_runs(repo, tmp_path, capsys):
+    repo("baseline")
+    for val in ("0.9979", "0.9969"):
+        finished_run(tmp_path, val)
+        results.record("keep", "baseline")
+    repo("idea")
+    finished_run(tmp_path, "0.9955")  # marginal: keep for now, run again
+    results.record("keep", "idea")
+    finished_run(tmp_path, "0.9995")  # the mean, 0.9975, is equal to the best
+    capsys.readouterr()
+    results.record("discard", "idea")
+    assert "verdict: equal (mean 0.997500 against the best 0.997400" in capsys.readouterr().out
+
+
+def test_under_the_compute_budget_speed_sets_no_note_and_no_pair(repo, tmp_path, capsys):
+    repo("baseline")
+    for val, speed in (("1.9086", 2.5e10), ("1.9100", 1.0e10)):  # a busy machine: it moved no verdict
+        finished_run(tmp_path, val, speed=speed, settings="AUTORESEARCH_PRESET=small")
+        results.record("keep", "baseline")
+    assert "noise floor: 0.001400" in capsys.readouterr().out
+    repo("idea")
+    finished_run(tmp_path, "1.9200", speed=0.5e10, settings="AUTORESEARCH_PRESET=small")
+    results.record("discard", "idea")
+    out = capsys.readouterr().out
+    assert "verdict: worse" in out and "FLOP/s" not in out
 
 
 def test_a_timeout_is_a_crash_and_a_finished_run_is_not(repo, tmp_path):
@@ -167,7 +227,7 @@ def test_a_log_and_a_record_of_different_runs_are_refused(repo, tmp_path):
     (tmp_path / "run.log").write_text(log)
     with pytest.raises(SystemExit, match="they do not belong together"):
         results.record("keep", "baseline")
-    (tmp_path / "run.log").write_text("step 00000\n" + SUMMARY.format(val="0.9", settings="standard"))
+    (tmp_path / "run.log").write_text("step 00000\n" + SUMMARY.format(val="0.9", settings="standard", run_id="x"))
     with pytest.raises(SystemExit, match="names no run"):  # a summary no run of ours printed
         results.record("keep", "baseline")
     assert not os.path.exists("results.tsv") and not os.path.exists("runs")
@@ -188,14 +248,14 @@ def test_a_run_at_another_speed_is_said_and_its_baseline_pair_sets_no_floor(repo
     finished_run(tmp_path, "1.9100", speed=2.45e10)
     results.record("keep", "baseline")
     out = capsys.readouterr().out
-    assert "noise floor: 0.001400 (from 2 baseline runs)" in out  # the two at the same speed
+    assert "noise floor: 0.001400 (from the baseline's latest 2 runs of 3)" in out  # the two at the same speed
     repo("double lrs")
     finished_run(tmp_path, "2.0670", speed=1.1e10)
     results.record("discard", "double lrs")
     out = capsys.readouterr().out
-    assert "this experiment ran at 0.45x the baseline's model FLOP/s" in out and "unreliable" in out
+    assert "this run trained at 0.45x the model FLOP/s of the best's runs" in out and "run it again" in out
     summary = "\n".join(results.summary_lines(*results.load(["results.tsv"], worktrees=False)))
-    assert "Ran more than 10% away from the baseline's speed" in summary and "#2    0.45x  discard" in summary
+    assert "Ran more than 10% away from the best's speed" in summary and "#2    0.45x  discard" in summary
 
 
 # ---------------------------------------------------------------------------------------------------------------

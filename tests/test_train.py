@@ -4,6 +4,8 @@ import io
 import json
 import math
 import re
+import subprocess
+import sys
 import types
 
 import pytest
@@ -13,13 +15,13 @@ import constants
 from autoresearch import hardware, runtime
 import train
 
-from conftest import run_script
+from conftest import run_script, set_budget
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth"]
 EXTRA_KEYS = ["val_bpb_exact", "train_loss", "startup_seconds", "eval_seconds", "tok_per_sec", "flops_per_sec",
               "fwd_bwd_seconds", "optim_seconds", "data_seconds", "other_seconds", "device", "gpu", "settings",
-              "run_id"]
+              "budget", "train_flops", "run_id"]
 
 
 def summary(stdout):
@@ -37,7 +39,7 @@ def untrained_val_bpb(tokenizer):
 
 
 TINY_KNOBS = (("DEPTH", 2), ("DEVICE_BATCH_SIZE", 8), ("TOTAL_BATCH_SIZE", 2 * 8 * 128))
-STEP_SECONDS = 0.19  # what every step of the tiny run lasts on runtime's clock: the 4-s budget ends at step 22
+STEP_SECONDS = 0.19  # what every step of a tiny run lasts on runtime's clock: a 2-s time budget ends at step 11
 
 
 def stepped_clock(monkeypatch, seconds=STEP_SECONDS, pause=0.0):
@@ -65,7 +67,8 @@ def stepped_clock(monkeypatch, seconds=STEP_SECONDS, pause=0.0):
         offset["perf"] += offset["pending"]
         offset["pending"] = 0.0
 
-    monkeypatch.setattr(runtime, "time", clock)
+    monkeypatch.setattr(runtime, "_clock", clock.perf_counter)
+    monkeypatch.setattr(runtime, "_reference_clock", clock.perf_counter)
     monkeypatch.setattr(runtime, "synchronize", pausing_synchronize)
     monkeypatch.setattr(runtime.Run, "end_step", stepped_end_step)
 
@@ -74,7 +77,7 @@ def stepped_clock(monkeypatch, seconds=STEP_SECONDS, pause=0.0):
 def tiny_run(prepared, tmp_path_factory):
     """One tiny training run through train.main(), the real loop and eval, serving several checks: its output
     (stdout is not a terminal, as in `> run.log`) and how often torch.compile's stand-in and the raw model ran.
-    Its steps last STEP_SECONDS each (stepped_clock)."""
+    Under the tests' compute budget, on the real clock."""
     calls = {"wrapper": 0, "raw": 0}
 
     class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper, counting what goes through it
@@ -96,7 +99,6 @@ def tiny_run(prepared, tmp_path_factory):
         hardware.compile_model = lambda model, device: Compiled(model)
         with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as monkeypatch:
             monkeypatch.chdir(tmp_path_factory.mktemp("tiny_run"))
-            stepped_clock(monkeypatch)
             train.main()
             with open("run.json", encoding="utf-8") as f:
                 run_record = json.load(f)
@@ -123,15 +125,33 @@ def test_tiny_run_learns(tiny_run, tokenizer):
     assert math.isfinite(val_bpb) and val_bpb < untrained_val_bpb(tokenizer) - 0.3
 
 
-def test_tiny_run_counts_every_step_toward_the_budget(tiny_run):
-    # nothing compiles on the CPU, so every step counts; training ends with the first step past the budget
-    values, stdout = tiny_run["values"], tiny_run["stdout"]
-    steps = int(values["num_steps"])
-    assert steps == math.ceil(constants.TIME_BUDGET / STEP_SECONDS) == 22
-    assert float(values["training_seconds"]) >= constants.TIME_BUDGET
-    last_dt = float(re.findall(r"\| dt: (\d+)ms", stdout)[-1]) / 1000
-    # not one step more than needed (training_seconds is rounded to 0.1 s, dt to 1 ms)
-    assert float(values["training_seconds"]) - last_dt < constants.TIME_BUDGET + 0.06
+def tiny_step_flops(T=128, rows=16, dim=128, vocab=8192, layers=2):
+    """The FLOPs of one step of the tiny model (2 layers, dim 128, one head, full causal attention, 16 rows of 128
+    tokens in two micro-batches), by hand: every matmul's 2 x m x n x k, forward and backward (the gradients of
+    the input and of the weight), attention's scores and weighted sum over every key, and Muon's orthogonalization
+    (5 Polar Express iterations per stack of same-shape matrices). Elementwise work, norms and lookups count 0."""
+    tokens = rows * T
+    value_layers = [i for i in range(layers) if i % 2 == (layers - 1) % 2]
+    linears = layers * (4 * dim * dim + 2 * 4 * dim * dim) + dim * vocab + len(value_layers) * 32 * 1
+    dense = 3 * 2 * tokens * linears  # forward, grad input, grad weight
+    attention = layers * rows * (4 * T * T * dim + 2 * T * T * 5 * dim)  # forward 2 bmm, backward 5 bmm
+
+    def polar(k, rows_, cols):  # one stack [k, rows_, cols]: gram, gram @ gram, then x @ poly (or poly @ x)
+        small, big = min(rows_, cols), max(rows_, cols)
+        return 5 * k * (2 * small * small * big + 2 * small ** 3 + 2 * small * small * big)
+    muon = polar(4 * layers, dim, dim) + polar(layers, 4 * dim, dim) + polar(layers, dim, 4 * dim)
+    muon += polar(len(value_layers), 1, 32)
+    return dense + attention + muon
+
+
+def test_tiny_run_counts_every_step_toward_the_compute_budget(tiny_run):
+    # the FLOPs the counter saw are the step's, by hand; training ends with the first step past the budget
+    values, record = tiny_run["values"], tiny_run["record"]
+    steps, budget = int(values["num_steps"]), constants.FLOP_BUDGET
+    assert record["budget_kind"] == "flops" and values["budget"] == f"flops {budget:.4g}"
+    assert record["training_flops"] == steps * tiny_step_flops()
+    assert steps == math.ceil(budget / tiny_step_flops()) and steps >= 10
+    assert float(values["train_flops"]) == pytest.approx(steps * tiny_step_flops(), rel=1e-4)
     assert float(values["total_tokens_M"]) == round(steps * 2048 / 1e6, 1)
     tok_per_sec = [steps * 2048 / (float(values["training_seconds"]) + d) for d in (0.05, -0.05)]
     assert tok_per_sec[0] <= int(values["tok_per_sec"]) <= tok_per_sec[1] + 1
@@ -158,11 +178,48 @@ def test_tiny_run_log_is_fit_for_a_file(tiny_run):
     before = stdout.split("\n---\n")[0].splitlines()
     assert before[-1] == f"note: settings {constants.SETTINGS}, not the standard ones: this run compares only " \
                          "with runs under the same settings"
-    assert "AUTORESEARCH_PRESET=small" in values["settings"] and "AUTORESEARCH_TIME_BUDGET=4" in values["settings"]
+    assert "AUTORESEARCH_PRESET=small" in values["settings"] and "AUTORESEARCH_FLOP_BUDGET=2e11" in values["settings"]
+    assert "TIME_BUDGET" not in values["settings"]  # (the budget that did not run is not a setting)
+
+
+def test_the_time_budget_counts_every_step_on_the_cpu(prepared, monkeypatch, capsys):
+    # nothing compiles on the CPU, so every step counts; training ends with the first step past the budget
+    tiny_in_process(monkeypatch)
+    set_budget(monkeypatch, "time", 2)
+    stepped_clock(monkeypatch)
+    train.main()
+    out = capsys.readouterr().out
+    values = {k: v.strip() for k, v in summary(out)}
+    assert int(values["num_steps"]) == math.ceil(2 / STEP_SECONDS) == 11
+    assert values["budget"] == "time 2s" and float(values["train_flops"]) == 0
+    assert float(values["training_seconds"]) == pytest.approx(11 * STEP_SECONDS, abs=0.06)
+    parts = [float(values[key]) for key in ("startup_seconds", "training_seconds", "eval_seconds")]
+    assert min(parts) >= 0 and sum(parts) <= float(values["total_seconds"]) + 0.15
+
+
+def test_the_same_code_takes_the_same_steps_under_any_load(prepared):
+    # the compute budget: the same commit, alone and beside two busy processes, trains the same steps to the same
+    # val_bpb (the CPU's arithmetic is the same whatever the load)
+    def one_run():
+        proc = run_script(["train.py"], env={"AUTORESEARCH_FLOP_BUDGET": "6e10"})  # 3 steps
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return {k: v.strip() for k, v in summary(proc.stdout)}
+
+    quiet = one_run()
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        busy = one_run()
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert busy["num_steps"] == quiet["num_steps"] and busy["train_flops"] == quiet["train_flops"]
+    assert abs(float(busy["val_bpb"]) - float(quiet["val_bpb"])) <= 1e-4
 
 
 def test_time_a_steps_parts_do_not_account_for_is_said(prepared, monkeypatch, capsys):
     tiny_in_process(monkeypatch)
+    set_budget(monkeypatch, "time", 4)
     stepped_clock(monkeypatch, 1.0, pause=0.6)  # 0.6 s of every 1-s step outside its parts (a paused machine)
     train.main()
     out = capsys.readouterr().out
@@ -197,7 +254,6 @@ def test_without_data_one_line_points_at_prepare(tmp_path):
 
 def test_a_diverging_run_prints_fail_and_exits_non_zero(prepared, monkeypatch, capsys):
     tiny_in_process(monkeypatch)
-    stepped_clock(monkeypatch)  # (a slow machine's step 0 must not spend the budget before the loss diverges)
     monkeypatch.setattr(train, "EMBEDDING_LR", float("inf"))
     with pytest.raises(SystemExit) as exit_info:
         train.main()
@@ -249,12 +305,23 @@ def test_the_standard_configuration_off_cuda_is_one_line_naming_the_preset(monke
 
 def test_a_step_too_slow_for_the_budget_is_said_at_once(prepared, monkeypatch, capsys):
     tiny_in_process(monkeypatch)
+    set_budget(monkeypatch, "time", 4)
     stepped_clock(monkeypatch, 3.0)  # every step takes 3 s of the 4-s budget
     train.main()
     out = capsys.readouterr().out
     assert re.search(r"^note: one step takes 3\.0s, so the 4s budget holds about 1 steps", out, flags=re.M)
     assert "small preset" not in out  # (the run is under it)
     assert re.search(r"^note: training overshot the 4s budget by 2\.0s", out, flags=re.M)
+
+
+def test_a_step_too_big_for_the_compute_budget_is_said_at_once(prepared, monkeypatch, capsys):
+    tiny_in_process(monkeypatch)
+    set_budget(monkeypatch, "flops", 3 * tiny_step_flops())
+    train.main()
+    out = capsys.readouterr().out
+    assert re.search(r"^note: one step computes \S+ FLOPs, so the \S+-FLOP budget holds about 3 steps", out,
+                     flags=re.M)
+    assert re.search(r"^num_steps: +3$", out, flags=re.M) and "overshot" not in out
 
 
 @pytest.mark.parametrize("error, says", [
