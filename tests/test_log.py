@@ -206,3 +206,72 @@ def test_a_run_that_counted_no_step_ends_in_one_line(prepared):
     run = runtime.Run(torch.device("cpu"), 1.0, 1024, time.perf_counter(), {})
     with pytest.raises(SystemExit, match="error: no step counted toward the"):
         run.summary(1.0, 10, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Code in train.py that bends the run: what the fixed code sees of it
+
+def test_an_evaluation_forged_by_train_py_is_not_the_metric(prepared, monkeypatch, capsys):
+    def forged(model, tokenizer, batch_size):  # `record.note_evaluation(...)`, then `summary(0.5)`
+        record.note_evaluation(dict(val_bpb=0.5, val_bpb_exact=0.5, rows=32, seq_len=128, tokens=1, bytes=1,
+                                    bytes_exact=1, nats=1.0))
+        return 0.5
+
+    monkeypatch.setattr(train, "evaluate_bpb", forged)
+    error, out, run = run_in_process(monkeypatch, capsys)
+    assert error is None and run["evaluations"] == []
+    assert "record.note_evaluation was called by code other than prepare.evaluate_bpb" in out
+    assert "val_bpb did not come from prepare.evaluate_bpb" in out and "compares with no other" in refused_keep(run)
+
+
+def test_a_training_loader_of_the_validation_split_makes_the_run_comparable_with_none(prepared, monkeypatch,
+                                                                                       capsys):
+    make = train.make_dataloader
+    monkeypatch.setattr(train, "make_dataloader", lambda tok, B, T, split, device: make(tok, B, T, "val", device))
+    error, out, run = run_in_process(monkeypatch, capsys)
+    assert error is None and "train.py made a loader of the validation split" in out
+    assert "compares with no other" in refused_keep(run)
+
+
+def test_a_clock_slowed_before_runtime_read_it_is_said(prepared, monkeypatch, capsys):
+    import conftest
+    real = time.perf_counter
+    start = real()
+    monkeypatch.setattr(runtime, "_clock", lambda: start + (real() - start) / 4)  # 4x slower: 4x the budget
+    conftest.set_budget(monkeypatch, "time", 1.5)
+    error, out, run = run_in_process(monkeypatch, capsys)
+    assert error is None and "(time.perf_counter was replaced?)" in out
+    assert "compares with no" in refused_keep(run)
+
+
+def test_a_lock_file_that_is_not_a_lock_is_one_line(tmp_path):
+    from autoresearch import cache
+    lock = tmp_path / "cache.lock"
+    for make in (lambda: lock.mkdir(), lambda: lock.write_bytes(os.urandom(512))):
+        make()
+        for holder in (cache.reading, cache.cache_lock):
+            with pytest.raises(SystemExit, match=r"cache\.lock is not the cache's lock .*: remove it"):
+                with holder(str(tmp_path)):
+                    pass
+        os.rmdir(lock) if lock.is_dir() else lock.unlink()
+    with cache.reading(str(tmp_path)), cache.reading(str(tmp_path)):  # (a fresh one works)
+        pass
+
+
+def test_a_cache_whose_lock_cannot_be_taken_runs_unlocked_and_says_so(tmp_path, monkeypatch, capsys):
+    import filelock
+
+    from autoresearch import cache
+
+    def read_only(*args, **kwargs):  # what a read-only mount gives filelock's SQLite
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(filelock, "ReadWriteLock", read_only)
+    ran = []
+    with cache.reading(str(tmp_path)):
+        ran.append(True)
+    out = capsys.readouterr().out
+    assert ran and out.count("note: the cache's lock cannot be taken") == 1 and "running unlocked" in out
+    with pytest.raises(SystemExit, match="cannot take the cache's lock"):  # prepare.py, which would write it
+        with cache.cache_lock(str(tmp_path)):
+            pass

@@ -2,6 +2,7 @@
 files as editors and spreadsheets leave them; one writer at a time; the summary (noise floor, speed, the tip)
 and the plot. Runs here are written by the real record module for a train.py in a temporary git checkout; the
 tests that need real training runs are in test_log.py."""
+import json
 import os
 import subprocess
 import sys
@@ -437,3 +438,100 @@ def test_the_command_prints_the_summary(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "2 experiments: 2 keep, 0 discard, 0 crash" in out and "+0.007900  #2" in out
     assert "Each agent's best:" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A hostile tester's cases: descriptions in any encoding, runs from elsewhere, records changed after the run
+
+def test_a_failed_row_write_of_any_kind_leaves_no_run_files(repo, tmp_path, monkeypatch):
+    repo("baseline")
+    finished_run(tmp_path)
+
+    def interrupted(path, row):  # (not an OSError: Ctrl-C, an encoding error)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results, "append_row", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        results.record("keep", "baseline")
+    assert os.listdir("runs") == [] and not os.path.exists("results.tsv")
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert results.record("keep", "baseline")["description"] == "baseline"  # the retry is recorded
+
+
+@pytest.mark.parametrize("argument, env, stored", [
+    (b"baseline caf\xe9", {}, "baseline caf\ufffd"),  # a Latin-1 terminal's byte
+    ("naïve café".encode(), {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}, "naïve café"),  # ASCII
+    (b"x \x1b[2J\x1b[H\x07 y", {}, "x \\x1b[2J\\x1b[H\\x07 y"),  # escape codes: shown, never sent to a terminal
+])
+def test_a_description_in_any_encoding_is_stored_readable(repo, tmp_path, argument, env, stored):
+    repo("baseline")
+    finished_run(tmp_path)
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"autoresearch.results", b"record", b"keep", argument],
+                          cwd=tmp_path, capture_output=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": ROOT, **env})
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
+    assert rows()[0]["description"] == stored
+    assert b"\x1b" not in proc.stdout and b"\x07" not in proc.stdout
+    summary = subprocess.run([sys.executable, "-m", "autoresearch.results"], cwd=tmp_path, capture_output=True,
+                             timeout=60, env={**os.environ, "PYTHONPATH": ROOT, **env})
+    assert summary.returncode == 0 and b"\x1b" not in summary.stdout
+
+
+def test_escape_codes_written_into_results_tsv_by_hand_are_shown_escaped(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_results(str(tmp_path / "results.tsv"), [("a1", "0.997900", "44.0", "keep", "base\x1b]0;owned\x07line")])
+    results.main([])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "base\\x1b]0;owned\\x07line" in out
+
+
+def test_a_run_from_another_checkout_is_refused(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        git(folder, "init", "-q")
+        (folder / "train.py").write_text("same code")
+        git(folder, "add", "train.py")
+        git(folder, "commit", "-qm", "baseline")
+    finished_run(a)
+    monkeypatch.chdir(b)
+    with pytest.raises(SystemExit, match=r"this run ran in another checkout \(.*a\): record it there"):
+        results.record("keep", "x", log=str(a / "run.log"))
+    assert not os.path.exists(b / "results.tsv")
+
+
+def test_a_run_goes_into_one_results_file_only(repo, tmp_path):
+    repo("baseline")
+    finished_run(tmp_path)
+    results.record("keep", "baseline", path="mine.tsv")
+    with pytest.raises(SystemExit, match=r"is already recorded, as row 1 of .*mine\.tsv"):
+        results.record("keep", "baseline", path="other.tsv")
+    assert not os.path.exists("other.tsv")
+
+
+def test_a_record_changed_after_the_run_is_refused(repo, tmp_path):
+    repo("baseline")
+    finished_run(tmp_path, "3.200000")
+    data = record.read("run.json")  # an atexit hook of train.py's rewrites the record: 3.20 becomes 0.25
+    data["val_bpb"] = 0.25
+    (tmp_path / "run.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="the log's summary says val_bpb 3.2 but the run's record says 0.25"):
+        results.record("keep", "baseline")
+    assert not os.path.exists("results.tsv")
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda data: data["constants"].update(FLOP_BUDGET=3 * data["constants"]["FLOP_BUDGET"]) or
+     data.update(budget=data["constants"]["FLOP_BUDGET"]), "FLOP_BUDGET"),  # constants patched at import, x3
+    (lambda data: data.update(budget=3 * data["budget"]), "the budget flops"),  # `run._budget *= 3`
+    (lambda data: data["constants"].update(EVAL_TOKENS=256), "EVAL_TOKENS 256"),  # one eval row
+])
+def test_a_run_whose_rules_are_not_its_settings_is_refused(repo, tmp_path, change, says):
+    repo("baseline")
+    finished_run(tmp_path, settings="AUTORESEARCH_PRESET=small")
+    data = record.read("run.json")
+    change(data)
+    (tmp_path / "run.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match=f"did not run under the fixed rules of its settings.*{says}"):
+        results.record("keep", "baseline")
