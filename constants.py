@@ -53,6 +53,7 @@ DEFAULTS = {"MAX_SEQ_LEN": 2048, "TIME_BUDGET": 300.0, "EVAL_TOKENS": 40 * 52428
 # The small preset, for machines without a big CUDA GPU (a CPU, Apple silicon, a small GPU): these constants, and
 # train.py's size knobs at their small values. Its runs compare with each other, not with standard ones.
 PRESET = _env("AUTORESEARCH_PRESET", "", str.lower, lambda v: v == "small", "small", "the standard settings")
+SMALL = PRESET == "small"  # train.py's size knobs take their small values (X in `X if SMALL else Y`)
 SMALL_DEFAULTS = {"MAX_SEQ_LEN": 256, "TIME_BUDGET": 60.0, "EVAL_TOKENS": 256 * 256, "BUDGET": "flops",
                   "FLOP_BUDGET": 4e12}
 _BASE = SMALL_DEFAULTS if PRESET == "small" else DEFAULTS

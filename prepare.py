@@ -27,8 +27,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 
 import numpy as np
@@ -43,7 +41,7 @@ from autoresearch.cache import (PREPARE_HINT, SHARD_RE, TOKENIZER_RELS, Manifest
                                 load_or_reset_manifest, open_token_shard, read_parquet_texts, refuse,
                                 remove_empty_cache, sample_sha256, token_rels)
 from autoresearch.download import Downloader, download_shards
-from autoresearch.errors import UserError
+from autoresearch.errors import UserError, sigterm_as_error
 from autoresearch.source import (TEXT_EXTENSIONS, check_source_folder, parse_extensions, read_source,
                                  write_source_shards)
 from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, HF_ENDPOINT, HF_HUB_OFFLINE,
@@ -128,7 +126,7 @@ class Tokenizer:
     def token_byte_lengths(self, as_reference=False):
         """Bytes each token id stands for, 0 for special tokens. Exact (the default): the token's own bytes. As the
         reference counts them (as_reference=True): the token decoded alone to text and encoded again, so a token
-        holding part of a multi-byte character counts each invalid run of bytes as U+FFFD, 3 bytes (SPEC.md,
+        holding part of a multi-byte character counts each invalid run of bytes as U+FFFD, 3 bytes (the reference's
         `token_bytes`: b'\\x80' counts 3, b'\\xbf\\xbd' 6)."""
         special = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
         counts = []
@@ -479,11 +477,6 @@ def prepare_tokens(manifest, tokenizer):
         print(f"tokens: {verified} shard(s) already tokenized, verified", flush=True)
 
 
-def _stopped(signum, frame):
-    raise UserError("prepare.py was stopped (SIGTERM): whole files are kept and the cache says what is missing; "
-                     "run it again to finish")
-
-
 def eval_coverage(tokenizer, eval_tokens, seq_len, manifest=None):
     """(rows the metric scores, passes over the validation documents they take, validation documents): the
     metric's rows are packed as evaluate_bpb packs them; more than one pass means documents repeat in its rows."""
@@ -545,10 +538,10 @@ def main(argv=None):
         source = {"kind": "hub", "dataset": DATASET_REPO, "endpoint": HF_ENDPOINT}
     t0 = time.time()
     new_cache = not os.path.exists(CACHE_DIR)
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stopped) if on_main_thread else None
+    stopped = ("prepare.py was stopped (SIGTERM): whole files are kept and the cache says what is missing; run it "
+               "again to finish")
     try:
-        with cache_lock():
+        with sigterm_as_error(stopped), cache_lock():
             manifest = load_or_reset_manifest(source)
             manifest.save()
             if source["kind"] == "local":
@@ -570,9 +563,6 @@ def main(argv=None):
                              "space or set AUTORESEARCH_CACHE_DIR to a larger disk, then run prepare.py again "
                              "(whole files are kept)")
         raise UserError(f"{e.filename or CACHE_DIR}: {e.strerror or e}")
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
     print(f"done in {time.time() - t0:.1f}s: {len(manifest.shards('train'))} training shard(s) + the "
           f"validation shard, tokenizer and token files in {CACHE_DIR}, all matching {MANIFEST_PATH}")
     from autoresearch.hardware import describe_device  # (imports torch: only now, so the data steps start fast)

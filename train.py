@@ -19,14 +19,14 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from autoresearch import hardware, runtime
 from autoresearch.errors import UserError
-from constants import MAX_SEQ_LEN, PRESET
+from constants import MAX_SEQ_LEN, SMALL
 from prepare import check_cache, evaluate_bpb, make_dataloader
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters (the agent's knobs). Sizes derive from DEPTH.
 
-# With AUTORESEARCH_PRESET=small (a CPU, Apple silicon, a small GPU: README.md) the sizes take their second value.
-SMALL = PRESET == "small"
+# With AUTORESEARCH_PRESET=small (a CPU, Apple silicon, a small GPU: README.md) the sizes take their small value,
+# the first in `X if SMALL else Y`.
 DEPTH = 2 if SMALL else 8   # transformer layers; model_dim = DEPTH * ASPECT_RATIO rounded up to HEAD_DIM
 ASPECT_RATIO = 64           # model_dim per layer
 HEAD_DIM = 128              # attention head size; n_head = model_dim / HEAD_DIM
@@ -83,8 +83,7 @@ def apply_rotary_emb(x, cos, sin):
 
 def window_sizes(config):
     """Per-layer attention window from the pattern (L = full sequence, S = half), the last layer always L."""
-    pattern = config.window_pattern.upper()
-    assert pattern and set(pattern) <= {"S", "L"}, f"WINDOW_PATTERN must use only S and L, got {pattern!r}"
+    pattern = config.window_pattern.upper()  # (checked by check_config)
     full, short = config.sequence_len, config.sequence_len // 2
     sizes = [full if pattern[i % len(pattern)] == "L" else short for i in range(config.n_layer)]
     sizes[-1] = full

@@ -169,7 +169,7 @@ def bench_run(budget=None, log=None):
     return [(f"{label}: {k}", keys[k]) for k in RUN_KEYS if k in keys]
 
 
-# The edits of the start-up benchmark (issue "every experiment starts fast"): the lines of train.py they change.
+# The edits of the start-up benchmark : the lines of train.py they change.
 EDITS = [("same train.py again", None, None),
          ("after an MATRIX_LR edit", "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 "),
          ("after a DEPTH edit (+1 layer)", "DEPTH = 2 if SMALL else 8 ", "DEPTH = 3 if SMALL else 9 "),

@@ -11,10 +11,8 @@ import json
 import os
 import re
 import shlex
-import shutil
 import sqlite3
 import stat
-import threading
 import zipfile
 
 import numpy as np
@@ -22,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from autoresearch.errors import UserError
+from autoresearch.record import atomic_path
 from constants import CACHE_DIR, DATA_DIR, LOCK_PATH, MANIFEST_PATH, VAL_SHARD, shard_name
 
 PREPARE_HINT = "run `uv run prepare.py` (or `uv run prepare.py --source DIR` for a local corpus) first"
@@ -52,22 +51,6 @@ class FileProblem(UserError):
 def refuse(path, problem, source):
     """Raise the one-line refusal of a cache file: what is wrong with it and the command that repairs it."""
     raise FileProblem(path, problem, f"run `{repair_command(source)}` to repair the cache")
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; when the block succeeds it becomes `path` (replacing a file, or a
-    folder, under that name: the name is the cache's), when it fails it is removed. A file under its final name
-    is therefore always whole."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        yield tmp
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------------------

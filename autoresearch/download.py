@@ -234,7 +234,7 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
                     counts[result.status] += 1
                     if result.status == "failed":
                         failed[shard_name(index)] = result
-                    if attempted is not None:
+                    if attempted is not None and not (unreachable and result.status == "failed"):
                         print(f"[{sum(counts.values())}/{len(indices)}] {shard_name(index)}: {result.status} "
                               f"({result.detail})", flush=True)
                         last_line = time.time()
@@ -254,10 +254,11 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
         finally:
             if manifest is not None:
                 manifest.save()  # (a shard not yet recorded when a run is killed is checked whole next time)
+    if unreachable:  # (one line: the shards' own failures all say the same)
+        raise UserError(f"{unreachable[0]}: check the network or HF_ENDPOINT and run prepare.py again "
+                        f"({counts['failed']} of {len(indices)} shards not fetched; whole shards are kept), or "
+                        "prepare offline from text you have, e.g. Python's standard library (README.md, Quick "
+                        "start): `uv run prepare.py --source DIR`")
     print(f"data: {counts['downloaded']} downloaded, {counts['present']} already present, {counts['failed']} failed",
           flush=True)
-    if unreachable:
-        raise UserError(f"{unreachable[0]}: check the network or HF_ENDPOINT and run prepare.py again "
-                         f"({counts['failed']} of {len(indices)} shards not fetched; whole shards are kept), or "
-                         "prepare offline from text of your own: `uv run prepare.py --source DIR`")
     return failed

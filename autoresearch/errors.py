@@ -2,8 +2,11 @@
 
 It is a SystemExit, so wherever it is raised (at import, in a command, deep in a run) the program ends with one
 line on stderr, `error: <message>`, exit status 1, and no traceback. Asserts guard the code's own invariants only.
-Imports nothing: constants.py raises it too.
+Imports nothing of the project: constants.py raises it too.
 """
+import contextlib
+import signal
+import threading
 
 
 class UserError(SystemExit):
@@ -13,3 +16,19 @@ class UserError(SystemExit):
     def __init__(self, message):
         self.message = message
         super().__init__(f"error: {message}")
+
+
+@contextlib.contextmanager
+def sigterm_as_error(message):
+    """Within the block, SIGTERM (`timeout` running out, a kill) raises UserError(message): the program stops as on
+    any other error, its cleanup runs and one line is said. Only on the main thread, where signals arrive."""
+    def stopped(signum, frame):
+        raise UserError(message)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stopped) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)

@@ -61,7 +61,6 @@ def unusable_gpu_problem(cuda_available, driver_version, torch_cuda_version, tor
             f"(check nvidia-smi and CUDA_VISIBLE_DEVICES): {DRIVER_HELP}")
 
 
-SMALL = constants.PRESET == "small"  # AUTORESEARCH_PRESET=small: train.py's size knobs take their small values
 
 
 def get_device():
@@ -69,7 +68,7 @@ def get_device():
     NVIDIA GPU that torch cannot use (an old driver, a CPU-only torch) is an error, not a silent CPU run; so is
     the standard configuration off CUDA (hours per step) unless AUTORESEARCH_PRESET=small or AUTORESEARCH_FORCE=1."""
     device = detect_device()
-    if device.type != "cuda" and not SMALL and not constants.FORCE:
+    if device.type != "cuda" and not constants.SMALL and not constants.FORCE:
         raise UserError(f"no CUDA GPU: on {device.type} the standard configuration would take hours per step; run "
                          "the small preset, `AUTORESEARCH_PRESET=small uv run train.py` (README.md, 'Small machines'), "
                          "or set AUTORESEARCH_FORCE=1 to run it anyway")

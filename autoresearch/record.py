@@ -17,11 +17,37 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import threading
 
 RECORD_NAME = "run.json"
 FORMAT = 1
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; when the block succeeds it becomes `path` (replacing a file, or a
+    folder, under that name: the name is the cache's), when it fails it is removed. A file under its final name
+    is therefore always whole."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        yield tmp
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def write_atomically(path, data):
+    """Write bytes to path through atomic_path, flushed to the disk before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def git_blob_sha1(data):
@@ -92,15 +118,10 @@ class RunRecord:
     def save(self):
         """Write the record atomically; a record that cannot be written is said once on stderr, and the run goes
         on (results.py will then refuse to record it as finished)."""
-        tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.data, f, indent=1)
-            os.replace(tmp, self.path)
+            write_atomically(self.path, json.dumps(self.data, indent=1).encode("utf-8"))
         except OSError as e:
             print(f"note: cannot write the run's record {self.path} ({e.strerror or e})", file=sys.stderr)
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
 
     def finish(self, summary, violations, **details):
         """The run ended in its summary: status finished, the summary's values, the violations and details."""

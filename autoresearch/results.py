@@ -19,7 +19,7 @@ experiment worth their mean, with the status given last. The run's log and recor
 <row>-<commit>-<run id>.log/.json (names that never collide). One `record` at a time (results.tsv.lock); the row is
 appended to the bytes already there (through a symbolic link to its target), after the run's files are in runs/:
 both or neither. The summary reads every agent's results file; analysis.ipynb draws its plot from the same
-functions. Standard library only (matplotlib for the plot).
+functions. Standard library only.
 """
 import argparse
 import contextlib
@@ -368,60 +368,6 @@ def summary_lines(paths, agents, problems):
     return lines
 
 
-def plot(agents, path="progress.png"):
-    """val_bpb per experiment, one colour per agent: discarded runs faint, kept ones with their description,
-    crashes as x marks along the top inside the axes, the running best with the noise floor as a band."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    import warnings
-    warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # a description in another script
-    fig, ax = plt.subplots(figsize=(12, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    values = [e["value"] for exps in agents.values() for e in exps if e["finished"]]
-    low, high = (min(values), max(values)) if values else (0.0, 1.0)
-    pad = max((high - low) * 0.1, 1e-3)
-    top = high + pad  # crashes are drawn here, inside the axes
-    last = max((len(exps) for exps in agents.values()), default=1)
-    for i, (agent, exps) in enumerate(agents.items()):
-        color = colors[i % len(colors)]
-        done = [e for e in exps if e["finished"]]
-        kept = [e for e in done if e["status"] == "keep"]
-        crashed = [e for e in exps if not e["finished"]]
-        ax.scatter([e["number"] for e in done if e["status"] != "keep"],
-                   [e["value"] for e in done if e["status"] != "keep"], color=color, alpha=0.25, s=18)
-        ax.scatter([e["number"] for e in kept], [e["value"] for e in kept], color=color, s=40, zorder=3,
-                   label=f"{agent}: kept" if kept else None)
-        ax.scatter([e["number"] for e in crashed], [top] * len(crashed), marker="x", color=color, s=30,
-                   label=f"{agent}: crash" if crashed else None)
-        for e in kept:
-            ax.annotate(e["description"][:40], (e["number"], e["value"]), textcoords="offset points",
-                        xytext=(4, 6), fontsize=7, rotation=20, color=color)
-        if kept:
-            xs = [e["number"] for e in kept] + [len(exps)]
-            best = [min(e["value"] for e in kept[:j + 1]) for j in range(len(kept))]
-            best.append(best[-1])
-            floor, _ = noise_floor(exps)
-            ax.step(xs, best, where="post", color=color, alpha=0.8, label=None if floor else f"{agent}: best")
-            if floor:
-                ax.fill_between(xs, [b - floor for b in best], [b + floor for b in best], step="post", color=color,
-                                alpha=0.12, label=f"{agent}: best \u00b1 noise floor ({floor:.4f})")
-    if not values:
-        ax.text(0.5, 0.5, "no finished experiment yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlim(0.5, last + 0.5)
-    ax.set_ylim(low - pad, top + pad)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("experiment")
-    ax.set_ylabel("val_bpb (lower is better)")
-    n = sum(len(exps) for exps in agents.values())
-    n_kept = sum(e["status"] == "keep" for exps in agents.values() for e in exps)
-    ax.set_title(f"autoresearch: {n} experiments by {len(agents)} agent(s), {n_kept} kept")
-    if agents:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return fig
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Recording
 
@@ -561,7 +507,7 @@ def mark_recorded(log_dir, data, real, number):
     marked = dict(data, recorded_in={"file": real, "row": number})
     path = os.path.join(log_dir, run_record.RECORD_NAME)
     try:
-        _write_atomically(path, json.dumps(marked, indent=1).encode("utf-8"))
+        run_record.write_atomically(path, json.dumps(marked, indent=1).encode("utf-8"))
     except OSError as e:
         return [f"cannot mark {path} as recorded ({e.strerror or e})"]
     return []
@@ -569,37 +515,19 @@ def mark_recorded(log_dir, data, real, number):
 
 @contextlib.contextmanager
 def locked(path):
-    """Hold results.tsv's lock (results.tsv.lock beside the file): one `record` at a time, agents and worktrees
-    included. A folder where the lock cannot be made is one `error:` line."""
-    lock_path = path + ".lock"
+    """Hold results.tsv's lock (results.tsv.lock beside the file, filelock's, as the cache's): one `record` at a
+    time, agents and worktrees included. A folder where the lock cannot be made is one `error:` line."""
+    import filelock
+    lock = filelock.FileLock(path + ".lock", is_singleton=False)
     try:
-        f = open(lock_path, "a+")
+        lock.acquire()
     except OSError as e:
-        raise UserError(f"cannot write in {os.path.dirname(lock_path) or '.'} ({e.strerror or e}): record needs a "
-                        "writable folder for results.tsv and runs/")
+        raise UserError(f"cannot write in {os.path.dirname(path) or '.'} ({e.strerror or e}): record needs a "
+                        "writable folder for results.tsv and runs/") from None
     try:
-        try:
-            import fcntl
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except ImportError:  # Windows
-            import msvcrt
-            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
         yield
     finally:
-        f.close()
-
-
-def _write_atomically(path, data):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        lock.release(force=True)
 
 
 def append_row(path, row):
@@ -616,7 +544,7 @@ def append_row(path, row):
         data = "\t".join(COLUMNS).encode("utf-8") + end + line
     else:
         data = old + (b"" if old.endswith((b"\n", b"\r")) else end) + line
-    _write_atomically(path, data)
+    run_record.write_atomically(path, data)
 
 
 def record(status, description, log="run.log", path="results.tsv", runs_dir=None, overrule=False):
@@ -686,8 +614,8 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
         saved["recorded"] = dict(identity=identity, number=number, row=[row[c] for c in COLUMNS], file=real)
         try:
             os.makedirs(runs_dir, exist_ok=True)
-            _write_atomically(stem + ".log", text.encode("utf-8"))
-            _write_atomically(stem + ".json", json.dumps(saved, indent=1).encode("utf-8"))
+            run_record.write_atomically(stem + ".log", text.encode("utf-8"))
+            run_record.write_atomically(stem + ".json", json.dumps(saved, indent=1).encode("utf-8"))
         except OSError as e:
             for suffix in (".log", ".json"):
                 with contextlib.suppress(OSError):

@@ -29,9 +29,7 @@ import contextlib
 import gc
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import types
 
@@ -40,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import constants
 from autoresearch import cache, record
-from autoresearch.errors import UserError
+from autoresearch.errors import UserError, sigterm_as_error
 from autoresearch.hardware import attention_kernels, peak_flops, synchronize
 
 _clock = time.perf_counter  # every time this module counts (bound here: see the module's docstring)
@@ -466,10 +464,6 @@ def _reason(error):
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _stopped(signum, frame):
-    raise UserError("train.py was stopped by SIGTERM (`timeout` ran out, or the run was killed): a crash")
-
-
 def _with_kernels(train):
     """train() with SDPA's backends in the order cuDNN, flash, mem-efficient, math on CUDA."""
     if not torch.cuda.is_available():
@@ -492,11 +486,10 @@ def main(train, knobs):
                           "expandable_segments:True")  # read at the first CUDA allocation
     run_record = start_record(train.__globals__.get("__file__", "train.py"))
     print(f"run: {run_record.run_id}", flush=True)  # (the log's first line: results.py matches it to run.json)
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _stopped) if on_main_thread else None
+    stopped = "train.py was stopped by SIGTERM (`timeout` ran out, or the run was killed): a crash"
     try:
         try:
-            with cache.reading():
+            with sigterm_as_error(stopped), cache.reading():
                 _with_kernels(train)
         except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
             gpu = isinstance(e, torch.OutOfMemoryError)
@@ -511,6 +504,4 @@ def main(train, knobs):
         raise
     finally:
         _MEASURING.close()
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
         record.stop()

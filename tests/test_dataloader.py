@@ -1,4 +1,4 @@
-"""The packing loader: the SPEC's invariants, and the very same rows as the plain reference implementation."""
+"""The packing loader: the reference's invariants, and the very same rows as the plain reference implementation."""
 import itertools
 import os
 

@@ -1,6 +1,6 @@
 """The research log cannot lie: the slips an agent makes, each tried for real (the tiny model on the CPU; a real
-git checkout where git matters), and what the run and `record` make of it. Each test names the case of issue 24
-it covers."""
+git checkout where git matters), and what the run and `record` make of it. Each test names the case it
+covers."""
 import os
 import signal
 import subprocess
@@ -26,7 +26,7 @@ def rows(repo):
 def test_uncommitted_or_reset_code_is_refused_and_a_run_is_recorded_once(prepared, tmp_path):
     repo = agent_repo(tmp_path)
     assert run_train(repo)[0] == 0
-    with open(os.path.join(repo, "run.log"), "a") as log:  # (1.5) an extra block after the real summary
+    with open(os.path.join(repo, "run.log"), "a") as log:  # an extra block after the real summary
         log.write("---\nnote_from_the_agent: 1\n")
     assert record_cli(repo, "keep", "baseline").returncode == 0
     twice = record_cli(repo, "keep", "baseline")  # (2) the agent forgot to run: the same run again
@@ -94,7 +94,7 @@ def run_in_process(monkeypatch, capsys):
 def test_weights_that_turn_nan_after_the_last_step_end_in_an_error_and_a_crash(prepared, monkeypatch, capsys):
     evaluate = train.evaluate_bpb
 
-    def poisoned(model, tokenizer, batch_size):  # (3) the last update overflowed
+    def poisoned(model, tokenizer, batch_size):  # the last update overflowed
         for p in model.parameters():
             p.data.fill_(float("nan"))
         return evaluate(model, tokenizer, batch_size)
@@ -109,7 +109,7 @@ def test_weights_that_turn_nan_after_the_last_step_end_in_an_error_and_a_crash(p
 
 @pytest.mark.parametrize("where", ["runtime", "train"])
 def test_a_metric_constant_reassigned_before_the_start_stops_the_run_at_once(prepared, monkeypatch, capsys, where):
-    # (4) `runtime.TIME_BUDGET = 20` in train.py; MAX_SEQ_LEN reassigned in train.py
+    # `runtime.TIME_BUDGET = 20` in train.py; MAX_SEQ_LEN reassigned in train.py
     if where == "runtime":
         monkeypatch.setattr(runtime, "TIME_BUDGET", 20.0, raising=False)
         says = "TIME_BUDGET = 20.0 set in autoresearch/runtime.py"
@@ -134,7 +134,7 @@ def refused_keep(run):
 def test_uncounted_steps_set_by_train_py_are_ignored_and_said(prepared, monkeypatch, capsys):
     init = runtime.Run.__init__
 
-    def warm_up_three(self, *args, **kwargs):  # (4) `run.warmup = 3`
+    def warm_up_three(self, *args, **kwargs):  # `run.warmup = 3`
         init(self, *args, **kwargs)
         self.warmup = 3
 
@@ -149,7 +149,7 @@ def test_uncounted_steps_set_by_train_py_are_ignored_and_said(prepared, monkeypa
 def test_a_step_begun_after_the_budget_ran_out_is_said(prepared, monkeypatch, capsys):
     end_step = runtime.Run.end_step
 
-    def one_more(self, loss, lrm, epoch):  # (4) a loop that does not stop at run.done
+    def one_more(self, loss, lrm, epoch):  # a loop that does not stop at run.done
         end_step(self, loss, lrm, epoch)
         if self.done and not getattr(self, "_one_more", False):
             self._one_more = True
@@ -166,7 +166,7 @@ def test_a_step_begun_after_the_budget_ran_out_is_said(prepared, monkeypatch, ca
 def test_eval_tokens_lowered_during_the_evaluation_is_said(prepared, monkeypatch, capsys):
     evaluate = train.evaluate_bpb
 
-    def fewer_rows(model, tokenizer, batch_size):  # (4) the metric's constant changed only while it runs
+    def fewer_rows(model, tokenizer, batch_size):  # the metric's constant changed only while it runs
         saved = constants.EVAL_TOKENS
         constants.EVAL_TOKENS = 2 * constants.MAX_SEQ_LEN
         try:
@@ -185,7 +185,7 @@ def test_eval_tokens_lowered_during_the_evaluation_is_said(prepared, monkeypatch
 def test_a_forward_that_ignores_reduction_none_is_one_line(prepared, monkeypatch, capsys):
     forward = train.GPT.forward
 
-    def mean_only(self, idx, targets=None, reduction="mean"):  # (4) a forward that drops the argument
+    def mean_only(self, idx, targets=None, reduction="mean"):  # a forward that drops the argument
         return forward(self, idx, targets)
 
     monkeypatch.setattr(train.GPT, "forward", mean_only)

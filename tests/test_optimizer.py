@@ -1,5 +1,5 @@
 """MuonAdamW: AdamW against torch.optim.AdamW, the reference's numerics against a plain implementation written
-from SPEC.md, Polar Express, NorMuon, cautious weight decay; the schedules."""
+from the reference's description, Polar Express, NorMuon, cautious weight decay; the schedules."""
 import pytest
 import torch
 
@@ -105,7 +105,7 @@ def test_momentum_and_weight_decay_schedules():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The reference's numerics (SPEC.md, "Optimizer numerics"), written out plainly from the SPEC: eager, in the
+# The reference's numerics, written out plainly from its description: eager, in the
 # reference's order with its casts; and compiled with inductor, as the reference runs on the GPU, where the
 # compiler computes inside a fused kernel in fp32 and drops the intermediate bf16 casts that the eager code writes.
 
@@ -165,7 +165,7 @@ def spec_groups(shapes):
 
 
 def run_both(steps, compiled):
-    """Ours (MuonAdamW, compiled when `compiled`) and the SPEC's steps (compiled the same way; eager without the
+    """Ours (MuonAdamW, compiled when `compiled`) and the reference's steps (compiled the same way; eager without the
     casts the compiler drops) over `steps` steps of random gradients; returns [(ours, spec)] of every tensor."""
     table, head, stacks = spec_groups([(3, 48, 16), (2, 16, 48), (2, 32, 32)])  # tall, wide, square
     mine = [torch.nn.Parameter(table.clone()), torch.nn.Parameter(head.clone())]

@@ -70,7 +70,7 @@ def test_token_bytes_count_as_the_reference_and_exactly(tokenizer):
     for text in MULTILINGUAL:
         assert sum(exact[i].item() for i in tokenizer.encode(text)) == len(text.encode("utf-8"))
     # A token that is a fragment of a UTF-8 sequence counts its own bytes exactly, and 3 bytes (U+FFFD) per invalid
-    # run of bytes as the reference counts it (SPEC.md: b'\x80' counts 3).
+    # run of bytes as the reference counts it (b'\x80' counts 3).
     lone = tokenizer.enc.encode_single_token(b"\x80")
     assert (exact[lone].item(), reference[lone].item()) == (1, 3)
     partial = [i for i in range(VOCAB_SIZE - 4) if not _is_utf8(tokenizer.enc.decode_single_token_bytes(i))]
@@ -267,7 +267,7 @@ def test_unreadable_folders_and_skipped_files_are_counted(tmp_path, monkeypatch,
 
 
 def test_source_code_is_read_and_long_files_split_into_documents(tmp_path, capsys):
-    """(issue 25) A folder of .py files is a corpus; a long file becomes documents of at most DOC_CHARS, cut at
+    """A folder of .py files is a corpus; a long file becomes documents of at most DOC_CHARS, cut at
     blank lines, so that the loader sees all of it, not only its start."""
     functions = [f"def f{i}(x):\n    return x + {i}\n" * 20 for i in range(200)]
     (tmp_path / "module.py").write_text("\n\n".join(functions))

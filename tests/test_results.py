@@ -420,14 +420,36 @@ def test_the_tip_a_simpler_equal_is_said_beside_the_best(tmp_path):
            "within the floor, kept as the simpler code)" in text
 
 
-def test_crash_marks_are_drawn_inside_the_axes(tmp_path):
-    exps = results.experiments([dict(commit="a", val_bpb="0.99", memory_gb="1", status="keep", description="b"),
-                                dict(commit="b", val_bpb="0", memory_gb="0", status="crash", description="c")])
-    fig = results.plot({"repo": exps}, str(tmp_path / "p.png"))
-    ax = fig.axes[0]
+def notebook_figure(folder, monkeypatch):
+    """analysis.ipynb's own code cells, run in this process (no kernel) in folder: the figure they draw."""
+    import matplotlib
+    import nbformat
+    matplotlib.use("Agg")
+    monkeypatch.chdir(folder)
+    namespace = {}
+    for cell in nbformat.read(os.path.join(ROOT, "analysis.ipynb"), as_version=4).cells:
+        if cell.cell_type == "code":
+            exec(cell.source, namespace)
+    return namespace["fig"]
+
+
+def test_crash_marks_are_drawn_inside_the_axes(tmp_path, monkeypatch):
+    write_results(str(tmp_path / "results.tsv"), [("a", "0.99", "1", "keep", "b"), ("b", "0", "0", "crash", "c")])
+    ax = notebook_figure(tmp_path, monkeypatch).axes[0]
     (y_low, y_high), (x_low, x_high) = ax.get_ylim(), ax.get_xlim()
-    crashes = [c for c in ax.collections if c.get_label() == "repo: crash"][0].get_offsets()
+    crashes = [c for c in ax.collections if c.get_label() == f"{tmp_path.name}: crash"][0].get_offsets()
     assert all(x_low < x < x_high and y_low < y < y_high for x, y in crashes)
+
+
+def test_one_experiment_draws_a_band_and_whole_numbered_ticks(tmp_path, monkeypatch):
+    write_results(str(tmp_path / "results.tsv"), [("a", "0.9979", "1", "keep", "baseline"),
+                                                  ("a", "0.9969", "1", "keep", "baseline (rerun)")])
+    ax = notebook_figure(tmp_path, monkeypatch).axes[0]
+    band = [c for c in ax.collections if "noise floor" in str(c.get_label())][0]
+    xs = band.get_paths()[0].vertices[:, 0]
+    assert xs.max() - xs.min() >= 1.0  # a band one experiment wide, not a line
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks == [1.0]
 
 
 def test_the_command_prints_the_summary(tmp_path, monkeypatch, capsys):

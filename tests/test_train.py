@@ -293,7 +293,7 @@ class Stop(Exception):
 
 
 def test_the_standard_configuration_off_cuda_is_one_line_naming_the_preset(monkeypatch):
-    monkeypatch.setattr(hardware, "SMALL", False)
+    monkeypatch.setattr(constants, "SMALL", False)
     monkeypatch.setattr(train, "check_cache", lambda: pytest.fail("the cache was read before the device check"))
     with pytest.raises(SystemExit) as exit_info:
         train.main()
