@@ -12,7 +12,7 @@ TEST_ENV = {
     "AUTORESEARCH_CACHE_DIR": _CACHE,
     "AUTORESEARCH_PRESET": "small",  # (what a CPU runs; the overrides below shrink it further)
     "AUTORESEARCH_TIME_BUDGET": "4",  # (for the tests of the time budget: see set_budget)
-    "AUTORESEARCH_FLOP_BUDGET": "2e11",  # the tiny runs' compute budget: 11 steps of the tiny model
+    "AUTORESEARCH_FLOP_BUDGET": "6e10",  # the tiny runs' compute budget: a few steps (4 of test_train's tiny model)
     "AUTORESEARCH_MAX_SEQ_LEN": "128",
     "AUTORESEARCH_EVAL_TOKENS": str(4 * 8 * 128),  # 4 eval batches of 8 rows
     "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: no test can reach the real hub

@@ -77,7 +77,7 @@ def stepped_clock(monkeypatch, seconds=STEP_SECONDS, pause=0.0):
 def tiny_run(prepared, tmp_path_factory):
     """One tiny training run through train.main(), the real loop and eval, serving several checks: its output
     (stdout is not a terminal, as in `> run.log`) and how often torch.compile's stand-in and the raw model ran.
-    Under the tests' compute budget, on the real clock."""
+    Under a compute budget of 11 steps (enough to learn), on the real clock."""
     calls = {"wrapper": 0, "raw": 0}
 
     class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper, counting what goes through it
@@ -99,6 +99,7 @@ def tiny_run(prepared, tmp_path_factory):
         hardware.compile_model = lambda model, device: Compiled(model)
         with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as monkeypatch:
             monkeypatch.chdir(tmp_path_factory.mktemp("tiny_run"))
+            set_budget(monkeypatch, "flops", 2e11)
             train.main()
             with open("run.json", encoding="utf-8") as f:
                 run_record = json.load(f)
@@ -147,8 +148,8 @@ def tiny_step_flops(T=128, rows=16, dim=128, vocab=8192, layers=2):
 def test_tiny_run_counts_every_step_toward_the_compute_budget(tiny_run):
     # the FLOPs the counter saw are the step's, by hand; training ends with the first step past the budget
     values, record = tiny_run["values"], tiny_run["record"]
-    steps, budget = int(values["num_steps"]), constants.FLOP_BUDGET
-    assert record["budget_kind"] == "flops" and values["budget"] == f"flops {budget:.4g}"
+    steps, budget = int(values["num_steps"]), record["budget"]
+    assert record["budget_kind"] == "flops" and budget == 2e11 and values["budget"] == "flops 2e+11"
     assert record["training_flops"] == steps * tiny_step_flops()
     assert steps == math.ceil(budget / tiny_step_flops()) and steps >= 10
     assert float(values["train_flops"]) == pytest.approx(steps * tiny_step_flops(), rel=1e-4)
@@ -178,7 +179,7 @@ def test_tiny_run_log_is_fit_for_a_file(tiny_run):
     before = stdout.split("\n---\n")[0].splitlines()
     assert before[-1] == f"note: settings {constants.SETTINGS}, not the standard ones: this run compares only " \
                          "with runs under the same settings"
-    assert "AUTORESEARCH_PRESET=small" in values["settings"] and "AUTORESEARCH_FLOP_BUDGET=2e11" in values["settings"]
+    assert "AUTORESEARCH_PRESET=small" in values["settings"] and "AUTORESEARCH_FLOP_BUDGET=6e10" in values["settings"]
     assert "TIME_BUDGET" not in values["settings"]  # (the budget that did not run is not a setting)
 
 
@@ -197,13 +198,14 @@ def test_the_time_budget_counts_every_step_on_the_cpu(prepared, monkeypatch, cap
     assert min(parts) >= 0 and sum(parts) <= float(values["total_seconds"]) + 0.15
 
 
-def test_the_same_code_takes_the_same_steps_under_any_load(prepared):
-    # the compute budget: the same commit, alone and beside two busy processes, trains the same steps to the same
+def test_the_same_code_takes_the_same_steps_under_any_load(prepared, monkeypatch, capsys):
+    # the compute budget: the same code, alone and beside two busy processes, trains the same steps to the same
     # val_bpb (the CPU's arithmetic is the same whatever the load)
+    tiny_in_process(monkeypatch)
+
     def one_run():
-        proc = run_script(["train.py"], env={"AUTORESEARCH_FLOP_BUDGET": "6e10"})  # 3 steps
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return {k: v.strip() for k, v in summary(proc.stdout)}
+        train.main()
+        return {k: v.strip() for k, v in summary(capsys.readouterr().out)}
 
     quiet = one_run()
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
