@@ -196,7 +196,7 @@ def bench_startup(budget=20, log_dir=None, warm=False):
     return out
 
 
-# Kernel categories of a profile, by kernel name (the first that matches wins), as in REFERENCE_PROFILE.md.
+# Kernel categories of a profile, by kernel name (the first that matches wins), as the reference's profile has them.
 KERNEL_CATEGORIES = [
     ("attention: FlexAttention", ("flex_attention",)),
     ("attention: cuDNN", ("cudnn", "fmha", "fort_native_sdpa")),

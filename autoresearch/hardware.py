@@ -195,7 +195,7 @@ def fit_device_batch(device, rows, total_rows, fixed_bytes, row_bytes):
 # Sliding-window attention: cuDNN's where it runs and computes the window exactly, else FlexAttention (CUDA), or SDPA
 # with an explicit mask off CUDA. PyTorch's SDPA has no window; nvidia-cudnn-frontend's torch operator (BHSD
 # tensors, fake and autograd registrations, so torch.compile traces it) gives cuDNN's left bound. Per query-key pair
-# cuDNN's full-causal kernel ran ~1.5x faster than FlexAttention's window on an H100 (REFERENCE_PROFILE.md); its
+# cuDNN's full-causal kernel ran ~1.5x faster than FlexAttention's window on an H100 (the reference's profile); its
 # own window has not been timed yet (docs/PERF_NOTES.md).
 
 CUDNN_WINDOW_GPUS = {(9, 0)}  # Hopper: cuDNN runs causal attention with a left bound, forward and backward, in bf16

@@ -83,23 +83,32 @@ def _sdpa_backward_flops(grad, q, k, v, *args, out_shape=None, **kwargs):
 
 class FlopCount(TorchDispatchMode):
     """Counts the FLOPs of the ops run under it (`total`): every op torch's FLOP counter has a formula for (matmuls,
-    convolutions, the CUDA attention kernels), plus the CPU's attention kernels, which it lacks (SDPA, causal or
-    with a mask, runs `_scaled_dot_product_flash_attention_for_cpu` there, and would count 0). Lighter than torch's
-    FlopCounterMode (no per-module breakdown): on a tiny CPU step it costs 7% where that costs 26%."""
+    convolutions, the CUDA attention kernels), plus the attention kernels it lacks, counted from their shapes like
+    its SDPA: the CPU's SDPA (causal or with a mask, `_scaled_dot_product_flash_attention_for_cpu`), FlexAttention
+    (a higher-order op: its inner work is not counted again) and cuDNN's window operator (`cudnn::sdpa`). Lighter
+    than torch's FlopCounterMode (no per-module breakdown): on a tiny CPU step it costs 7% where that costs 26%."""
+
+    supports_higher_order_operators = True  # (FlexAttention reaches __torch_dispatch__ as one op)
 
     def __init__(self):
         super().__init__()
         from torch.utils.flop_counter import flop_registry, shape_wrapper
-        aten = torch.ops.aten
+        aten, ops = torch.ops.aten, torch.ops
         self.formulas = {**flop_registry,
                          aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_sdpa_flops),
-                         aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(_sdpa_backward_flops)}
+                         aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(_sdpa_backward_flops),
+                         ops.higher_order.flex_attention: shape_wrapper(_sdpa_flops),
+                         ops.higher_order.flex_attention_backward: shape_wrapper(
+                             lambda q, k, v, out, lse, grad, *rest, **kw: _sdpa_backward_flops(grad, q, k, v))}
+        with contextlib.suppress(AttributeError, RuntimeError):  # (only where the cuDNN frontend is loaded)
+            self.formulas[ops.cudnn.sdpa] = shape_wrapper(_sdpa_flops)
+            self.formulas[ops.cudnn.sdpa_bwd] = shape_wrapper(_sdpa_backward_flops)
         self.total = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = self.formulas.get(func._overloadpacket)
+        formula = self.formulas.get(getattr(func, "_overloadpacket", func))
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out
