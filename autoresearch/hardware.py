@@ -143,9 +143,27 @@ def compile_regions(model, backend="inductor"):
     few kinds a model has."""
     import torch._dynamo
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for region in model.compiled_regions():
+    regions = model.compiled_regions()
+    outside = uncompiled_modules(model, regions)
+    if outside:
+        print(f"note: modules with matrices outside compiled_regions() run eagerly, slower: {', '.join(outside)} "
+              "(add them to a region in train.py)", flush=True)
+    for region in regions:
         region.compile(backend=backend, dynamic=False)
     return model
+
+
+def uncompiled_modules(model, regions):
+    """The modules of model that hold matrices (anything 2-D or more but an embedding table, which is a lookup)
+    outside every region: what regional compilation would leave eager without a word."""
+    inside = {id(p) for region in regions for p in region.parameters()}
+    outside = set()
+    for name, param in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        module = model.get_submodule(owner) if owner else model
+        if param.ndim >= 2 and id(param) not in inside and not isinstance(module, torch.nn.Embedding):
+            outside.add(owner or name)
+    return sorted(outside)
 
 
 # GPU memory: the baseline's peak on the reference's H100 run (DEVICE_BATCH_SIZE 128, T 2048, 8 layers of 512,

@@ -81,3 +81,15 @@ def test_regional_compilation_computes_what_eager_computes():
     x = torch.randint(0, 128, (2, 64))
     assert torch.allclose(eager(x, x), compiled(x, x))
     assert torch.equal(eager(x, x, reduction="none"), compiled(x, x, reduction="none"))
+
+
+def test_matrices_outside_the_compiled_regions_are_said(capsys):
+    model, _ = compiled_tiny(2, "SL")
+    assert hardware.uncompiled_modules(model, model.compiled_regions()) == []  # the baseline: none
+    assert "compiled_regions()" not in capsys.readouterr().out
+    torch.manual_seed(0)
+    model = train.build_model(train.GPTConfig(sequence_len=64, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2,
+                                              n_embd=64, window_pattern="SL", low_dtype=torch.float32), CPU)
+    model.adapter = torch.nn.Linear(64, 64, bias=False)  # an agent's addition, outside every region
+    hardware.compile_regions(model, backend=CompileCounter())
+    assert "outside compiled_regions() run eagerly, slower: adapter (add them" in capsys.readouterr().out
