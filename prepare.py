@@ -365,10 +365,10 @@ def tokenize_shard(parquet_path, tokenizer, manifest):
         np.save(f, np.concatenate(parts) if parts else np.zeros(0, dtype))
     with atomic_path(idx_path) as tmp, open(tmp, "wb") as f:
         np.savez(f, offsets=offsets, chunk_ends=np.array(chunk_ends, dtype=np.int64))
-    manifest.record(tok_path, sample=sample_sha256(tok_path), dtype=np.dtype(dtype).name,
+    manifest.add(tok_path, sample=sample_sha256(tok_path), dtype=np.dtype(dtype).name,
                     n_tokens=int(offsets[-1]), n_docs=len(lengths),
                     **{"from": manifest.files[f"data/{name}"]["sha256"]})
-    manifest.record(idx_path)
+    manifest.add(idx_path)
     return int(offsets[-1]), len(lengths)
 
 
@@ -419,7 +419,7 @@ def prepare_local_data(manifest, source_path, extensions=TEXT_EXTENSIONS):
     manifest.save()
     split = write_source_shards(docs, DATA_DIR)
     for path in list_shards("val") + list_shards("train"):
-        manifest.record(path, mtime_ns=os.stat(path).st_mtime_ns)
+        manifest.add(path, mtime_ns=os.stat(path).st_mtime_ns)
     manifest.source["digest"] = digest
     manifest.save()
     dropped = f" ({split.duplicates} exact duplicate(s) dropped)" if split.duplicates else ""
@@ -446,7 +446,7 @@ def prepare_tokenizer(manifest, retrain):
             os.remove(manifest.path(rel))
     tokenizer = train_tokenizer()
     for rel in TOKENIZER_RELS:
-        manifest.record(manifest.path(rel))
+        manifest.add(manifest.path(rel))
     manifest.data["tokenizer"] = tokenizer.fingerprint
     manifest.save()
     return tokenizer

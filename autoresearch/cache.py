@@ -151,7 +151,7 @@ def sample_sha256(path):
 
 
 class Manifest:
-    """The cache's record of itself: `source`, `files` ({path relative to the cache: record}) and the tokenizer's
+    """The cache's account of itself: `source`, `files` ({path relative to the cache: entry}) and the tokenizer's
     fingerprint in data["tokenizer"]."""
 
     def __init__(self, source, cache_dir=CACHE_DIR):
@@ -165,7 +165,7 @@ class Manifest:
 
     @property
     def files(self):
-        """{path relative to the cache: its record (size, sha256, and per kind mtime_ns, sample, from, ...)}."""
+        """{path relative to the cache: its entry (size, sha256, and per kind mtime_ns, sample, from, ...)}."""
         return self.data["files"]
 
     @classmethod
@@ -211,18 +211,18 @@ class Manifest:
         """Sorted names of the split's parquet shards that the manifest records."""
         return split_shard_names([rel[len("data/"):] for rel in self.files if rel.startswith("data/")], split)
 
-    def record(self, path, **extra):
+    def add(self, path, **extra):
         """Record a file as it is now: its size, its sha256 and the extra fields given."""
         self.files[self.rel(path)] = {"size": os.path.getsize(path), "sha256": file_sha256(path), **extra}
 
     def forget(self, prefix):
-        """Drop the records of every file whose manifest path starts with prefix."""
+        """Drop the entries of every file whose manifest path starts with prefix."""
         for rel in [r for r in self.files if r.startswith(prefix)]:
             del self.files[rel]
 
     def problem(self, rel, check="sha256"):
-        """Why the file does not match its record, or None. check: 'stat' (size, and the mtime where recorded: a
-        cheap sign of a rewrite), 'spot' ('stat' and the spot checksum where recorded), 'sha256' (size and the
+        """Why the file does not match its entry, or None. check: 'stat' (size, and the mtime where kept: a
+        cheap sign of a rewrite), 'spot' ('stat' and the spot checksum where kept), 'sha256' (size and the
         whole file's checksum, which decides alone: a file that was only touched still matches)."""
         assert check in ("stat", "spot", "sha256"), f"unknown check {check!r}"
         entry = self.files.get(rel)

@@ -25,10 +25,10 @@ class HubUnreachable(Exception):
 @dataclasses.dataclass
 class Fetched:
     """What became of one shard: status 'downloaded', 'present' (a whole copy was already there) or 'failed';
-    detail in words; record: the shard's {"size", "sha256", "mtime_ns"} for the manifest (None when failed)."""
+    detail in words; entry: the shard's {"size", "sha256", "mtime_ns"} for the manifest (None when failed)."""
     status: str
     detail: str
-    record: Optional[dict] = None
+    entry: Optional[dict] = None
     missing: bool = False  # the hub answered that the file is not there (HTTP 404, 410): asking again cannot help
 
 
@@ -56,8 +56,8 @@ class Downloader:
     def fetch(self, index, data_dir=DATA_DIR, known=None):
         """Fetch one shard into data_dir unless a whole copy is already there; returns a Fetched.
 
-        known: the manifest's record of this shard; a file under the final name is kept if it matches that record
-        (or, unrecorded, if every row group decodes). The body streams to a temporary file that gets the final
+        known: the manifest's entry of this shard; a file under the final name is kept if it matches that entry
+        (or, without one, if every row group decodes). The body streams to a temporary file that gets the final
         name only after its byte count matches Content-Length and every row group decodes."""
         final = os.path.join(data_dir, shard_name(index))
         if os.path.exists(final):
@@ -193,7 +193,7 @@ class PermanentHTTPError(Exception):
 
 def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, manifest=None, progress_every=30.0):
     """Download shards in parallel: one line per shard as it ends, a progress line at least every
-    `progress_every` seconds. With a manifest, each shard is checked against its record and recorded when whole
+    `progress_every` seconds. With a manifest, each shard is checked against its entry and entered when whole
     (the manifest is saved every 10 s and at the end). Returns {name: Fetched} of the shards that failed; a
     connection that cannot be made (refused, unknown host) stops the remaining shards and ends in a UserError.
     When this call ends early (an exception, SIGTERM), the downloads in progress stop at their next piece."""
@@ -238,10 +238,10 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
                         print(f"[{sum(counts.values())}/{len(indices)}] {shard_name(index)}: {result.status} "
                               f"({result.detail})", flush=True)
                         last_line = time.time()
-                    if result.record is not None and manifest is not None:
-                        manifest.files[f"data/{shard_name(index)}"] = result.record
+                    if result.entry is not None and manifest is not None:
+                        manifest.files[f"data/{shard_name(index)}"] = result.entry
                 if manifest is not None and time.time() - last_save >= 10:
-                    manifest.save()  # every 10 s, not per shard: 6543 records rewritten per shard add up to GBs
+                    manifest.save()  # every 10 s, not per shard: 6543 entries rewritten per shard add up to GBs
                     last_save = time.time()
                 if time.time() - last_line >= progress_every:
                     elapsed = time.time() - t0
@@ -253,7 +253,7 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
             raise
         finally:
             if manifest is not None:
-                manifest.save()  # (a shard not yet recorded when a run is killed is checked whole next time)
+                manifest.save()  # (a shard not yet entered when a run is killed is checked whole next time)
     if unreachable:  # (one line: the shards' own failures all say the same)
         raise UserError(f"{unreachable[0]}: check the network or HF_ENDPOINT and run prepare.py again "
                         f"({counts['failed']} of {len(indices)} shards not fetched; whole shards are kept), or "

@@ -147,7 +147,7 @@ def test_cut_connection_is_retried_and_never_leaves_a_partial_file(hub, tmp_path
 
     hub.cut[shard_name(1)] = 5  # every attempt dies: nothing under the final name, no temp file left
     result = Downloader(hub.endpoint, attempts=2, backoff=0).fetch(1, str(tmp_path))
-    assert result.status == "failed" and hub.endpoint in result.detail and result.record is None
+    assert result.status == "failed" and hub.endpoint in result.detail and result.entry is None
     assert names_in(tmp_path) == [shard_name(0)]
 
 
