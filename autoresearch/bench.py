@@ -1,4 +1,4 @@
-"""Benchmarks on the prepared cache, printed as one table. Builds nothing new.
+"""Benchmarks on the prepared cache, printed as one table; and the benchmark corpus they run on.
 
     uv run -m autoresearch.bench loader     # this project's loader vs a plain single-threaded one (any machine)
     uv run -m autoresearch.bench attention  # attention kernels alone, forward + backward (CUDA)
@@ -7,6 +7,7 @@
     uv run -m autoresearch.bench profile    # kernel time of three steady steps by category (CUDA)
     uv run -m autoresearch.bench gpu        # the GPU check: tests, attention, an 80-s run, start-up, profile (CUDA)
     uv run -m autoresearch.bench all
+    python3 -m autoresearch.bench corpus [DIR]  # the benchmark corpus, offline, from the installed packages' text
 
 `plain_batches` is the straightforward form of the packing algorithm (stream parquet row groups, batch-encode
 128 documents at a time, scan the buffer in Python for every placement). It is the speed baseline here and
@@ -339,13 +340,94 @@ def write_table(rows, path=None):
             f.write(text)
 
 
+# The benchmark corpus: real text already on any machine with Python, laid out as the hub's shards, so that a GPU
+# machine without network gets a cache (`prepare.py --num-shards 8` then adopts the shards offline) and two machines
+# with the same digest train on the same documents. The figures in docs/PERF_NOTES.md were measured on the corpus
+# of the GPU machines' image: 94,523 documents, 396.2 MB, digest a72dc38cbe6b466c.
+CORPUS_EXTENSIONS = (".py", ".md", ".rst", ".txt")
+CORPUS_DOC_CHARS = 5000  # a document: paragraphs joined up to this many characters, about a web page
+CORPUS_MIN_CHARS = 200  # files shorter than this are skipped, and so is a file's short last piece
+CORPUS_SEED = 1337  # the documents' shuffle
+CORPUS_VAL_BYTES, CORPUS_SHARD_BYTES = 80e6, 40e6  # the validation shard (at most a fifth); each training shard
+
+
+def corpus_documents(roots):
+    """The documents of every .py/.md/.rst/.txt file under roots, in a fixed order (roots, folders and files
+    sorted): each file read as UTF-8 (unreadable ones skipped), exact duplicates dropped, split at blank lines into
+    pieces of at most CORPUS_DOC_CHARS (a paragraph longer than that is a piece of its own)."""
+    import hashlib
+    seen = set()
+    for root in sorted(set(roots)):
+        for folder, subfolders, names in sorted(os.walk(root)):
+            subfolders.sort()
+            for name in sorted(n for n in names if n.endswith(CORPUS_EXTENSIONS)):
+                try:
+                    with open(os.path.join(folder, name), encoding="utf-8") as f:
+                        text = f.read()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                key = hashlib.sha1(text.encode()).digest()
+                if len(text) < CORPUS_MIN_CHARS or key in seen:
+                    continue
+                seen.add(key)
+                piece = ""
+                for paragraph in text.split("\n\n"):
+                    if piece and len(piece) + len(paragraph) > CORPUS_DOC_CHARS:
+                        yield piece
+                        piece = ""
+                    piece = f"{piece}\n\n{paragraph}" if piece else paragraph
+                if len(piece) >= CORPUS_MIN_CHARS:
+                    yield piece
+
+
+def build_corpus(out, roots):
+    """Write the corpus of roots to out as shard_06542.parquet (validation: the last documents of the shuffle, up
+    to CORPUS_VAL_BYTES or a fifth of the text) and shard_00000.parquet, ... (the rest, CORPUS_SHARD_BYTES each);
+    returns (documents, bytes, digest), the digest naming the shuffled document list."""
+    import hashlib
+    import random
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from constants import VAL_SHARD, shard_name
+    docs = list(corpus_documents(roots))
+    random.Random(CORPUS_SEED).shuffle(docs)
+    total = sum(len(d.encode()) for d in docs)
+    digest = hashlib.sha256(b"".join(hashlib.sha1(d.encode()).digest() for d in docs)).hexdigest()[:16]
+    os.makedirs(out, exist_ok=True)
+    write = lambda part, index: pq.write_table(pa.table({"text": part}), os.path.join(out, shard_name(index)),  # noqa
+                                               row_group_size=1024, compression="zstd")
+    val, size = [], 0
+    while docs and size < min(CORPUS_VAL_BYTES, 0.2 * total):
+        val.append(docs.pop())
+        size += len(val[-1].encode())
+    write(val, VAL_SHARD)
+    shard, size, index = [], 0, 0
+    for doc in docs:
+        shard.append(doc)
+        size += len(doc.encode())
+        if size >= CORPUS_SHARD_BYTES:
+            write(shard, index)
+            shard, size, index = [], 0, index + 1
+    if shard:
+        write(shard, index)
+    return len(val) + len(docs), total, digest
+
+
 def main():
     ap = argparse.ArgumentParser(prog="uv run -m autoresearch.bench", description="Benchmarks on the prepared cache.")
-    ap.add_argument("what", choices=["loader", "attention", "run", "startup", "profile", "gpu", "all"])
+    ap.add_argument("what", choices=["loader", "attention", "run", "startup", "profile", "gpu", "all", "corpus"])
+    ap.add_argument("dir", nargs="?", help="corpus: where the shards go (default: the cache's data folder)")
+    ap.add_argument("--roots", nargs="*", help="corpus: the folders read (default: the installed packages)")
     ap.add_argument("--budget", type=float, help="run/startup: the training budget in seconds")
     ap.add_argument("--out", default=os.path.join(ROOT, ".bench", "gpu"), help="gpu: the folder for the logs")
     ap.add_argument("--warm", action="store_true", help="startup: the compile caches are warm (no cold first run)")
     args = ap.parse_args()
+    if args.what == "corpus":
+        import site
+        from constants import DATA_DIR
+        docs, size, digest = build_corpus(args.dir or DATA_DIR, args.roots or site.getsitepackages())
+        print(f"corpus: {docs} docs, {size / 1e6:.1f} MB, digest {digest} -> {args.dir or DATA_DIR}")
+        return
     if args.what == "gpu":
         bench_gpu(args.out)
         return

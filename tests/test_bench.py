@@ -110,3 +110,27 @@ def test_the_start_up_benchmark_runs_each_edit_of_train_py(warm, monkeypatch):
     assert [r[0] for r in rows] == [f"start-up: {label}" for label in ([] if warm else ["train.py as it is"]) + labels]
     assert sources[:2 - warm] == [original] * (2 - warm)  # as it is (unless warm), and again
     assert all(s != original for s in sources[2 - warm:]) and len(set(sources[2 - warm:])) == len(labels) - 1
+
+
+def test_the_benchmark_corpus_is_laid_out_as_the_hubs_and_named_by_its_digest(tmp_path):
+    import hashlib
+    import pyarrow.parquet as pq
+    root = tmp_path / "site"
+    (root / "pkg" / "sub").mkdir(parents=True)
+    paragraph = "def f():\n    return 1  # " + "x" * 300
+    (root / "pkg" / "a.py").write_text("\n\n".join([paragraph] * 40))  # ~13,000 chars: three documents
+    (root / "pkg" / "sub" / "b.md").write_text("# notes\n\n" + "words " * 100)
+    (root / "pkg" / "copy.py").write_text("\n\n".join([paragraph] * 40))  # an exact duplicate: dropped
+    (root / "pkg" / "short.txt").write_text("too short")
+    (root / "pkg" / "data.bin").write_text("not text " * 100)
+    out = tmp_path / "data"
+    docs, size, digest = bench.build_corpus(str(out), [str(root)])
+    assert sorted(os.listdir(out)) == ["shard_00000.parquet", "shard_06542.parquet"]
+    train = pq.read_table(out / "shard_00000.parquet").column("text").to_pylist()
+    val = pq.read_table(out / "shard_06542.parquet").column("text").to_pylist()
+    assert docs == len(train) + len(val) == 4 and len(val) == 1  # the validation shard: at most a fifth
+    assert all(len(d) <= bench.CORPUS_DOC_CHARS for d in train + val) and size == sum(len(d.encode()) for d in
+                                                                                       train + val)
+    shuffled = train + val[::-1]  # (validation takes the shuffle's last documents)
+    assert digest == hashlib.sha256(b"".join(hashlib.sha1(d.encode()).digest() for d in shuffled)).hexdigest()[:16]
+    assert bench.build_corpus(str(tmp_path / "again"), [str(root)])[2] == digest  # the same text, the same corpus
