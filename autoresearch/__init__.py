@@ -5,7 +5,8 @@
     download.py  fetching shards from the hub (or a mirror)
     source.py    building shards from a local corpus (prepare.py --source)
     hardware.py  the device, its precision, compiling, memory, peak FLOP/s
-    runtime.py   the run: the time budget, progress lines, the checks, the summary and the run's record
+    runtime.py   the run: the budget (FLOPs or time), progress lines, the checks, the summary
+    record.py    the run's record (run.json), written by the fixed code only
     results.py   the experiment log: `uv run -m autoresearch.results` (standard library only)
     bench.py     benchmarks: `uv run -m autoresearch.bench ...`
 

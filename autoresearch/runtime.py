@@ -1,6 +1,6 @@
 """The fixed bookkeeping of a run. DO NOT CHANGE: it decides what a run's numbers mean.
 
-Counting the time budget and where a step's time goes, progress lines, the checks that make a run comparable,
+Counting the budget (FLOPs or time) and where a step's time goes, progress lines, the checks that make a run comparable,
 MFU and model FLOP/s, the summary block agents grep, and the run's record (record.py). train.py calls:
 
     device = hardware.get_device()         # CUDA, else MPS, else the CPU (AUTORESEARCH_DEVICE insists on one)
@@ -11,13 +11,13 @@ MFU and model FLOP/s, the summary block agents grep, and the run's record (recor
         ...                                # forward/backward
         run.begin_optimizer()
         ...                                # lr from run.progress, optimizer step
-        run.end_step(loss, lrm, epoch)     # waits for the step, counts its time, prints progress
+        run.end_step(loss, lrm, epoch)     # waits for the step, counts its FLOPs and time, prints progress
     run.summary(val_bpb, num_params, depth)
 
 and runs train() through main(), which starts the run's record, holds the cache for reading and turns running out
 of memory, SIGTERM and any other stop into one line and a `failed` record.
 
-What the fixed code promises it checks itself, at the start and at the end: the metric's constants (TIME_BUDGET,
+What the fixed code promises it checks itself, at the start and at the end: the metric's constants (the budget,
 MAX_SEQ_LEN, EVAL_TOKENS) as read at start, in constants, train.py and here (one reassigned before the start stops
 the run at once; one changed during it makes the run comparable with none); the uncounted steps; the steps begun
 after the budget ran out; the rows and sequence length the metric scored, and that val_bpb is the metric's. Every
