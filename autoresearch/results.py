@@ -662,11 +662,16 @@ def judge(rows, records, row, data):
         return out
     said = verdict(exp["value"], best["value"], floor)
     if said is not None:
-        value = f"{'mean ' if len(exp['runs']) > 1 else ''}{exp['value']:.6f}"
+        rerun = len(exp["runs"]) > 1  # (a marginal win confirmed: its mean beats the best by more than F)
+        value = f"{'mean ' if rerun else ''}{exp['value']:.6f}"
+        advice = {"better": "", "marginal": ": its mean beats the best by more than the floor: keep" if rerun else
+                  ": keep it for now and run it again", "equal": ": keep only if it makes train.py simpler",
+                  "worse": ""}[said]
         out["line"] = (f"verdict: {said} ({value} against the best {best['value']:.6f}, #{best['number']}; floor "
-                       f"{floor:.6f})" + {"better": "", "marginal": ": run it again before deciding",
-                                          "equal": ": keep only if it makes train.py simpler", "worse": ""}[said])
-        out["contradiction"] = (said, row["status"]) in (("better", "discard"), ("worse", "keep"))
+                       f"{floor:.6f}){advice}")
+        wins = ("better", "marginal") if rerun else ("better",)
+        out["contradiction"] = (said in wins and row["status"] == "discard") or (said == "worse" and
+                                                                               row["status"] == "keep")
     ratio = speed_ratio(speed, experiment_speed(best))
     if off_speed(ratio):
         out["notes"].append(f"this run trained at {ratio:.2f}x the model FLOP/s of the best's runs: under a time "

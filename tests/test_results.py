@@ -152,6 +152,22 @@ def test_record_prints_the_verdict_and_refuses_a_status_that_contradicts_it(repo
         assert f"verdict: {verdict} (0.99" in capsys.readouterr().out
 
 
+def test_a_confirmed_marginal_win_is_a_keep(repo, tmp_path, capsys):
+    repo("baseline")
+    for val in ("0.9979", "0.9969"):  # B = 0.9974, F = 0.001
+        finished_run(tmp_path, val)
+        results.record("keep", "baseline")
+    repo("idea")
+    finished_run(tmp_path, "0.9955")  # marginal: keep for now, run again
+    results.record("keep", "idea")
+    assert "keep it for now and run it again" in capsys.readouterr().out
+    finished_run(tmp_path, "0.9957")  # the mean, 0.9956, beats B by more than F: a confirmed win
+    with pytest.raises(SystemExit, match="its mean beats the best by more than the floor: keep.*contradicts"):
+        results.record("discard", "idea")
+    results.record("keep", "idea")
+    assert results.experiments(rows())[1]["status"] == "keep"
+
+
 def test_a_marginal_rerun_is_judged_on_the_mean_of_its_runs(repo, tmp_path, capsys):
     repo("baseline")
     for val in ("0.9979", "0.9969"):
