@@ -46,8 +46,8 @@ def _env(name, default, parse, ok, allowed, unset_means=None):
 # step computes (runtime.Run): the same code takes the same steps on any machine at any load. The standard one is
 # what the reference's baseline computed in its 5 minutes on an H100: 953 steps of 1.543e14 FLOPs as torch's
 # counter counts the baseline's step on the CPU (2.936e8 per token forward and backward, every key of the windowed
-# layers counted, plus 3.2e11 for Muon). The small one is 99 steps of the small baseline (4.045e10 each), about 65 s of
-# training on a quiet 2-core CPU (docs/PERF_NOTES.md).
+# layers counted, plus 3.2e11 for Muon). The small one is 99 steps of the small baseline (4.045e10 each), about
+# 65 s of training on a quiet 2-core CPU (docs/PERF_NOTES.md).
 DEFAULTS = {"MAX_SEQ_LEN": 2048, "TIME_BUDGET": 300.0, "EVAL_TOKENS": 40 * 524288, "BUDGET": "time",
             "FLOP_BUDGET": 1.47e17}
 # The small preset, for machines without a big CUDA GPU (a CPU, Apple silicon, a small GPU): these constants, and
