@@ -1,4 +1,5 @@
-"""train.py's model: the baseline's size and FLOPs by hand from the reference's description, shapes, attention paths, learning."""
+"""train.py's model: the baseline's size and FLOPs by hand from the reference's description, shapes, attention
+paths, learning."""
 import math
 
 import pytest
