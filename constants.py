@@ -3,7 +3,7 @@
 Every number here is the reference design's (see README.md), so that val_bpb figures compare across users.
 A few environment overrides exist for tests and small machines only; a run that sets any of the metric's ones
 (preset, time budget, eval size, context length) compares only with runs under the same settings:
-  AUTORESEARCH_PRESET        small: the small preset (a CPU, Apple silicon, a small GPU; see README.md)
+  AUTORESEARCH_PRESET        small: the small preset (a CPU, Apple silicon, a small GPU; docs/PLATFORMS.md)
   AUTORESEARCH_FORCE         1: run the standard configuration off CUDA anyway (it would take hours per step)
   AUTORESEARCH_CACHE_DIR     where data, tokenizer and token files live (default ~/.cache/autoresearch)
   AUTORESEARCH_BUDGET        time or flops: what ends training (default: time, flops under the small preset)

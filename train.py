@@ -25,8 +25,8 @@ from prepare import check_cache, evaluate_bpb, make_dataloader
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters (the agent's knobs). Sizes derive from DEPTH.
 
-# With AUTORESEARCH_PRESET=small (a CPU, Apple silicon, a small GPU: README.md) the sizes take their small value,
-# the first in `X if SMALL else Y`.
+# With AUTORESEARCH_PRESET=small (a CPU, Apple silicon, a small GPU: docs/PLATFORMS.md) the sizes take their small
+# value, the first in `X if SMALL else Y`.
 DEPTH = 2 if SMALL else 8   # transformer layers; model_dim = DEPTH * ASPECT_RATIO rounded up to HEAD_DIM
 ASPECT_RATIO = 64           # model_dim per layer
 HEAD_DIM = 128              # attention head size; n_head = model_dim / HEAD_DIM
@@ -325,7 +325,7 @@ def build_model(config, device):
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer: AdamW for embeddings, head and scalars; Muon (Polar Express orthogonalization + NorMuon variance
 # normalization + cautious weight decay) for the 2-D matrices inside the blocks. The numerics are the compiled
-# reference's (README.md, "Design choices"); `low` is bf16 on CUDA as there, fp32 on the CPU.
+# reference's (docs/DESIGN.md); `low` is bf16 on CUDA as there, fp32 on the CPU.
 
 # Polar Express coefficients (Amsel et al. 2025), one (a, b, c) per iteration.
 POLAR_EXPRESS_COEFFS = [

@@ -257,8 +257,8 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
     if unreachable:  # (one line: the shards' own failures all say the same)
         raise UserError(f"{unreachable[0]}: check the network or HF_ENDPOINT and run prepare.py again "
                         f"({counts['failed']} of {len(indices)} shards not fetched; whole shards are kept), or "
-                        "prepare offline from text you have, e.g. Python's standard library (README.md, Quick "
-                        "start): `uv run prepare.py --source DIR`")
+                        "prepare offline from text you have, e.g. Python's standard library (README.md, 'Quick "
+                        "start'): `uv run prepare.py --source DIR`")
     print(f"data: {counts['downloaded']} downloaded, {counts['present']} already present, {counts['failed']} failed",
           flush=True)
     return failed

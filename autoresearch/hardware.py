@@ -22,7 +22,7 @@ from autoresearch.errors import UserError
 # The oldest Linux driver each CUDA major version runs on (CUDA's minor-version compatibility; NVIDIA's CUDA
 # Toolkit release notes). torch's default Linux wheels on PyPI are built with CUDA 13.0 as of torch 2.11.
 MIN_DRIVER = {13: 580, 12: 525, 11: 450}
-DRIVER_HELP = "see README.md, 'Older NVIDIA drivers' (or set AUTORESEARCH_DEVICE=cpu to run on the CPU anyway)"
+DRIVER_HELP = "see docs/PLATFORMS.md, 'Older NVIDIA drivers' (or set AUTORESEARCH_DEVICE=cpu to run on the CPU anyway)"
 
 
 def nvidia_driver_version(proc_file="/proc/driver/nvidia/version"):
@@ -70,8 +70,8 @@ def get_device():
     device = detect_device()
     if device.type != "cuda" and not constants.SMALL and not constants.FORCE:
         raise UserError(f"no CUDA GPU: on {device.type} the standard configuration would take hours per step; run "
-                         "the small preset, `AUTORESEARCH_PRESET=small uv run train.py` (README.md, 'Small machines'), "
-                         "or set AUTORESEARCH_FORCE=1 to run it anyway")
+                        "the small preset, `AUTORESEARCH_PRESET=small uv run train.py` (docs/PLATFORMS.md, 'Small "
+                        "machines'), or set AUTORESEARCH_FORCE=1 to run it anyway")
     return device
 
 
@@ -100,7 +100,8 @@ def describe_device():
     except UserError as e:
         return f"train.py cannot start: {e.message}"
     if device.type != "cuda":
-        return f"train.py will run on {device.type}, with AUTORESEARCH_PRESET=small (README.md, 'Small machines')"
+        return (f"train.py will run on {device.type}, with AUTORESEARCH_PRESET=small (docs/PLATFORMS.md, 'Small "
+                "machines')")
     return f"train.py will run on cuda ({torch.cuda.get_device_name(device)})"
 
 
@@ -129,7 +130,7 @@ def compile_model(model, device):
     whole. On CUDA nothing else is ever called, so an uncompiled FlexAttention (full score matrices) never runs."""
     if device.type == "cuda" and not can_compile(device):
         print("note: Triton is not installed (native Windows?): running eagerly, several times slower; WSL2 "
-              "compiles (README.md, 'Windows')", flush=True)
+              "compiles (docs/PLATFORMS.md, 'Windows')", flush=True)
     if not can_compile(device):
         return model
     if hasattr(model, "compiled_regions"):

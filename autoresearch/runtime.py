@@ -403,7 +403,7 @@ class Run:
 
     def summary(self, val_bpb, num_params, depth):
         """Print the run's notes (settings, a budget overshot, what makes it comparable with no other), then `---`
-        and the summary: the reference's nine keys in its order and format, then this project's (README.md lists
+        and the summary: the reference's nine keys in its order and format, then this project's (docs/RUN.md lists
         them); write the run's record. A run that counted no step, or whose metric is not finite, ends instead in
         one `error:` line (and a `failed` record)."""
         t_end = _clock()
