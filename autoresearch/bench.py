@@ -197,31 +197,6 @@ def bench_startup(budget=20, log_dir=None, warm=False):
     return out
 
 
-# Kernel categories of a profile, by kernel name (the first that matches wins), as the reference's profile has them.
-KERNEL_CATEGORIES = [
-    ("attention: FlexAttention", ("flex_attention",)),
-    ("attention: cuDNN", ("cudnn", "fmha", "fort_native_sdpa")),
-    ("attention: flash / mem-efficient", ("flash_fwd", "flash_bwd", "fmha_cutlass", "efficient_attention")),
-    ("matmul (GEMM)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "splitk")),
-    ("cross-entropy / softmax", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
-    ("RMSNorm", ("rms_norm", "rsqrt")),
-    ("ReLU^2", ("relu", "threshold_backward")),
-    ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat_")),
-    ("other fused elementwise (Triton)", ("triton_",)),
-]
-
-
-def kernel_categories(kernels):
-    """{category: seconds} from (kernel name, seconds) pairs, in KERNEL_CATEGORIES' order, "other" last."""
-    totals = {name: 0.0 for name, _ in KERNEL_CATEGORIES}
-    totals["other"] = 0.0
-    for kernel, seconds in kernels:
-        lowered = kernel.lower()
-        category = next((name for name, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)), "other")
-        totals[category] += seconds
-    return {name: t for name, t in totals.items() if t > 0}
-
-
 def bench_profile(steps=3, warmup=15):
     """Where a steady training step of train.py's model spends its GPU time: `warmup` steps (they compile), then
     `steps` steps under the profiler, kernel time by category (CUDA)."""
@@ -265,7 +240,7 @@ def bench_profile(steps=3, warmup=15):
         torch.cuda.synchronize()
     kernels = [(e.key, e.device_time_total / 1e6 / steps) for e in prof.key_averages()
                if getattr(e, "device_time_total", 0) > 0]
-    categories = kernel_categories(kernels)
+    categories = hardware.kernel_categories(kernels)
     total = sum(categories.values())
     out = [(f"profile: {name}", f"{1000 * t:.1f} ms per step ({100 * t / total:.1f}%)") for name, t in
            sorted(categories.items(), key=lambda kv: -kv[1])]

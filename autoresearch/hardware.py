@@ -337,21 +337,45 @@ def peak_flops(device):
 # ---------------------------------------------------------------------------------------------------------------
 # What ran, and whether the run compares with standard ones
 
-ATTENTION_KINDS = [("cuDNN SDPA", ("_scaled_dot_product_cudnn_attention", "cudnn_generated_fort_native_sdpa")),
-                   ("flash SDPA", ("_scaled_dot_product_flash_attention", "flash_fwd", "flash_bwd")),
-                   ("mem-efficient SDPA", ("_scaled_dot_product_efficient_attention", "fmha_cutlass")),
-                   ("math SDPA (slow)", ("_scaled_dot_product_attention_math",)),
-                   ("FlexAttention", ("flex_attention",))]
+# Kernels (and profiler events) by category, the first that matches a lowered name wins: the attention line names
+# the attention that ran (so a silent fallback to a slower kernel shows in run.log), and a profile sums kernel time
+# per category (bench profile). Mem-efficient before cuDNN: its kernels are "fmha_cutlass...".
+KERNEL_CATEGORIES = [
+    ("attention: FlexAttention", ("flex_attention",)),
+    ("attention: mem-efficient SDPA", ("_scaled_dot_product_efficient_attention", "fmha_cutlass",
+                                       "efficient_attention")),
+    ("attention: cuDNN SDPA", ("_scaled_dot_product_cudnn_attention", "cudnn", "fort_native_sdpa", "fmha")),
+    ("attention: flash SDPA", ("_scaled_dot_product_flash_attention", "flash_fwd", "flash_bwd")),
+    ("attention: math SDPA (slow)", ("_scaled_dot_product_attention_math",)),
+    ("matmul (GEMM)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "splitk")),
+    ("cross-entropy / softmax", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("RMSNorm", ("rms_norm", "rsqrt")),
+    ("ReLU^2", ("relu", "threshold_backward")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat_")),
+    ("other fused elementwise (Triton)", ("triton_",)),
+]
+
+
+def kernel_category(name):
+    """The category of a kernel or profiler event name, "other" where none matches."""
+    lowered = name.lower()
+    return next((category for category, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)), "other")
+
+
+def kernel_categories(kernels):
+    """{category: seconds} from (kernel name, seconds) pairs, in KERNEL_CATEGORIES' order, "other" last."""
+    totals = dict.fromkeys([name for name, _ in KERNEL_CATEGORIES] + ["other"], 0.0)
+    for kernel, seconds in kernels:
+        totals[kernel_category(kernel)] += seconds
+    return {name: t for name, t in totals.items() if t > 0}
 
 
 def attention_kernels(event_names):
-    """{implementation: count} of the attention that ran, from (profiler event or kernel name, count) pairs, so
-    a silent fallback to a slower kernel shows in run.log."""
+    """{implementation: count} of the attention that ran, from (profiler event or kernel name, count) pairs."""
     found = {}
     for name, count in event_names:
-        lowered = name.lower()
-        for label, keys in ATTENTION_KINDS:
-            if any(key in lowered for key in keys):
-                found[label] = found.get(label, 0) + count
-                break
+        category = kernel_category(name)
+        if category.startswith("attention: "):
+            label = category[len("attention: "):]
+            found[label] = found.get(label, 0) + count
     return found

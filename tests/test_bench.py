@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from autoresearch import bench
+from autoresearch import bench, hardware
 from conftest import ROOT
 
 
@@ -15,8 +15,8 @@ def test_kernels_are_sorted_into_the_profiles_categories():
                ("triton_red_fused__to_copy_mul_rsqrt_0", 0.25), ("triton_poi_fused_relu_pow_1", 0.25),
                ("triton_per_fused__log_softmax_backward_2", 0.125), ("Memcpy HtoD (Pageable -> Device)", 0.0625),
                ("triton_poi_fused_add_mul_3", 0.03125), ("void at::native::vectorized_elementwise_kernel", 1.0)]
-    got = bench.kernel_categories(kernels)
-    assert got == {"matmul (GEMM)": 4.0, "attention: FlexAttention": 2.0, "attention: cuDNN": 0.5, "RMSNorm": 0.25,
+    got = hardware.kernel_categories(kernels)
+    assert got == {"matmul (GEMM)": 4.0, "attention: FlexAttention": 2.0, "attention: cuDNN SDPA": 0.5, "RMSNorm": 0.25,
                    "ReLU^2": 0.25, "cross-entropy / softmax": 0.125, "copy / fill": 0.0625,
                    "other fused elementwise (Triton)": 0.03125, "other": 1.0}
 

@@ -399,6 +399,7 @@ def test_constants_changed_at_run_time_make_a_run_comparable_with_none(monkeypat
       ("triton_tem_fused_flex_attention_0", 12), ("aten::mm", 90)], {"cuDNN SDPA": 8, "FlexAttention": 12}),
     ([("aten::_scaled_dot_product_flash_attention", 2), ("void flash_fwd_kernel<...>", 2)], {"flash SDPA": 4}),
     ([("aten::_scaled_dot_product_attention_math", 3)], {"math SDPA (slow)": 3}),
+    ([("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", 2)], {"mem-efficient SDPA": 2}),  # (not cuDNN's "fmha")
     ([("aten::mm", 5)], {}),
 ])
 def test_attention_kernels_are_named_from_profiler_events(names, expected):
