@@ -355,7 +355,7 @@ def corpus_documents(roots):
                     yield piece
 
 
-def build_corpus(out, roots):
+def write_corpus(out, roots):
     """Write the corpus of roots to out as shard_06542.parquet (validation: the last documents of the shuffle, up
     to CORPUS_VAL_BYTES or a fifth of the text) and shard_00000.parquet, ... (the rest, CORPUS_SHARD_BYTES each);
     returns (documents, bytes, digest), the digest naming the shuffled document list."""
@@ -400,7 +400,7 @@ def main():
     if args.what == "corpus":
         import site
         from constants import DATA_DIR
-        docs, size, digest = build_corpus(args.dir or DATA_DIR, args.roots or site.getsitepackages())
+        docs, size, digest = write_corpus(args.dir or DATA_DIR, args.roots or site.getsitepackages())
         print(f"corpus: {docs} docs, {size / 1e6:.1f} MB, digest {digest} -> {args.dir or DATA_DIR}")
         return
     if args.what == "gpu":

@@ -382,8 +382,8 @@ def reading(cache_dir=CACHE_DIR):
         raise UserError(f"prepare.py is writing the cache {cache_dir}: wait for it to finish, then run again") \
             from None
     except (OSError, sqlite3.Error) as e:
-        print(f"note: the cache's lock cannot be taken ({e}): running unlocked, as for a read-only cache (no "
-              "prepare.py can change it under this run either)", flush=True)
+        print(f"note: the cache's lock cannot be taken ({e}): running unlocked (a read-only cache needs none; a "
+              "writable one is then not guarded against a prepare.py during this run)", flush=True)
         yield
         return
     try:

@@ -371,13 +371,17 @@ def summary_lines(paths, agents, problems):
 # ---------------------------------------------------------------------------------------------------------------
 # Recording
 
+def summary_blocks(text):
+    """[{key: value}] of each block after a `---` line in a run log, in order."""
+    return [dict(re.findall(r"^(\w+):[ \t]+(.*?)\s*$", block, flags=re.M))
+            for block in ("\n" + text).split("\n---\n")[1:]]
+
+
 def run_summary(text):
     """{key: value} of a run log's last summary block (after its last `---` line); empty when there is none.
-    For people and benchmarks: `record` reads the run's record, never this."""
-    if "\n---\n" not in "\n" + text:
-        return {}
-    block = ("\n" + text).rsplit("\n---\n", 1)[1]
-    return dict(re.findall(r"^(\w+):[ \t]+(.*?)\s*$", block, flags=re.M))
+    For people and benchmarks: `record` trusts the run's record, and reads the log only to check it against it."""
+    blocks = summary_blocks(text)
+    return blocks[-1] if blocks else {}
 
 
 def crash_reason(text):
@@ -481,9 +485,8 @@ def check_run(data, text):
                         f"{done.get('file')}: run the next experiment first")
     if data["status"] != "finished":
         return
-    blocks = [dict(re.findall(r"^(\w+):[ \t]+(.*?)\s*$", block, flags=re.M))
-              for block in ("\n" + text).split("\n---\n")[1:]]  # (the summary of this run: its run_id)
-    shown = next((to_float(b.get("val_bpb")) for b in blocks if b.get("run_id") == data["run_id"]), math.nan)
+    shown = next((to_float(b.get("val_bpb")) for b in summary_blocks(text) if b.get("run_id") == data["run_id"]),
+                 math.nan)  # (the summary block of this run, by its run_id)
     if not abs(shown - data["val_bpb"]) <= 5e-7:
         raise UserError(f"the log's summary says val_bpb {shown} but the run's record says {data['val_bpb']}: the "
                         "record or the log was changed after the run; not recorded. Run again")

@@ -124,7 +124,7 @@ def test_the_benchmark_corpus_is_laid_out_as_the_hubs_and_named_by_its_digest(tm
     (root / "pkg" / "short.txt").write_text("too short")
     (root / "pkg" / "data.bin").write_text("not text " * 100)
     out = tmp_path / "data"
-    docs, size, digest = bench.build_corpus(str(out), [str(root)])
+    docs, size, digest = bench.write_corpus(str(out), [str(root)])
     assert sorted(os.listdir(out)) == ["shard_00000.parquet", "shard_06542.parquet"]
     train = pq.read_table(out / "shard_00000.parquet").column("text").to_pylist()
     val = pq.read_table(out / "shard_06542.parquet").column("text").to_pylist()
@@ -133,4 +133,4 @@ def test_the_benchmark_corpus_is_laid_out_as_the_hubs_and_named_by_its_digest(tm
                                                                                        train + val)
     shuffled = train + val[::-1]  # (validation takes the shuffle's last documents)
     assert digest == hashlib.sha256(b"".join(hashlib.sha1(d.encode()).digest() for d in shuffled)).hexdigest()[:16]
-    assert bench.build_corpus(str(tmp_path / "again"), [str(root)])[2] == digest  # the same text, the same corpus
+    assert bench.write_corpus(str(tmp_path / "again"), [str(root)])[2] == digest  # the same text, the same corpus
