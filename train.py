@@ -8,14 +8,12 @@ the MuonAdamW optimizer, the schedules and the training loop. Everything here is
 parts it calls: prepare.py (tokenizer, loader, the metric evaluate_bpb) and the harness in autoresearch/:
 hardware.py (device, precision, compiling, memory) and runtime.py (the budget, progress lines, the summary).
 """
-import functools
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from autoresearch import hardware, runtime
 from autoresearch.errors import UserError
@@ -90,45 +88,6 @@ def window_sizes(config):
     return sizes
 
 
-def sliding_window_mask(window):
-    """FlexAttention mask_mod: causal, and a query sees at most `window` keys back (FA3's left window)."""
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
-    return mask_mod
-
-
-@functools.lru_cache(maxsize=None)
-def block_masks(T, windows, device):
-    """FlexAttention block masks {window: BlockMask} for the windows shorter than the sequence length T actually
-    seen, built once per (T, windows, device), so a shorter sequence or another window pattern just works. Called
-    from GPT.forward, which runs eagerly (only its regions are compiled): the masks are data for the blocks."""
-    return {w: create_block_mask(sliding_window_mask(w), None, None, T, T, device=device)
-            for w in sorted(set(windows)) if w < T}
-
-
-def attention(q, k, v, window, block_mask, kernel="flex"):
-    """Causal attention. q: [B, T, H, D], k, v: [B, T, KV, D] -> [B, T, H, D].
-
-    Full-window layers use SDPA (on CUDA cuDNN first, see runtime.main). Windowed layers use the kernel
-    hardware.window_kernel picked: cuDNN's sliding window, or FlexAttention with a block mask from block_masks()
-    (no T x T mask is ever materialized) on CUDA; SDPA with an explicit boolean mask elsewhere (CPU, MPS: simple
-    and correct for small runs)."""
-    T = q.size(1)
-    gqa = q.size(2) != k.size(2)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if window >= T:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif kernel == "cudnn":
-        y = hardware.cudnn_window_attention(q, k, v, window)
-    elif block_mask is not None:
-        y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-    else:
-        i = torch.arange(T, device=q.device)
-        diff = i[:, None] - i[None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(diff >= 0) & (diff <= window), enable_gqa=gqa)
-    return y.transpose(1, 2)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -153,7 +112,7 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # [B, T, KV]
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        y = attention(q, k, v, window, block_mask, self.window_kernel)
+        y = hardware.attention(q, k, v, window, block_mask, self.window_kernel)  # the kernel: hardware.py's
         return self.c_proj(y.contiguous().view(B, T, C))
 
 
@@ -296,8 +255,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         assert T <= self.config.sequence_len, f"sequence length {T} > the model's {self.config.sequence_len}"
         cos, sin = self.cos[:, :T], self.sin[:, :T]
-        flex = idx.device.type == "cuda" and self.config.window_kernel == "flex"
-        masks = block_masks(T, tuple(self.windows), idx.device) if flex else {}
+        masks = hardware.attention_masks(T, self.windows, idx.device, self.config.window_kernel)  # {window: mask}
         x0 = norm(self.transformer.wte(idx))
         x = x0.clone()  # (x aliasing x0 would make the first block a compiled graph of its own)
         for i, block in enumerate(self.transformer.h):

@@ -15,6 +15,7 @@ an independent reference for the tests: prepare.make_dataloader must produce the
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -82,13 +83,14 @@ def bench_attention(B=32, H=4, T=MAX_SEQ_LEN, D=128, iters=20):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    from train import sliding_window_mask
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from autoresearch import hardware
     assert torch.cuda.is_available(), "bench.py attention needs a CUDA GPU"
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     flex = torch.compile(flex_attention, dynamic=False)
     window = T // 2
-    mask = create_block_mask(sliding_window_mask(window), None, None, T, T, device="cuda")
+    mask = hardware.block_masks(T, (window,), torch.device("cuda"))[window]
 
     def sdpa(backend):
         def f():
@@ -96,9 +98,8 @@ def bench_attention(B=32, H=4, T=MAX_SEQ_LEN, D=128, iters=20):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return f
 
-    from autoresearch.hardware import cudnn_window_attention
     candidates = [("cuDNN sliding window (nvidia-cudnn-frontend)",
-                   lambda: cudnn_window_attention(q, k, v, window), window),
+                   lambda: hardware.cudnn_window_attention(q, k, v, window), window),
                   ("SDPA cuDNN, full causal", sdpa(SDPBackend.CUDNN_ATTENTION), T),
                   ("SDPA flash, full causal", sdpa(SDPBackend.FLASH_ATTENTION), T),
                   ("SDPA mem-efficient, full causal", sdpa(SDPBackend.EFFICIENT_ATTENTION), T),
@@ -125,12 +126,12 @@ def bench_attention(B=32, H=4, T=MAX_SEQ_LEN, D=128, iters=20):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_train(source=None, budget=None, log=None, timeout=None):
+def run_train(source=None, budget=None, log=None, timeout=None, env=None):
     """Run train.py (or `source`, an edited copy of it) as `uv run train.py` does, in a temporary folder (its
-    run.json never replaces an agent's), with AUTORESEARCH_TIME_BUDGET=budget when given; the output goes to the
-    file `log` when given. Returns (exit status, {summary key: value}, the output's last 300 characters)."""
+    run.json never replaces an agent's), with AUTORESEARCH_TIME_BUDGET=budget when given and the variables in
+    `env`; the output goes to the file `log` when given. Returns (exit status, {summary key: value}, the output)."""
     import tempfile
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     if budget is not None:
         env["AUTORESEARCH_TIME_BUDGET"] = str(budget)
     with tempfile.TemporaryDirectory() as folder:
@@ -140,7 +141,7 @@ def run_train(source=None, budget=None, log=None, timeout=None):
             with open(path, "w", encoding="utf-8") as f:
                 f.write(source)
         status, out = run_logged([sys.executable, path], folder, env, timeout, log)
-    return status, run_summary(out) if status == 0 else {}, out.strip()[-300:]
+    return status, run_summary(out) if status == 0 else {}, out
 
 
 def run_logged(command, cwd, env, timeout, log=None):
@@ -166,7 +167,7 @@ def bench_run(budget=None, log=None):
     label = "train.py" + (f" ({budget:g}-s budget)" if budget else "")
     status, keys, tail = run_train(budget=budget, log=log)
     if status != 0:
-        return [(f"{label} run", f"failed (exit {status}): {tail}")]
+        return [(f"{label} run", f"failed (exit {status}): {tail.strip()[-300:]}")]
     return [(f"{label}: {k}", keys[k]) for k in RUN_KEYS if k in keys]
 
 
@@ -190,61 +191,25 @@ def bench_startup(budget=20, log_dir=None, warm=False):
         log = os.path.join(log_dir, f"startup-{n}.log") if log_dir else None
         status, keys, tail = run_train(source if old is None else source.replace(old, new), budget, log)
         if status != 0 or "startup_seconds" not in keys:
-            out.append((f"start-up: {label}", f"failed (exit {status}): {tail}"))
+            out.append((f"start-up: {label}", f"failed (exit {status}): {tail.strip()[-300:]}"))
             continue
         out.append((f"start-up: {label}", ", ".join(f"{k} {keys[k]}" for k in (
             "startup_seconds", "eval_seconds", "total_seconds", "tok_per_sec", "num_steps"))))
     return out
 
 
-def bench_profile(steps=3, warmup=15):
-    """Where a steady training step of train.py's model spends its GPU time: `warmup` steps (they compile), then
-    `steps` steps under the profiler, kernel time by category (CUDA)."""
+def bench_profile(step=15, budget=20, log=None):
+    """Where a steady training step of train.py spends its GPU time: a short run of train.py that profiles step
+    `step` (AUTORESEARCH_PROFILE_STEP; the first 11 compile), kernel time by category as the run prints it (CUDA)."""
     import torch
-    import train
-    from autoresearch import hardware
-    from prepare import check_cache, make_dataloader
     if not torch.cuda.is_available():
         return [("profile", "needs a CUDA GPU")]
-    device = torch.device("cuda")
-    tokenizer = check_cache()
-    dim = ((train.DEPTH * train.ASPECT_RATIO + train.HEAD_DIM - 1) // train.HEAD_DIM) * train.HEAD_DIM
-    config = train.GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=train.DEPTH,
-                             n_head=dim // train.HEAD_DIM, n_kv_head=dim // train.HEAD_DIM, n_embd=dim,
-                             window_pattern=train.WINDOW_PATTERN, low_dtype=hardware.low_precision(device))
-    torch.manual_seed(train.SEED)
-    torch.set_float32_matmul_precision("high")
-    model = train.build_model(config, device)
-    optimizer = model.setup_optimizer(train.UNEMBEDDING_LR, train.EMBEDDING_LR, train.MATRIX_LR, train.SCALAR_LR,
-                                      train.WEIGHT_DECAY, train.ADAM_BETAS)
-    model = hardware.compile_model(model, device)
-    rows = train.DEVICE_BATCH_SIZE
-    accum = train.TOTAL_BATCH_SIZE // (rows * MAX_SEQ_LEN)
-    batches = make_dataloader(tokenizer, rows, MAX_SEQ_LEN, "train", device)
-
-    def step():
-        for _ in range(accum):
-            x, y, _ = next(batches)
-            with hardware.autocast(device):
-                loss = model(x, y)
-            (loss / accum).backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = [(e.key, e.device_time_total / 1e6 / steps) for e in prof.key_averages()
-               if getattr(e, "device_time_total", 0) > 0]
-    categories = hardware.kernel_categories(kernels)
-    total = sum(categories.values())
-    out = [(f"profile: {name}", f"{1000 * t:.1f} ms per step ({100 * t / total:.1f}%)") for name, t in
-           sorted(categories.items(), key=lambda kv: -kv[1])]
-    return out + [("profile: all kernels", f"{1000 * total:.1f} ms per step ({rows} rows x {accum} micro-batches)")]
+    status, _, out = run_train(budget=budget, log=log, env={"AUTORESEARCH_PROFILE_STEP": str(step)})
+    found = re.search(r"^kernels \(profiled step \d+\): (.*)$", out, flags=re.M)
+    if not found:
+        return [("profile", f"no profile (exit {status}; CUDA only): {out.strip()[-300:]}")]
+    return [(f"profile: {name}", time) for name, time in
+            (re.match(r"(.*) (\S+ ms \(\d+%\))$", part).groups() for part in found.group(1).split("; "))]
 
 
 # The GPU check: one command, one table, every log in one folder, at most 9 minutes on an H100/H200 (estimated

@@ -6,12 +6,15 @@ eager elsewhere); the micro-batch that fits the GPU's memory; the GPU's peak FLO
 a profile shows.
 """
 import contextlib
+import functools
 import importlib.util
 import re
 import shutil
 import subprocess
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import constants
 from autoresearch.errors import UserError
@@ -219,6 +222,50 @@ def fit_device_batch(device, rows, total_rows, fixed_bytes, row_bytes):
 
 CUDNN_WINDOW_GPUS = {(9, 0)}  # Hopper: cuDNN runs causal attention with a left bound, forward and backward, in bf16
 MIN_CUDNN_FOR_WINDOW = 90200  # cuDNN 9.2 (torch 2.11's wheels bring 9.19)
+
+
+def sliding_window_mask(window):
+    """FlexAttention mask_mod: causal, and a query sees at most `window` keys back (FA3's left window)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=None)
+def block_masks(T, windows, device):
+    """FlexAttention block masks {window: BlockMask} for the windows shorter than the sequence length T actually
+    seen, built once per (T, windows, device), so a shorter sequence or another window pattern just works."""
+    return {w: create_block_mask(sliding_window_mask(w), None, None, T, T, device=device)
+            for w in sorted(set(windows)) if w < T}
+
+
+def attention_masks(T, windows, device, kernel):
+    """What attention() needs besides q, k, v for a forward pass over T positions: {window: BlockMask} on the
+    FlexAttention path, else {}. Call it outside the compiled regions (the model's forward runs eagerly): the masks
+    are data for the blocks."""
+    return block_masks(T, tuple(windows), device) if device.type == "cuda" and kernel == "flex" else {}
+
+
+def attention(q, k, v, window, block_mask=None, kernel="flex"):
+    """Causal attention; a query sees at most `window` keys back. q: [B, T, H, D], k, v: [B, T, KV, D] ->
+    [B, T, H, D]. Full-window layers use SDPA (on CUDA cuDNN first, see runtime.main). Windowed layers use the
+    kernel window_kernel() picked: cuDNN's sliding window, or FlexAttention with a block mask from
+    attention_masks() (no T x T mask is ever materialized) on CUDA; SDPA with an explicit boolean mask elsewhere
+    (CPU, MPS: simple and correct for small runs)."""
+    T = q.size(1)
+    gqa = q.size(2) != k.size(2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if window >= T:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif kernel == "cudnn":
+        y = cudnn_window_attention(q, k, v, window)
+    elif block_mask is not None:
+        y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    else:
+        i = torch.arange(T, device=q.device)
+        diff = i[:, None] - i[None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(diff >= 0) & (diff <= window), enable_gqa=gqa)
+    return y.transpose(1, 2)
 
 
 def cudnn_window_attention(q, k, v, window):

@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import constants
 from autoresearch import cache, record
 from autoresearch.errors import UserError, sigterm_as_error
-from autoresearch.hardware import attention_kernels, peak_flops, synchronize
+from autoresearch.hardware import attention_kernels, kernel_categories, peak_flops, synchronize
 
 _clock = time.perf_counter  # every time this module counts (bound here: see the module's docstring)
 _reference_clock = time.monotonic  # what the counted training time is checked against at the end
@@ -139,9 +139,10 @@ class Run:
     and each later step counts as much. Training ends with the first step that brings the counted FLOPs to
     FLOP_BUDGET: the same code takes the same steps on any machine, at any load. `time`: the reference's wall
     clock: on CUDA the first 11 steps (compilation) are not counted; training ends with the first step that brings
-    the counted time to TIME_BUDGET, so a slower or busier machine trains fewer steps. On CUDA step 1 is profiled
-    to name the attention kernels that ran. A step's time is split into forward/backward, optimizer (GPU time on
-    CUDA) and the wait for batches from loader(); a budget that holds few steps is said at once.
+    the counted time to TIME_BUDGET, so a slower or busier machine trains fewer steps. On CUDA step 1
+    (PROFILE_STEP) is profiled to name the attention kernels that ran and where the GPU time went. A step's time is
+    split into forward/backward, optimizer (GPU time on CUDA) and the wait for batches from loader(); a budget that
+    holds few steps is said at once.
 
     The counts live here, read-only from outside (step, training_seconds, done, progress, counted_steps are
     properties), so train.py cannot move them by accident. t_start: time.perf_counter() when train() began."""
@@ -255,7 +256,7 @@ class Run:
                 _MEASURING.enter_context(torch.compiler.set_stance("force_eager"))
             self._counter = _MEASURING.enter_context(FlopCount())
             self._measuring = True
-        if self.step == 1 and self.cuda:  # compiled by now: record the kernels that run
+        if self.step == constants.PROFILE_STEP and self.cuda:  # compiled by now: record the kernels that run
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                 torch.profiler.ProfilerActivity.CUDA],
                                                     acc_events=True)
@@ -280,10 +281,16 @@ class Run:
         loss_f = loss.item()  # waits for the step
         if self._profiler is not None:
             self._profiler.stop()
-            used = attention_kernels((e.key, e.count) for e in self._profiler.key_averages())
+            events = self._profiler.key_averages()
             self._profiler = None
-            print(("\n" if self.tty else "") + "attention (profiled step 1): " + (
+            used = attention_kernels((e.key, e.count) for e in events)
+            times = kernel_categories((e.key, getattr(e, "device_time_total", 0) / 1e6) for e in events)
+            total = sum(times.values()) or 1.0
+            print(("\n" if self.tty else "") + f"attention (profiled step {self.step}): " + (
                 ", ".join(f"{label} x{n}" for label, n in used.items()) or "no attention kernel recognized"))
+            print(f"kernels (profiled step {self.step}): " + "; ".join(
+                f"{name} {1000 * t:.1f} ms ({100 * t / total:.0f}%)" for name, t in
+                sorted(times.items(), key=lambda kv: -kv[1])), flush=True)
         if not math.isfinite(loss_f) or loss_f > 100:
             print(f"\nFAIL: loss is {loss_f} at step {self.step}", flush=True)
             raise UserError(f"the training loss is {loss_f} at step {self.step}: the run diverged; lower the learning "

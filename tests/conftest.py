@@ -12,11 +12,14 @@ TEST_ENV = {
     "AUTORESEARCH_CACHE_DIR": _CACHE,
     "AUTORESEARCH_PRESET": "small",  # (what a CPU runs; the overrides below shrink it further)
     "AUTORESEARCH_TIME_BUDGET": "4",  # (for the tests of the time budget: see set_budget)
-    "AUTORESEARCH_FLOP_BUDGET": "6e10",  # the tiny runs' compute budget: a few steps (4 of test_train's tiny model)
+    "AUTORESEARCH_FLOP_BUDGET": "3e10",  # the tiny runs' budget: one step of the small model, 2 of test_train's
     "AUTORESEARCH_MAX_SEQ_LEN": "128",
     "AUTORESEARCH_EVAL_TOKENS": str(4 * 8 * 128),  # 4 eval batches of 8 rows
     "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: no test can reach the real hub
     "AUTORESEARCH_DEVICE": "cpu",  # the same path on every machine; tests marked `gpu` use CUDA explicitly
+    # Inductor checks each x86 vector ISA by loading a test library in a new Python (~1.3 s each, ~10 per
+    # process that compiles for the CPU): the checks are the compiler's, not this project's.
+    "TORCHINDUCTOR_VEC_ISA_OK": "1",
 }
 for _name in [n for n in os.environ if n.startswith(("AUTORESEARCH_", "HF_"))]:  # a user's own exports stay out
     del os.environ[_name]

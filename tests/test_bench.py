@@ -94,6 +94,20 @@ def test_gpu_only_benchmarks_say_so_on_a_cpu(what, monkeypatch):
             bench.bench_attention()
 
 
+def test_the_profile_benchmark_reads_the_runs_kernel_line(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = {}
+    out = ("step 00015 ...\nkernels (profiled step 15): matmul (GEMM) 41.0 ms (62%); attention: FlexAttention 9.5 ms "
+           "(14%)\n")
+    monkeypatch.setattr(bench, "run_train", lambda **kw: asked.update(kw) or (0, {}, out))
+    assert bench.bench_profile() == [("profile: matmul (GEMM)", "41.0 ms (62%)"),
+                                     ("profile: attention: FlexAttention", "9.5 ms (14%)")]
+    assert asked["env"] == {"AUTORESEARCH_PROFILE_STEP": "15"}
+    monkeypatch.setattr(bench, "run_train", lambda **kw: (1, {}, "error: out of memory"))
+    assert bench.bench_profile()[0][1].startswith("no profile (exit 1")
+
+
 @pytest.mark.parametrize("warm", [False, True])
 def test_the_start_up_benchmark_runs_each_edit_of_train_py(warm, monkeypatch):
     sources = []

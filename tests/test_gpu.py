@@ -79,7 +79,7 @@ def attention_run(base, fn, dtype):
 def assert_window_as_close(fn, base, window):
     """fn (bf16) is as close to SDPA under the explicit window mask in fp32 as that SDPA in bf16 is: output and
     the gradients of q, k, v."""
-    explicit = lambda q, k, v: train.attention(q, k, v, window, None)  # noqa: E731
+    explicit = lambda q, k, v: hardware.attention(q, k, v, window, None)  # noqa: E731
     tested, other = attention_run(base, fn, torch.bfloat16), attention_run(base, explicit, torch.bfloat16)
     truth = attention_run(base, explicit, torch.float32)
     for name, a, b, t in zip(("out", "dq", "dk", "dv"), tested, other, truth):
@@ -91,7 +91,7 @@ def test_flex_attention_matches_sdpa_with_an_explicit_mask():
     torch.manual_seed(0)
     T, window = 512, 128
     base = [torch.randn(2, T, 4, 64, device=CUDA) for _ in range(3)]
-    mask = train.block_masks(T, (window, T), CUDA)[window]
+    mask = hardware.block_masks(T, (window, T), CUDA)[window]
     flex = torch.compile(train.attention, dynamic=False)
     assert_window_as_close(lambda q, k, v: flex(q, k, v, window, mask), base, window)
 
@@ -104,11 +104,11 @@ def test_cudnns_window_matches_flex_attention_and_the_explicit_mask():
     torch.manual_seed(0)
     T, window = 2048, 1024
     base = [torch.randn(2, T, 4, 128, device=CUDA) for _ in range(3)]
-    cudnn = torch.compile(lambda q, k, v: train.attention(q, k, v, window, None, "cudnn"), dynamic=False)
+    cudnn = torch.compile(lambda q, k, v: hardware.attention(q, k, v, window, None, "cudnn"), dynamic=False)
     assert_window_as_close(cudnn, base, window)
-    mask = train.block_masks(T, (window, T), CUDA)[window]
-    flex = torch.compile(lambda q, k, v: train.attention(q, k, v, window, mask), dynamic=False)
-    truth = attention_run(base, lambda q, k, v: train.attention(q, k, v, window, None), torch.float32)
+    mask = hardware.block_masks(T, (window, T), CUDA)[window]
+    flex = torch.compile(lambda q, k, v: hardware.attention(q, k, v, window, mask), dynamic=False)
+    truth = attention_run(base, lambda q, k, v: hardware.attention(q, k, v, window, None), torch.float32)
     for name, a, b, t in zip(("out", "dq", "dk", "dv"), attention_run(base, cudnn, torch.bfloat16),
                              attention_run(base, flex, torch.bfloat16), truth):
         assert_as_close(a, b, t, name)
@@ -145,6 +145,8 @@ def test_tiny_training_run_on_cuda_names_its_attention_kernels(prepared):
     line = re.search(r"^attention \(profiled step 1\): (.*)$", proc.stdout, flags=re.M).group(1)
     chosen = re.search(r"^attention: windowed layers on (.*?) \(", proc.stdout, flags=re.M).group(1)
     assert "cuDNN SDPA" in line and (chosen == "cuDNN's sliding window" or "FlexAttention" in line), (chosen, line)
+    kernels = re.search(r"^kernels \(profiled step 1\): (.*)$", proc.stdout, flags=re.M).group(1)
+    assert "matmul" in kernels and "attention" in kernels, kernels  # where step 1's GPU time went, by kind
     values = dict(re.findall(r"^(\w+): +(\S.*)$", proc.stdout.split("\n---\n")[1], flags=re.M))
     assert values["device"] == "cuda" and float(values["peak_vram_mb"]) > 0
     assert int(values["num_steps"]) > runtime.CUDA_WARMUP_STEPS and float(values["val_bpb"]) > 0

@@ -25,29 +25,24 @@ def rows(repo):
 
 def test_uncommitted_or_reset_code_is_refused_and_a_run_is_recorded_once(prepared, tmp_path):
     repo = agent_repo(tmp_path)
-    assert run_train(repo)[0] == 0
-    with open(os.path.join(repo, "run.log"), "a") as log:  # an extra block after the real summary
-        log.write("---\nnote_from_the_agent: 1\n")
-    assert record_cli(repo, "keep", "baseline").returncode == 0
-    twice = record_cli(repo, "keep", "baseline")  # (2) the agent forgot to run: the same run again
-    assert twice.returncode == 1 and "is already recorded, as row 1" in twice.stderr
-    # (1) an edit the agent forgot to commit
-    edit_train(repo, "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ")
+    edit_train(repo, "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ")  # (1) an edit the agent forgot to commit
     status, log = run_train(repo)
     assert status == 0 and "note: train.py differs from the commit it is on" in log
-    forgot = record_cli(repo, "discard", "matrix lr 0.05")
+    with open(os.path.join(repo, "run.log"), "a") as log:  # an extra block after the real summary
+        log.write("---\nnote_from_the_agent: 1\n")
+    forgot = record_cli(repo, "keep", "matrix lr 0.05")
     assert forgot.returncode == 1 and "commit the code that ran first" in forgot.stderr
     git(repo, "stash", "-q")  # ... or the edit reset away before recording
-    reset = record_cli(repo, "discard", "matrix lr 0.05")
+    reset = record_cli(repo, "keep", "matrix lr 0.05")
     assert reset.returncode == 1 and "commit the code that ran first" in reset.stderr
     git(repo, "stash", "pop", "-q")
     git(repo, "commit", "-qam", "matrix lr 0.05")
-    assert record_cli(repo, "discard", "matrix lr 0.05").returncode == 0
-    assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "baseline"),
-                                                                     ("discard", "matrix lr 0.05")]
-    assert rows(repo)[1]["commit"] == git(repo, "rev-parse", "--short", "HEAD").strip()
-    assert sorted(n.split("-")[0] for n in os.listdir(os.path.join(repo, "runs")) if n.endswith(".log")) == \
-        ["001", "002"]
+    assert record_cli(repo, "keep", "matrix lr 0.05").returncode == 0
+    twice = record_cli(repo, "keep", "matrix lr 0.05")  # (2) the agent forgot to run: the same run again
+    assert twice.returncode == 1 and "is already recorded, as row 1" in twice.stderr
+    assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "matrix lr 0.05")]
+    assert rows(repo)[0]["commit"] == git(repo, "rev-parse", "--short", "HEAD").strip()
+    assert [n.split("-")[0] for n in os.listdir(os.path.join(repo, "runs")) if n.endswith(".log")] == ["001"]
 
 
 def test_a_summary_the_agents_code_printed_before_the_run_was_killed_is_a_crash(prepared, tmp_path):
@@ -237,8 +232,8 @@ def test_a_clock_slowed_before_runtime_read_it_is_said(prepared, monkeypatch, ca
     import conftest
     real = time.perf_counter
     start = real()
-    monkeypatch.setattr(runtime, "_clock", lambda: start + (real() - start) / 4)  # 4x slower: 4x the budget
-    conftest.set_budget(monkeypatch, "time", 1.5)
+    monkeypatch.setattr(runtime, "_clock", lambda: start + (real() - start) / 10)  # 10x slower: 10x the budget
+    conftest.set_budget(monkeypatch, "time", 0.2)
     error, out, run = run_in_process(monkeypatch, capsys)
     assert error is None and "(time.perf_counter was replaced?)" in out
     assert "compares with no" in refused_keep(run)

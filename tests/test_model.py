@@ -87,7 +87,7 @@ def reference_attention(q, k, v, window):
 def test_attention_matches_the_explicit_formula(window):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 32, 4, 16), torch.randn(2, 32, 2, 16), torch.randn(2, 32, 2, 16)
-    out = train.attention(q, k, v, window, block_mask=None)
+    out = hardware.attention(q, k, v, window, block_mask=None)
     assert torch.allclose(out, reference_attention(q, k, v, window), atol=1e-5)
 
 
@@ -96,7 +96,7 @@ def test_flex_attention_block_mask_is_the_same_window():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
-    mask = create_block_mask(train.sliding_window_mask(9), None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    mask = create_block_mask(hardware.sliding_window_mask(9), None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
     out = flex_attention(q, k, v, block_mask=mask)
     ref = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 9).transpose(1, 2)
     assert torch.allclose(out, ref, atol=1e-5)
@@ -141,9 +141,9 @@ def test_mfu_is_not_computed_off_cuda():
 def test_block_masks_follow_the_sequence_length_actually_seen(T):
     from torch.nn.attention.flex_attention import flex_attention
     windows = (32, 32, 128)  # a model made for 128 tokens, called with 64 or 160
-    masks = train.block_masks(T, windows, torch.device("cpu"))
+    masks = hardware.block_masks(T, windows, torch.device("cpu"))
     assert sorted(masks) == sorted({w for w in windows if w < T})  # a window >= T is plain causal attention
-    assert train.block_masks(T, windows, torch.device("cpu")) is masks  # built once per (T, windows, device)
+    assert hardware.block_masks(T, windows, torch.device("cpu")) is masks  # built once per (T, windows, device)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, T, 16) for _ in range(3))
     for w, mask in masks.items():
@@ -231,7 +231,7 @@ def test_cudnns_window_traces_under_torch_compile_with_its_fake_implementation()
 def test_the_model_calls_cudnns_window_only_where_it_was_chosen(monkeypatch):
     calls = []
     monkeypatch.setattr(hardware, "cudnn_window_attention",
-                        lambda q, k, v, window: calls.append(window) or train.attention(
+                        lambda q, k, v, window: calls.append(window) or hardware.attention(
                             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, None).transpose(1, 2))
     for kernel, expected in (("sdpa", []), ("cudnn", [16])):
         calls.clear()
