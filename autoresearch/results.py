@@ -36,12 +36,16 @@ import sys
 from autoresearch import record as run_record
 from autoresearch.errors import UserError
 
-COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]
+# The reference's five columns, then the GPU model the run ran on: runs on different GPU models never compare (each
+# model has its own baseline, floor and verdicts). A file without the gpu column reads as one unknown model.
+COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "gpu"]
+REFERENCE = COLUMNS[:5]
 STATUSES = ("keep", "discard", "crash")
 MIN_FLOOR = 0.001  # program.md: the noise floor is the spread of the baseline's runs, at least this
 SPEED_TOLERANCE = 0.10  # a run whose model FLOP/s is more than 10% off the baseline's ran on another machine, in effect
-RESULTS = ["results.tsv", "results/*.tsv"]  # this folder's and gathered ones; load() adds the other worktrees'
+RESULTS = ["results.tsv", "results/*.tsv"]  # this folder's, and those gathered from other machines
 RERUN = " (rerun)"
+FLEET = "fleet"  # where autoresearch.fleet brings each ended run: fleet/<run id>/run.log, run.json, fleet.json
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,9 +88,10 @@ def read_rows(path, problems):
     if _is_header(first):
         header, body, start = [h.strip().lower() for h in first], lines[1:], 2
     else:
-        problems.append(f"{path} has no header line: read as the columns {', '.join(COLUMNS)}")
-        header, body, start = list(COLUMNS), lines, 1
-    missing = [c for c in COLUMNS if c not in header]
+        header = list(COLUMNS if len(first) > len(REFERENCE) else REFERENCE)
+        problems.append(f"{path} has no header line: read as the columns {', '.join(header)}")
+        body, start = lines, 1
+    missing = [c for c in REFERENCE if c not in header]
     extra = [h for h in header if h not in COLUMNS]
     if missing:
         problems.append(f"{path}: no {', '.join(missing)} column in the header: left blank")
@@ -97,10 +102,11 @@ def read_rows(path, problems):
         if not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) > len(header) and header[-1] == "description":
+        if len(fields) > len(header) and "description" in header:
             problems.append(f"{path}:{n}: a tab inside the description: read as part of it")
-            fields = fields[:len(header) - 1] + [" ".join(fields[len(header) - 1:])]
-        elif len(fields) != len(header):
+            d, extra = header.index("description"), len(fields) - len(header)
+            fields = fields[:d] + [" ".join(fields[d:d + extra + 1])] + fields[d + extra + 1:]
+        elif len(fields) != len(header) and not (header[-1] == "gpu" and len(fields) == len(header) - 1):
             problems.append(f"{path}:{n}: {len(fields)} fields where the header has {len(header)}: missing ones "
                             "left blank")
         row = dict(zip(header, fields))
@@ -142,10 +148,10 @@ def attach_speeds(rows, records):
     order."""
     pending = {}
     for data in records:
-        key = tuple(str(v) for v in data["recorded"].get("row", []))
+        key = tuple(str(v) for v in data["recorded"].get("row", [])[:len(REFERENCE)])
         pending.setdefault(key, []).append(data)
     for row in rows:
-        found = pending.get(tuple(row[c] for c in COLUMNS))
+        found = pending.get(tuple(row[c] for c in REFERENCE))
         data = found.pop(0) if found else None
         speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
         row["speed"] = speed if isinstance(speed, (int, float)) and speed > 0 else None
@@ -268,33 +274,36 @@ def verdict(value, best, floor):
 
 
 def agent_name(path):
-    """An agent's name: the folder of a results.tsv (its worktree), else the file's own name."""
+    """An agent's name: the folder of a results.tsv, else the file's own name (results/host2.tsv: host2)."""
     if os.path.basename(path) == "results.tsv":
         return os.path.basename(os.path.dirname(os.path.abspath(path)))
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def worktree_results():
-    """The results.tsv of every git worktree of the repository here (one agent each, e.g. ../autoresearch-gpu1),
-    as glob patterns; none outside a git checkout. (Other folders beside it are not this repository's.)"""
-    out = run_record.git(".", "worktree", "list", "--porcelain")
-    if out is None:
-        return []
-    return [os.path.join(glob.escape(line[len("worktree "):]), "results.tsv")
-            for line in out.splitlines() if line.startswith("worktree ")]
-
-
-def load(patterns=RESULTS, worktrees=True):
-    """(paths, {agent: experiments}, problems) for every results file the patterns find (and, with worktrees,
-    every git worktree's results.tsv), with the speeds their runs/ folders record."""
-    patterns = list(patterns) + (worktree_results() if worktrees else [])
+def load(patterns=RESULTS):
+    """(paths, {agent: experiments}, problems) for every results file the patterns find, with the speeds their
+    runs/ folders record; a file's runs on several GPU models are one group each ("<file> on <model>")."""
     paths = sorted({os.path.abspath(p) for pattern in patterns for p in glob.glob(pattern)})
     agents, problems = {}, []
     for path in paths:
         name = agent_name(path)
         rows = attach_speeds(read_rows(path, problems), archived_records(runs_folder(path)))
-        agents[name] = experiments(rows, name, problems)
+        groups = gpu_groups(rows)
+        for gpu in sorted(set(groups)):  # (one group per GPU model: their numbers never mix)
+            group = name if len(set(groups)) == 1 else f"{name} on {gpu or 'an unknown GPU'}"
+            agents[group] = experiments([r for r, g in zip(rows, groups) if g == gpu], group, problems)
     return paths, agents, problems
+
+
+def gpu_groups(rows):
+    """The GPU model each row is judged with: its own, or for a row without one (a run that stopped before it saw
+    its device, a file from before the gpu column) the latest model above it, else the first one below."""
+    known = [r["gpu"] for r in rows if r["gpu"]]
+    current, out = (known[0] if known else ""), []
+    for r in rows:
+        current = r["gpu"] or current
+        out.append(current)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,9 +443,15 @@ def identify(text, log_dir):
     return "log-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:24], None, "crash", crash_reason(text)
 
 
-def check_code(data, short):
-    """Refuse a run whose train.py is not, by content, the one committed at HEAD now, saying what to do. A run
-    that stopped before its record began is judged by the train.py here, the best witness of what ran."""
+def check_code(data, short, commit=None):
+    """Refuse a run whose train.py is not, by content, the one committed at HEAD now (or at `commit`, a fleet
+    run's), saying what to do. A run that stopped before its record began is judged by the train.py here, the best
+    witness of what ran (a fleet run's by its commit alone: its tree was the commit's)."""
+    if commit is not None:
+        blob = data["code"]["blob"] if data is not None else None
+        if blob and run_record.git(".", "rev-parse", f"{commit}:train.py") != blob:
+            raise UserError(f"the train.py that ran is not the one in {short}: not recorded")
+        return
     code = data["code"] if data is not None and data["code"]["blob"] else run_record.code_identity("train.py")
     if code["blob"] is not None and run_record.head_blob(code["path"]) != code["blob"]:
         raise UserError(f"the train.py that ran is not the one in HEAD ({short}): commit the code that ran first "
@@ -519,7 +534,7 @@ def mark_recorded(log_dir, data, real, number):
 @contextlib.contextmanager
 def locked(path):
     """Hold results.tsv's lock (results.tsv.lock beside the file, filelock's, as the cache's): one `record` at a
-    time, agents and worktrees included. A folder where the lock cannot be made is one `error:` line."""
+    time, agents and fleet waves included. A folder where the lock cannot be made is one `error:` line."""
     import filelock
     lock = filelock.FileLock(path + ".lock", is_singleton=False)
     try:
@@ -542,7 +557,9 @@ def append_row(path, row):
     except FileNotFoundError:
         old = b""
     end = b"\r\n" if b"\r\n" in old else b"\n"
-    line = "\t".join(row[c] for c in COLUMNS).encode("utf-8") + end
+    first = old.decode("utf-8", "replace").lstrip("\ufeff").splitlines()[:1]
+    columns = REFERENCE if first and _is_header(first[0].split("\t")) and "gpu" not in first[0] else COLUMNS
+    line = "\t".join(row[c] for c in columns).encode("utf-8") + end  # (a file from before the gpu column keeps 5)
     if not old.strip():
         data = "\t".join(COLUMNS).encode("utf-8") + end + line
     else:
@@ -550,10 +567,27 @@ def append_row(path, row):
     run_record.write_atomically(path, data)
 
 
-def record(status, description, log="run.log", path="results.tsv", runs_dir=None, overrule=False):
-    """Append the row of the run in `log` to the results file at `path` (see the module's docstring); prints the
-    row, the verdict the rules give it and what it needs to be read with; returns the row. A status that
-    contradicts the verdict (discard for a clear win, keep for a loss) is refused unless `overrule`."""
+def fleet_run(run_id):
+    """What the fleet brought here of run `run_id` (fleet/<run id>/fleet.json): its commit, where it ran."""
+    path = os.path.join(FLEET, run_id, "fleet.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        assert isinstance(meta, dict) and meta.get("commit") and meta.get("short")
+    except (OSError, ValueError, AssertionError):
+        raise UserError(f"run {run_id} is not here yet ({path}): `uv run -m autoresearch.fleet wait {run_id}` brings "
+                        "it when it ends") from None
+    return meta
+
+
+def record(status, description, log="run.log", path="results.tsv", runs_dir=None, overrule=False, run=None):
+    """Append the row of the run in `log` (or of the fleet's run `run`, filed under its own commit) to the results
+    file at `path` (see the module's docstring); prints the row, the verdict the rules give it and what it needs
+    to be read with; returns the row. A status that contradicts the verdict (discard for a clear win, keep for a
+    loss) is refused unless `overrule`."""
+    meta = fleet_run(run) if run is not None else None
+    if meta is not None:
+        log = os.path.join(FLEET, run, "run.log")
     if status not in STATUSES:
         raise UserError(f"status {status!r}: use one of {', '.join(STATUSES)}")
     description = printable(" ".join(description.split()))
@@ -583,8 +617,10 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
         status, val_bpb, memory = "crash", "0.000000", "0.0"
         description = printable(f"{description} ({' '.join(reason.split())})" if reason not in description
                                 else description)
-    short = head_commit()
-    check_code(data, short)
+    short = meta["short"] if meta else head_commit()
+    check_code(data, short, meta and meta["commit"])
+    gpu = printable(" ".join(str(((data or {}).get("summary") or {}).get("gpu") or (data or {}).get("gpu") or
+                                 (meta or {}).get("gpu") or "").split()))
     real = os.path.realpath(path)
     runs_dir = runs_dir or runs_folder(path)
     with locked(real):
@@ -598,16 +634,20 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
                 raise UserError(f"this run ({identity}) is already recorded, as row "
                                 f"{earlier['recorded'].get('number')} ({' '.join(map(str, row[:1] + row[3:]))}): "
                                 "run the next experiment first")
-        baseline = next((r for r in archived if r.get("status") == "finished"), None)
+        groups = gpu_groups(rows + [dict(gpu=gpu)])  # (this run's model is the last)
+        same = [r for r, g in zip(rows, groups) if g == groups[-1]]
+        mine = {tuple(r[c] for c in REFERENCE) for r in same}
+        baseline = next((r for r in archived if r.get("status") == "finished" and tuple(
+            str(v) for v in r["recorded"].get("row", [])[:len(REFERENCE)]) in mine), None)
         if kind == "finished" and baseline is not None and baseline.get("settings") != data["settings"]:
             raise UserError(f"this run's settings ({data['settings']}) differ from the baseline's "
                             f"({baseline.get('settings')}): its val_bpb does not compare; not recorded. Run it again "
                             "with the baseline's settings")
-        if kind == "finished" and any(r["commit"] == short and r["status"].lower() != "crash" for r in rows):
+        if kind == "finished" and any(r["commit"] == short and r["status"].lower() != "crash" for r in same):
             if not description.endswith(RERUN):
                 description += RERUN
-        row = dict(commit=short, val_bpb=val_bpb, memory_gb=memory, status=status, description=description)
-        judged = judge(rows, archived, row, data)
+        row = dict(commit=short, val_bpb=val_bpb, memory_gb=memory, status=status, description=description, gpu=gpu)
+        judged = judge(same, archived, row, data)
         if judged["contradiction"] and not overrule:
             raise UserError(f"{judged['line']}: `{status}` contradicts it; not recorded. Record "
                             f"{'keep' if status == 'discard' else 'discard'}, or add --overrule if you mean it")
@@ -636,7 +676,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
         rows.append(row)
         if data is not None:
             notes += mark_recorded(log_dir, data, real, number)
-    print("\t".join(row[c] for c in COLUMNS))
+    print("\t".join(row[c] for c in COLUMNS).rstrip("\t"))
     if judged["line"]:
         print(judged["line"] + (" (overruled)" if judged["contradiction"] else ""))
     for note in notes + judged["notes"]:
@@ -692,6 +732,7 @@ def main(argv=None):
     rec.add_argument("status", choices=STATUSES)
     rec.add_argument("description")
     rec.add_argument("--log", default="run.log")
+    rec.add_argument("--run", help="a fleet run's id: record it from fleet/<run id>/, under its own commit")
     rec.add_argument("--file", default="results.tsv")
     rec.add_argument("--overrule", action="store_true",
                      help="record a status that contradicts the verdict (discard a clear win, keep a loss)")
@@ -702,7 +743,7 @@ def main(argv=None):
             stream.reconfigure(errors="backslashreplace")
     try:
         if args.command == "record":
-            record(args.status, args.description, args.log, args.file, overrule=args.overrule)
+            record(args.status, args.description, args.log, args.file, overrule=args.overrule, run=args.run)
         else:
             print("\n".join(printable(line) for line in summary_lines(*load())))
         sys.stdout.flush()

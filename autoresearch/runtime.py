@@ -165,6 +165,8 @@ class Run:
         self._counted_flops, self._step_flops, self._measuring = 0.0, 0.0, False
         self._violations = []  # what train.py did to the fixed rules during the run, in words
         self.peak, self.gpu_name, mfu_note = peak_flops(device)
+        self._record.data["gpu"] = self.gpu_name  # (results.py files the run under its GPU model, crash or not)
+        self._record.save()
         self.startup_seconds, self.smooth_loss, self.train_loss = 0.0, 0.0, float("nan")
         self.phase_seconds = {"forward_backward": 0.0, "optimizer": 0.0, "data_wait": 0.0}  # counted steps
         self.unaccounted_seconds, self._unaccounted_said = 0.0, False

@@ -27,22 +27,19 @@ def write_results(path, rows):
 
 @pytest.fixture(scope="module")
 def notebook_kernel():
-    """One Jupyter kernel for every notebook test (starting one costs seconds): yields run(folder, rows, others,
-    worktrees), which makes folder/repo a git repository with `worktrees` (folder names) added beside it, writes
-    `rows` as folder/repo/results.tsv and `others` ({path relative to folder: rows}), runs every cell of
-    analysis.ipynb from folder/repo and returns the printed output."""
+    """One Jupyter kernel for every notebook test (starting one costs seconds): yields run(folder, rows, others),
+    which makes folder/repo a git repository, writes `rows` as folder/repo/results.tsv and `others` ({path
+    relative to folder: rows}), runs every cell of analysis.ipynb from folder/repo and returns the printed output."""
     nb = nbformat.read(os.path.join(ROOT, "analysis.ipynb"), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     nb.cells = [nbformat.v4.new_code_cell() for _ in range(len(code) + 1)]  # (the client stores each cell run)
     client = NotebookClient(nb, timeout=120, kernel_name="python3")
 
-    def run(folder, rows, others=None, worktrees=()):
+    def run(folder, rows, others=None):
         repo = os.path.join(folder, "repo")
         os.makedirs(repo, exist_ok=True)
         git(repo, "init", "-q")
         git(repo, "commit", "-q", "--allow-empty", "-m", "baseline")
-        for name in worktrees:
-            git(repo, "worktree", "add", "-q", "-b", name, os.path.join(folder, name))
         write_results(os.path.join(repo, "results.tsv"), rows)
         for rel, other_rows in (others or {}).items():
             write_results(os.path.join(folder, rel), other_rows)
@@ -60,11 +57,11 @@ def notebook_kernel():
 
 @pytest.fixture
 def run_notebook(notebook_kernel, tmp_path):
-    return lambda rows, others=None, worktrees=(): notebook_kernel(str(tmp_path), rows, others, worktrees)
+    return lambda rows, others=None: notebook_kernel(str(tmp_path), rows, others)
 
 
-def test_header_is_the_five_columns():
-    assert program_header().split("\t") == ["commit", "val_bpb", "memory_gb", "status", "description"]
+def test_header_is_the_references_five_columns_and_the_gpu():
+    assert program_header().split("\t") == ["commit", "val_bpb", "memory_gb", "status", "description", "gpu"]
 
 
 def test_notebook_on_a_normal_night(run_notebook, tmp_path):
@@ -133,23 +130,23 @@ def test_notebook_overlays_several_agents(run_notebook, tmp_path):
         ("a1b2c3d", "0.995900", "44.0", "keep", "baseline (rerun)"),
         ("c3d4e5f", "0.990000", "44.2", "keep", "halve TOTAL_BATCH_SIZE"),
     ], others={
-        "autoresearch-gpu1/results.tsv": [("b1", "0.000000", "0.0", "crash", "OOM"),
-                                          ("b2", "0.000000", "0.0", "crash", "typo — タイポ")],
+        "repo/results/host3.tsv": [("b1", "0.000000", "0.0", "crash", "OOM"),
+                                   ("b2", "0.000000", "0.0", "crash", "typo — タイポ")],
         "repo/results/host2-gpu0.tsv": [("c1", "0.998000", "44.0", "keep", "baseline"),
                                         ("c1", "0.998500", "44.0", "keep", "baseline (rerun)"),
                                         ("c2", "0.980000", "44.0", "keep", "depth 9")],
         "another-project/results.tsv": [("d1", "1.500000", "0.0", "keep", "not this repository's")],
-    }, worktrees=["autoresearch-gpu1"])
-    assert "3 results file(s)" in out and "another-project" not in out  # a folder beside it, not a worktree
+    })
+    assert "3 results file(s)" in out and "another-project" not in out  # a folder beside it: not this project's
     # a baseline and its re-run are one experiment, worth their mean; experiments are numbered per agent
     assert "  #1    0.996900" in out and "  #2    0.990000" in out
     assert "3 experiments: 3 keep, 0 discard, 0 crash" not in out and "2 experiments: 2 keep" in out
-    for agent in ("repo", "autoresearch-gpu1", "host2-gpu0"):
+    for agent in ("repo", "host3", "host2-gpu0"):
         assert f"== {agent} ==" in out
     assert "noise floor: 0.002000" in out  # repo's two baselines differ by 0.002
     table = out.split("Each agent's best:")[1]
     assert "host2-gpu0" in table and "0.980000" in table and "depth 9" in table
-    assert "autoresearch-gpu1" in table  # the crash-only agent has a row too
+    assert "host3" in table  # the crash-only agent has a row too
     image = np.asarray(Image.open(tmp_path / "repo" / "progress.png").convert("RGB"))
     assert image.shape[1] > 1000
 
@@ -193,7 +190,7 @@ def test_program_md_lists_every_fixed_call_train_py_makes():
 def test_notebook_explains_bad_results_files_and_still_renders(run_notebook, tmp_path):
     (tmp_path / "repo" / "results").mkdir(parents=True)
     (tmp_path / "repo" / "results" / "empty.tsv").write_text("")
-    out = run_notebook([("a1b2c3d", "0.997900", "44.0", "keep", "baseline\twith a tab"),
+    out = run_notebook([("a1b2c3d", "0.997900", "44.0", "keep", "baseline\twith a tab", "cpu"),
                         ("b2c3d4e", "N/A", "44.0", "keep", "lost its value"),
                         ("c3d4e5f", "0.990000", "44.0", "keep", "halve the batch")])
     assert "empty.tsv is empty (not even the header line): skipped" in out

@@ -22,7 +22,10 @@ run_id:           {run_id}
 """
 
 
-def finished_run(folder, val="0.997900", settings="standard", speed=1e12, violations=(), where=None):
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def finished_run(folder, val="0.997900", settings="standard", speed=1e12, violations=(), where=None, gpu=H100):
     """A finished run of the train.py in folder as the fixed code leaves it: run.json (written by
     record.RunRecord, with the constants and budget its settings give) and a run.log whose `run:` line names it,
     both in `where` (default: folder). Returns the run id."""
@@ -30,7 +33,8 @@ def finished_run(folder, val="0.997900", settings="standard", speed=1e12, violat
     fixed = results.expected_constants(settings)
     kind = fixed["BUDGET"]
     rec = record.RunRecord(str(folder / "train.py"), settings, fixed, folder=str(where))
-    rec.finish({"val_bpb": val}, violations, val_bpb=float(val), val_bpb_exact=float(val), peak_vram_mb=45060.2,
+    rec.finish({"val_bpb": val, "gpu": gpu}, violations, val_bpb=float(val), val_bpb_exact=float(val),
+               peak_vram_mb=45060.2,
                model_flops_per_sec=speed, budget_kind=kind,
                budget=fixed["FLOP_BUDGET" if kind == "flops" else "TIME_BUDGET"])
     (where / "run.log").write_text(f"run: {rec.run_id}\ndevice: cuda\nstep 00000 (0.0%) | loss: 9.0\n"
@@ -59,7 +63,8 @@ def repo(tmp_path, monkeypatch):
 
 
 def rows(path="results.tsv"):
-    return results.read_rows(path, [])
+    """The rows' reference columns (test_gpu_models_... checks the gpu column)."""
+    return [{c: r[c] for c in results.REFERENCE} for r in results.read_rows(path, [])]
 
 
 def test_record_a_baseline_its_rerun_a_change_and_a_crash(repo, tmp_path, capsys):
@@ -271,7 +276,7 @@ def test_a_run_at_another_speed_is_said_and_its_baseline_pair_sets_no_floor(repo
     results.record("discard", "double lrs")
     out = capsys.readouterr().out
     assert "this run trained at 0.45x the model FLOP/s of the best's runs" in out and "run it again" in out
-    summary = "\n".join(results.summary_lines(*results.load(["results.tsv"], worktrees=False)))
+    summary = "\n".join(results.summary_lines(*results.load(["results.tsv"])))
     assert "Ran more than 10% away from the best's speed" in summary and "#2    0.45x  discard" in summary
 
 
@@ -335,7 +340,7 @@ def test_a_keep_without_a_value_is_not_a_finished_keep(tmp_path):
 def test_a_results_file_that_is_a_folder_is_skipped_with_a_note(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results" / "x.tsv").mkdir(parents=True)
-    paths, agents, problems = results.load(worktrees=False)
+    paths, agents, problems = results.load()
     assert any("is a folder, not a results file: skipped" in p for p in problems)
 
 
@@ -429,7 +434,7 @@ def test_the_tip_a_simpler_equal_is_said_beside_the_best(tmp_path):
         ("a1", "0.997900", "44.0", "keep", "baseline"), ("a1", "0.998900", "44.0", "keep", "baseline (rerun)"),
         ("b2", "0.990000", "44.0", "keep", "halve the batch"),
         ("c3", "0.990500", "44.0", "keep", "delete the value embeddings gate (simpler, equal)")])
-    paths, agents, problems = results.load([str(tmp_path / "results.tsv")], worktrees=False)
+    paths, agents, problems = results.load([str(tmp_path / "results.tsv")])
     text = "\n".join(results.summary_lines(paths, agents, problems))
     assert "best:     0.990000 (#2 b2" in text
     assert "tip:      0.990500 (#3 c3, the last kept commit: the next experiment starts here; equal to the best " \
@@ -573,3 +578,35 @@ def test_a_run_whose_rules_are_not_its_settings_is_refused(repo, tmp_path, chang
     (tmp_path / "run.json").write_text(json.dumps(data))
     with pytest.raises(SystemExit, match=f"did not run under the fixed rules of its settings.*{says}"):
         results.record("keep", "baseline")
+
+
+def test_gpu_models_never_mix_baseline_floor_or_verdicts(repo, tmp_path, capsys):
+    # a wave screened on H200s and a change confirmed on an H100: each model has its own baseline and floor
+    H200 = "NVIDIA H200"
+    base = repo("baseline")
+    for val, gpu in (("0.950000", H200), ("0.952000", H200), ("0.997900", H100), ("0.995900", H100)):
+        finished_run(tmp_path, val, gpu=gpu)
+        results.record("keep", "baseline")
+    capsys.readouterr()
+    change = repo("halve the batch")
+    finished_run(tmp_path, "0.990000", gpu=H100)  # against the H100's best, 0.996900: better (the H200's: worse)
+    results.record("keep", "halve TOTAL_BATCH_SIZE")
+    out = capsys.readouterr().out
+    assert "verdict: better (0.990000 against the best 0.996900" in out and "floor 0.002000" in out
+    got = [(r["commit"], r["description"], r["gpu"]) for r in results.read_rows("results.tsv", [])]
+    assert got == [(base, "baseline", H200), (base, "baseline (rerun)", H200), (base, "baseline", H100),
+                   (base, "baseline (rerun)", H100), (change, "halve TOTAL_BATCH_SIZE", H100)]
+    summary = "\n".join(results.summary_lines(*results.load(["results.tsv"])))
+    assert f"== {tmp_path.name} on {H100} ==" in summary and f"== {tmp_path.name} on {H200} ==" in summary
+    h100 = summary.split(f"== {tmp_path.name} on {H100} ==")[1].split("==")[0]
+    assert "2 experiments: 2 keep" in h100 and "baseline: 0.996900" in h100
+
+
+def test_a_results_file_from_before_the_gpu_column_keeps_its_five(repo, tmp_path):
+    repo("baseline")
+    (tmp_path / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+                                          "abc1234\t0.998000\t44.0\tkeep\tbaseline\n")
+    finished_run(tmp_path, "0.997000")
+    results.record("keep", "baseline")
+    lines = (tmp_path / "results.tsv").read_text().splitlines()
+    assert [len(line.split("\t")) for line in lines] == [5, 5, 5]

@@ -1,0 +1,139 @@
+"""autoresearch.fleet on a local Ray with two declared GPU slots, running tiny CPU runs of an agent's commits:
+program.md's wave commands as written, two runs at once and the others waiting for a slot, each run its commit's
+tree whatever the working copy holds, a killed run and a lost one recorded as crashes. Skipped without Ray
+(`uv sync --extra fleet`)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from autoresearch import fleet, results
+from conftest import ROOT, TEST_ENV, agent_repo, edit_train, git
+
+ray = pytest.importorskip("ray", reason="the fleet needs Ray: uv sync --extra fleet")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray owned by this process with 2 GPU slots (declared: these are CPUs); the commands reach it by
+    RAY_ADDRESS. Shut down, with every actor, at the end."""
+    context = ray.init(num_cpus=2, num_gpus=2, namespace=fleet.NAMESPACE, include_dashboard=False,
+                       logging_level="ERROR", log_to_driver=False, configure_logging=False,
+                       _temp_dir=tmp_path_factory.mktemp("ray").as_posix()[:60])
+    os.environ["RAY_ADDRESS"] = context.address_info["gcs_address"]
+    yield context
+    del os.environ["RAY_ADDRESS"]
+    ray.shutdown()
+
+
+def shell(repo, bin_dir, command):
+    """One command line in bash in the agent's checkout, `uv` standing for the project's environment."""
+    env = {**os.environ, **TEST_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": repo}
+    return subprocess.run(["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def agent(prepared, tmp_path, cluster):
+    """An agent's checkout with a `uv` on the PATH; returns (repo, sh)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "uv").write_text(f'#!/bin/sh\n[ "$1" = run ] && shift\nexec {sys.executable} "$@"\n')
+    os.chmod(bin_dir / "uv", 0o755)
+    repo = agent_repo(tmp_path)
+    return repo, lambda command: shell(repo, bin_dir, command)
+
+
+def wave_commands():
+    """The command lines of program.md's wave block: run, wait, record --run."""
+    text = open(os.path.join(ROOT, "program.md"), encoding="utf-8").read()
+    section = text.split("\n## Several GPUs\n")[1].split("\n## ")[0]
+    return [line for block in re.findall(r"```\n(.*?)```", section, flags=re.S) for line in block.splitlines()]
+
+
+def book():
+    return ray.get(ray.get_actor(fleet.BOOK, namespace=fleet.NAMESPACE).get.remote())
+
+
+def test_a_wave_of_four_on_two_slots_runs_each_commit_once_two_at_a_time(agent):
+    repo, sh = agent
+    run, wait, record = wave_commands()
+    base = git(repo, "rev-parse", "--short", "HEAD").strip()
+    edit_train(repo, "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ", "matrix lr 0.05")
+    change = git(repo, "rev-parse", "--short", "HEAD").strip()
+    started = sh(run.replace("<commit> [<commit> ...]", f"{base} {base} {change} {change}"))
+    assert started.returncode == 0, started.stderr
+    ids = [line.split()[0] for line in started.stdout.splitlines()]
+    assert [line.split()[1] for line in started.stdout.splitlines()] == [base, base, change, change]
+    edit_train(repo, "DEPTH = 2 if SMALL", "DEPTH = 0 if SMALL")  # the working copy moves on (a typo): no run sees it
+    status = sh("uv run -m autoresearch.fleet status")
+    assert status.returncode == 0 and all(i in status.stdout for i in ids)
+    waited = sh(wait)
+    assert waited.returncode == 0, waited.stderr
+    assert sorted(line.split()[0] for line in waited.stdout.splitlines()) == sorted(ids)
+    assert waited.stdout.count(" val_bpb ") == 4 and "crash" not in waited.stdout
+    metas = [json.load(open(os.path.join(repo, "fleet", i, "fleet.json"))) for i in ids]
+    for m in metas:  # never more than two at once, and two at once on different slots
+        overlapping = [o for o in metas if o["started"] < m["ended"] and m["started"] < o["ended"]]
+        assert len(overlapping) <= 2 and len({o["slot"] for o in overlapping}) == len(overlapping)
+    assert sum(m["started"] < metas[0]["ended"] for m in metas) == 2  # two ran at once; the others waited
+    git(repo, "checkout", "-q", "train.py")
+    described = ["baseline", "baseline", "matrix lr 0.05", "matrix lr 0.05"]
+    for run_id, what in zip(ids, described):
+        done = sh(record.replace("<run id>", run_id).replace("<what you tried>", what))
+        assert done.returncode == 0, done.stderr
+    rows = results.read_rows(os.path.join(repo, "results.tsv"), [])
+    assert [(r["commit"], r["status"], r["description"], r["gpu"]) for r in rows] == [
+        (base, "keep", "baseline", "cpu"), (base, "keep", "baseline (rerun)", "cpu"),
+        (change, "keep", "matrix lr 0.05", "cpu"), (change, "keep", "matrix lr 0.05 (rerun)", "cpu")]
+    assert rows[0]["val_bpb"] == rows[1]["val_bpb"]  # the same commit, the same steps: the same value
+    again = sh(record.replace("<run id>", ids[0]).replace("<what you tried>", "baseline"))
+    assert again.returncode == 1 and "already recorded" in again.stderr
+
+
+def test_a_killed_run_and_a_lost_run_are_crashes_to_record(agent):
+    repo, sh = agent
+    edit_train(repo, "    while not run.done:\n", "    time.sleep(60)\n    while not run.done:\n", "slow start")
+    started = sh("uv run -m autoresearch.fleet run HEAD HEAD")
+    assert started.returncode == 0, started.stderr
+    killed, lost = [line.split()[0] for line in started.stdout.splitlines()]
+    deadline = time.time() + 60
+    while not all(book()[i].get("pid") for i in (killed, lost)) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # (train.py has started its record)
+    os.kill(book()[killed]["pid"], signal.SIGKILL)  # train.py killed outright (the OOM killer)
+    ray.kill(ray.get_actor(lost, namespace=fleet.NAMESPACE))  # its actor gone (its node died)
+    waited = sh(f"uv run -m autoresearch.fleet wait {killed} {lost}")
+    assert waited.returncode == 0, waited.stderr
+    assert f"{lost} " in waited.stdout and "its process or node died" in waited.stdout
+    for run_id in (killed, lost):
+        done = sh(f'uv run -m autoresearch.results record --run {run_id} keep "slow start"')
+        assert done.returncode == 0 and "recorded as a crash" in done.stdout, done.stderr
+    rows = results.read_rows(os.path.join(repo, "results.tsv"), [])
+    assert [r["status"] for r in rows] == ["crash", "crash"]
+    assert "killed before its summary" in rows[0]["description"] and "was lost" in rows[1]["description"]
+    deadline = time.time() + 30  # the lost run's train.py went with its actor; both slots are free again
+    while ray.available_resources().get("GPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0) == 2
+
+
+def test_a_run_not_brought_here_or_not_a_commit_is_one_line(agent):
+    repo, sh = agent
+    missing = sh('uv run -m autoresearch.results record --run 20261203-000000-000000000000 keep "x"')
+    assert missing.returncode == 1 and missing.stderr.startswith("error: run 20261203-000000-000000000000 is not here")
+    bad = sh("uv run -m autoresearch.fleet run no-such-commit")
+    assert bad.returncode == 1 and bad.stderr.strip() == (
+        "error: 'no-such-commit' is not a commit of this checkout: commit the experiment, then run it")
+
+
+def test_the_declared_slots_are_checked(monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_FLEET_GPUS", "3")
+    assert fleet.declared_gpus() == 3
+    monkeypatch.setenv("AUTORESEARCH_FLEET_GPUS", "two")
+    with pytest.raises(SystemExit, match="AUTORESEARCH_FLEET_GPUS='two' is not allowed"):
+        fleet.declared_gpus()
