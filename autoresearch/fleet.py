@@ -38,7 +38,8 @@ NAMESPACE = "autoresearch"
 BOOK = "autoresearch-fleet-book"  # the detached actor that holds every run's state
 FOLDER = "fleet"  # fleet/<run id>/: run.log, run.json and fleet.json of each ended run, here
 ENDED = ("finished", "failed", "lost")
-POLL_SECONDS = 1.0
+POLL_SECONDS = 1.0  # how often a run's progress reaches the book
+WAIT_POLL_SECONDS = 0.2  # how often `wait` asks the book (a few small calls)
 
 
 def _ray():
@@ -91,6 +92,10 @@ def connect(start=False):
     if ray.is_initialized():
         return ray
     address = os.environ.get("RAY_ADDRESS", "").strip()
+    token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.exists(
+        os.path.join(os.path.expanduser("~"), ".ray", "auth_token"))
+    if token and not os.environ.get("RAY_AUTH_MODE"):  # (as `ray start` does: a token there means the cluster
+        os.environ["RAY_AUTH_MODE"] = "token"         # uses it; Ray 2.60's client would connect without it)
     options = dict(namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False, configure_logging=False)
     try:
         ray.init(address=address or "auto", **options)
@@ -164,10 +169,13 @@ def run_in_tree(ray, book, run_id, tree, env):
             proc = subprocess.Popen([sys.executable, "train.py"], cwd=folder, env=full_env, stdout=log,
                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         book.update.remote(run_id, dict(where, pid=proc.pid))
-        while proc.poll() is None:
-            time.sleep(POLL_SECONDS)
-            with open(log_path, encoding="utf-8", errors="replace") as f:
-                book.update.remote(run_id, {"progress": last_step(f.read())})
+        while True:  # (the progress every POLL_SECONDS; the end at once)
+            try:
+                proc.wait(timeout=POLL_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                with open(log_path, encoding="utf-8", errors="replace") as f:
+                    book.update.remote(run_id, {"progress": last_step(f.read())})
         with open(log_path, encoding="utf-8", errors="replace") as f:
             text = f.read()
         data = run_record.read(os.path.join(folder, run_record.RECORD_NAME))
@@ -332,7 +340,7 @@ def wait(run_ids=None, timeout=None):
         if pending and deadline is not None and time.monotonic() > deadline:
             raise UserError(f"{len(pending)} run(s) still going after {timeout:g}s: wait again")
         if pending:
-            time.sleep(POLL_SECONDS)
+            time.sleep(WAIT_POLL_SECONDS)
     return lines
 
 

@@ -21,7 +21,7 @@ TEST_ENV = {
     # process that compiles for the CPU): the checks are the compiler's, not this project's.
     "TORCHINDUCTOR_VEC_ISA_OK": "1",
 }
-for _name in [n for n in os.environ if n.startswith(("AUTORESEARCH_", "HF_"))]:  # a user's own exports stay out
+for _name in [n for n in os.environ if n.startswith(("AUTORESEARCH_", "HF_", "RAY_"))]:  # a user's exports stay out
     del os.environ[_name]
 os.environ.update(TEST_ENV)
 

@@ -21,14 +21,18 @@ ray = pytest.importorskip("ray", reason="the fleet needs Ray: uv sync --extra fl
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local Ray owned by this process with 2 GPU slots (declared: these are CPUs); the commands reach it by
-    RAY_ADDRESS. Shut down, with every actor, at the end."""
+    RAY_ADDRESS, without token authentication (a local ray.init() would otherwise write a token into ~/.ray, which
+    changes the user's clusters). Shut down, with every actor, at the end."""
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     context = ray.init(num_cpus=2, num_gpus=2, namespace=fleet.NAMESPACE, include_dashboard=False,
                        logging_level="ERROR", log_to_driver=False, configure_logging=False,
                        _temp_dir=tmp_path_factory.mktemp("ray").as_posix()[:60])
     os.environ["RAY_ADDRESS"] = context.address_info["gcs_address"]
     yield context
-    del os.environ["RAY_ADDRESS"]
     ray.shutdown()
+    for name, value in saved.items():
+        os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
 
 
 def shell(repo, bin_dir, command):
