@@ -13,8 +13,9 @@ start --head` on one host, `uv run ray start --address=<head>:6379` on each GPU 
 Each run executes its commit's tree (`git archive`, shipped by Ray), never the working copy, with `train.py` run
 by the Python its node's Ray runs (the project's environment), under this shell's AUTORESEARCH_* settings, on one
 GPU (Ray sets CUDA_VISIBLE_DEVICES). A node reads its own data cache (AUTORESEARCH_CACHE_DIR, or the default one);
-a node without one ends the run in one line that says so. The runs' state lives in a detached Ray actor (the
-book); `wait` and `status` bring each ended run's log and record into fleet/<run id>/ here, for `record --run`.
+a node without one ends the run in one line that says so. The runs' state, and each run's tree until it starts,
+live in a detached Ray actor on the head node (the book), so a run outlives the command that started it; `wait`
+brings each ended run's log and record into fleet/<run id>/ here, for `record --run`.
 A run whose process or node dies, or whose start an interrupted `fleet run` cut short, ends as a crash to record.
 Standard library and Ray only; the one-GPU path never imports this module.
 """
@@ -119,10 +120,17 @@ class Book:
     progress, and once it ended its log and record. One detached actor per cluster."""
 
     def __init__(self):
-        self.runs = {}
+        self.runs, self.trees = {}, {}
 
-    def add(self, run_id, info):
+    def add(self, run_id, info, tree=None):
+        """A new run, with its tree (the commit's files) until its actor takes it: the book outlives the command
+        that started the run, and so does what the run needs (an argument would die with that command)."""
         self.runs[run_id] = dict(info)
+        if tree is not None:
+            self.trees[run_id] = tree
+
+    def take_tree(self, run_id):
+        return self.trees.pop(run_id, None)
 
     def update(self, run_id, fields):
         self.runs.setdefault(run_id, {}).update(fields)
@@ -148,15 +156,18 @@ def last_step(text):
     return f"step {int(found[-1][0])} ({found[-1][1]}%)" if found else ""
 
 
-def run_in_tree(ray, book, run_id, tree, env):
-    """In the run's actor: train.py from the commit's tree (tar bytes), its log and record sent to the book, then
-    the actor ends (its GPU is free for the next run)."""
+def run_in_tree(ray, book, run_id, env):
+    """In the run's actor: train.py from the commit's tree (tar bytes, from the book), its log and record sent to the
+    book, then the actor ends (its GPU is free for the next run)."""
     context = ray.get_runtime_context()
     where = dict(node=context.get_node_id()[:12], host=os.uname().nodename, slot=",".join(
         str(g) for g in ray.get_gpu_ids()), started=time.time(), state="running")
     folder = tempfile.mkdtemp(prefix=f"autoresearch-{run_id}-")
     log_path = os.path.join(folder, "run.log")
     try:
+        tree = ray.get(book.take_tree.remote(run_id))
+        if tree is None:
+            raise UserError(f"run {run_id} has no tree in the book (started twice?)")
         with tarfile.open(fileobj=io.BytesIO(tree)) as tar:
             tar.extractall(folder, filter="data")
         full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}, **env}
@@ -194,12 +205,12 @@ class Runner:
     """One run, in an actor holding one GPU: starts at once in a thread (a run outlives the command that started
     it), and ends the actor when the run ends."""
 
-    def __init__(self, run_id, tree, env):
+    def __init__(self, run_id, env):
         import ray
         book = ray.get_actor(BOOK, namespace=NAMESPACE)
 
         def work():
-            run_in_tree(ray, book, run_id, tree, env)
+            run_in_tree(ray, book, run_id, env)
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)  # (frees its GPU)
 
         threading.Thread(target=work, daemon=True).start()
@@ -209,8 +220,10 @@ class Runner:
 
 
 def _book(ray):
+    """The cluster's book, on its head node (a GPU host that goes takes no run's state with it)."""
     return ray.remote(num_cpus=0)(Book).options(name=BOOK, namespace=NAMESPACE, lifetime="detached",
-                                                get_if_exists=True).remote()
+                                                get_if_exists=True,
+                                                resources={"node:__internal_head__": 0.001}).remote()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,8 +258,9 @@ def start_runs(commits):
     for full, short in resolved:
         run_id = run_record.new_run_id()
         ray.get(book.add.remote(run_id, dict(commit=full, short=short, state="queued", submitted=time.time(),
-                                             settings=" ".join(f"{k}={v}" for k, v in sorted(env.items())))))
-        runner.options(name=run_id, namespace=NAMESPACE, lifetime="detached").remote(run_id, tree_of(full), env)
+                                             settings=" ".join(f"{k}={v}" for k, v in sorted(env.items()))),
+                                tree_of(full)))
+        runner.options(name=run_id, namespace=NAMESPACE, lifetime="detached").remote(run_id, env)
         started.append((run_id, short))
     return started
 

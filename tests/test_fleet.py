@@ -19,18 +19,24 @@ ray = pytest.importorskip("ray", reason="the fleet needs Ray: uv sync --extra fl
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A local Ray owned by this process with 2 GPU slots (declared: these are CPUs); the commands reach it by
-    RAY_ADDRESS, without token authentication (a local ray.init() would otherwise write a token into ~/.ray, which
-    changes the user's clusters). Shut down, with every actor, at the end."""
+def cluster():
+    """A Ray cluster of three nodes on this machine (Ray's own test utility): a head without GPUs and two GPU hosts
+    of one declared GPU slot each (these are CPUs). The commands reach it by RAY_ADDRESS, without token
+    authentication (a local Ray would otherwise write a token into ~/.ray, which changes the user's clusters).
+    Shut down, with every actor, at the end."""
+    from ray.cluster_utils import Cluster
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    context = ray.init(num_cpus=2, num_gpus=2, namespace=fleet.NAMESPACE, include_dashboard=False,
-                       logging_level="ERROR", log_to_driver=False, configure_logging=False,
-                       _temp_dir=tmp_path_factory.mktemp("ray").as_posix()[:60])
-    os.environ["RAY_ADDRESS"] = context.address_info["gcs_address"]
-    yield context
+    nodes = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, num_gpus=0))
+    for _ in range(2):
+        nodes.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=nodes.address, namespace=fleet.NAMESPACE, logging_level="ERROR", log_to_driver=False,
+             configure_logging=False)
+    nodes.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = nodes.address
+    yield nodes
     ray.shutdown()
+    nodes.shutdown()
     for name, value in saved.items():
         os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
 
@@ -81,9 +87,9 @@ def test_a_wave_of_four_on_two_slots_runs_each_commit_once_two_at_a_time(agent):
     assert sorted(line.split()[0] for line in waited.stdout.splitlines()) == sorted(ids)
     assert waited.stdout.count(" val_bpb ") == 4 and "crash" not in waited.stdout
     metas = [json.load(open(os.path.join(repo, "fleet", i, "fleet.json"))) for i in ids]
-    for m in metas:  # never more than two at once, and two at once on different slots
+    for m in metas:  # never more than two at once, and two at once on different GPU hosts
         overlapping = [o for o in metas if o["started"] < m["ended"] and m["started"] < o["ended"]]
-        assert len(overlapping) <= 2 and len({o["slot"] for o in overlapping}) == len(overlapping)
+        assert len(overlapping) <= 2 and len({o["node"] for o in overlapping}) == len(overlapping)
     assert sum(m["started"] < metas[0]["ended"] for m in metas) == 2  # two ran at once; the others waited
     git(repo, "checkout", "-q", "train.py")
     described = ["baseline", "baseline", "matrix lr 0.05", "matrix lr 0.05"]
@@ -99,7 +105,7 @@ def test_a_wave_of_four_on_two_slots_runs_each_commit_once_two_at_a_time(agent):
     assert again.returncode == 1 and "already recorded" in again.stderr
 
 
-def test_a_killed_run_and_a_lost_run_are_crashes_to_record(agent):
+def test_a_killed_run_a_lost_node_and_a_cut_short_start_are_crashes_to_record(agent, cluster):
     repo, sh = agent
     edit_train(repo, "    while not run.done:\n", "    time.sleep(60)\n    while not run.done:\n", "slow start")
     started = sh("uv run -m autoresearch.fleet run HEAD HEAD")
@@ -110,17 +116,23 @@ def test_a_killed_run_and_a_lost_run_are_crashes_to_record(agent):
         time.sleep(0.2)
     time.sleep(2)  # (train.py has started its record)
     os.kill(book()[killed]["pid"], signal.SIGKILL)  # train.py killed outright (the OOM killer)
-    ray.kill(ray.get_actor(lost, namespace=fleet.NAMESPACE))  # its actor gone (its node died)
-    waited = sh(f"uv run -m autoresearch.fleet wait {killed} {lost}")
+    host = next(n for n in cluster.worker_nodes if n.node_id.startswith(book()[lost]["node"]))
+    cluster.remove_node(host)  # a GPU host disappears, its run with it
+    cut = "20261203-000000-0123456789ab"  # `fleet run` interrupted between its book entry and its actor
+    ray.get(ray.get_actor(fleet.BOOK, namespace=fleet.NAMESPACE).add.remote(cut, dict(
+        commit=git(repo, "rev-parse", "HEAD").strip(), short="cut", state="queued", submitted=time.time())))
+    waited = sh(f"uv run -m autoresearch.fleet wait {killed} {lost} {cut}")
     assert waited.returncode == 0, waited.stderr
-    assert f"{lost} " in waited.stdout and "its process or node died" in waited.stdout
+    assert waited.stdout.count("crash:") == 3 and waited.stdout.count("its process or node died") == 2
     for run_id in (killed, lost):
         done = sh(f'uv run -m autoresearch.results record --run {run_id} keep "slow start"')
         assert done.returncode == 0 and "recorded as a crash" in done.stdout, done.stderr
     rows = results.read_rows(os.path.join(repo, "results.tsv"), [])
     assert [r["status"] for r in rows] == ["crash", "crash"]
     assert "killed before its summary" in rows[0]["description"] and "was lost" in rows[1]["description"]
-    deadline = time.time() + 30  # the lost run's train.py went with its actor; both slots are free again
+    cluster.add_node(num_cpus=1, num_gpus=1)  # (a new host for the tests after this one)
+    cluster.wait_for_nodes()
+    deadline = time.time() + 30  # every slot is free again: the killed run's actor ended, the lost one's went
     while ray.available_resources().get("GPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("GPU", 0) == 2
