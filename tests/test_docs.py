@@ -187,6 +187,16 @@ def test_program_md_lists_every_fixed_call_train_py_makes():
         assert f"`{name}" in table, f"program.md does not list {name}"
 
 
+def test_notebook_draws_each_gpu_model_apart(run_notebook):
+    out = run_notebook([("a1", "0.990000", "44.0", "keep", "baseline", "NVIDIA H100"),
+                        ("a1", "0.992000", "44.0", "keep", "baseline (rerun)", "NVIDIA H100"),
+                        ("a1", "0.950000", "70.0", "keep", "baseline", "NVIDIA H200"),
+                        ("b2", "0.000000", "0.0", "crash", "typo", "")])
+    assert "== repo on NVIDIA H100 ==" in out and "== repo on NVIDIA H200 ==" in out
+    h200 = out.split("== repo on NVIDIA H200 ==")[1].split("==")[0]
+    assert "2 experiments: 1 keep, 0 discard, 1 crash" in h200  # the crash without a model joins the one above
+
+
 def test_notebook_explains_bad_results_files_and_still_renders(run_notebook, tmp_path):
     (tmp_path / "repo" / "results").mkdir(parents=True)
     (tmp_path / "repo" / "results" / "empty.tsv").write_text("")
