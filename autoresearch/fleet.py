@@ -169,7 +169,10 @@ def run_in_tree(ray, book, run_id, env):
         if tree is None:
             raise UserError(f"run {run_id} has no tree in the book (started twice?)")
         with tarfile.open(fileobj=io.BytesIO(tree)) as tar:
-            tar.extractall(folder, filter="data")
+            try:
+                tar.extractall(folder, filter="data")
+            except TypeError:  # (Python before 3.10.12 has no filters; the archive is git's own)
+                tar.extractall(folder)
         full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}, **env}
         cache = full_env.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                         "autoresearch")
@@ -343,6 +346,8 @@ def wait(run_ids=None, timeout=None):
     pending = [i for i in runs if run_ids or not os.path.exists(os.path.join(local_folder(i), "fleet.json"))]
     deadline = None if timeout is None else time.monotonic() + timeout
     lines = []
+    if not pending:
+        print("no run to wait for: every run in the book is here already (`fleet status` lists them)")
     while pending:
         runs = ray.get(book.get.remote(pending))
         check_alive(ray, book, runs)

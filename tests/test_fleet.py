@@ -145,6 +145,11 @@ def test_a_run_not_brought_here_or_not_a_commit_is_one_line(agent):
     bad = sh("uv run -m autoresearch.fleet run no-such-commit")
     assert bad.returncode == 1 and bad.stderr.strip() == (
         "error: 'no-such-commit' is not a commit of this checkout: commit the experiment, then run it")
+    nodata = sh(f"AUTORESEARCH_CACHE_DIR={repo}/no-cache uv run -m autoresearch.fleet run HEAD")
+    run_id = nodata.stdout.split()[0]
+    waited = sh(f"uv run -m autoresearch.fleet wait {run_id}")
+    assert f"crash: node {os.uname().nodename} has no data cache at {repo}/no-cache: run `uv run prepare.py` there" \
+        in waited.stdout
 
 
 def test_the_declared_slots_are_checked(monkeypatch):
