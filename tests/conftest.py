@@ -12,7 +12,7 @@ TEST_ENV = {
     "AUTORESEARCH_CACHE_DIR": _CACHE,
     "AUTORESEARCH_PRESET": "small",  # (what a CPU runs; the overrides below shrink it further)
     "AUTORESEARCH_TIME_BUDGET": "4",  # (for the tests of the time budget: see set_budget)
-    "AUTORESEARCH_FLOP_BUDGET": "3e10",  # the tiny runs' budget: one step of the small model, 2 of test_train's
+    "AUTORESEARCH_FLOP_BUDGET": "1.5e10",  # the tiny runs' budget: one step (of the small model, of test_train's tiny one)
     "AUTORESEARCH_MAX_SEQ_LEN": "128",
     "AUTORESEARCH_EVAL_TOKENS": str(4 * 8 * 128),  # 4 eval batches of 8 rows
     "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: no test can reach the real hub
@@ -199,3 +199,11 @@ def record_cli(repo, status, description):
     """`uv run -m autoresearch.results record STATUS DESCRIPTION` in repo; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "autoresearch.results", "record", status, description], cwd=repo,
                           capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_dispatch_mode(request):
+    """A test must not leave a dispatch mode (the FLOP counter) active: it would silently turn compiling off."""
+    yield
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    assert _get_current_dispatch_mode() is None, f"{request.node.name} left a dispatch mode active"

@@ -219,12 +219,16 @@ def test_rerun_with_the_same_source_verifies_and_keeps_everything(prepared, sour
     assert snapshot(CACHE_DIR) == before
 
 
-def test_a_changed_source_is_rebuilt(prepared, tmp_path, corpus_docs):
+def test_the_source_cli_works_offline_and_a_changed_source_is_rebuilt(prepared, tmp_path, corpus_docs):
     from conftest import write_source_corpus
     write_source_corpus(str(tmp_path / "src"), corpus_docs[:300])
     cache_dir = tmp_path / "cache"
-    env = {"AUTORESEARCH_CACHE_DIR": str(cache_dir)}
-    assert run_script(["prepare.py", "--source", str(tmp_path / "src")], env=env).returncode == 0
+    env = {"AUTORESEARCH_CACHE_DIR": str(cache_dir)}  # (HF_ENDPOINT is unreachable)
+    for _ in range(2):  # built, then the same source again: verified, nothing rebuilt
+        proc = run_script(["prepare.py", "--source", str(tmp_path / "src")], env=env)
+        assert proc.returncode == 0, proc.stderr
+    assert "tokenizer: trained" not in proc.stdout and "rebuilding" not in proc.stdout
+    assert sorted(os.listdir(cache_dir)) == ["cache.lock", "data", "manifest.json", "tokenizer", "tokens"]
     with open(tmp_path / "src" / "new.txt", "w", encoding="utf-8") as f:
         f.write("a document added after the cache was built " * 30)
     proc = run_script(["-c", f"import prepare; prepare.main(['--source', {str(tmp_path / 'src')!r}]); "

@@ -135,18 +135,6 @@ def test_corrupt_parquet_and_missing_text_column_are_named(tmp_path):
     assert "nocol.parquet" in line and "text" in line
 
 
-def test_source_cli_works_offline_end_to_end(tmp_path, corpus_docs):
-    from conftest import write_source_corpus
-    write_source_corpus(str(tmp_path / "src"), corpus_docs[:200])
-    proc = run_script(["prepare.py", "--source", str(tmp_path / "src")],
-                      env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})  # HF_ENDPOINT is unreachable
-    assert proc.returncode == 0, proc.stderr
-    assert sorted(os.listdir(tmp_path / "cache")) == ["cache.lock", "data", "manifest.json", "tokenizer", "tokens"]
-    again = run_script(["prepare.py", "--source", str(tmp_path / "src")],
-                       env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
-    assert again.returncode == 0, again.stderr
-
-
 PROC_VERSION = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.14  Release Build  "
                 "(dvs-builder@U16-I3-B03-4-3)  Thu Feb 22 01:25:25 UTC 2024\nGCC version:  gcc version 12.3.0\n")
 

@@ -347,16 +347,16 @@ def test_a_results_file_that_is_a_folder_is_skipped_with_a_note(tmp_path, monkey
 # ---------------------------------------------------------------------------------------------------------------
 # Nothing lost: one writer at a time, names that never collide, links written through, both files or neither
 
-def test_forty_records_at_once_keep_forty_rows(repo, tmp_path):
+def test_sixteen_records_at_once_keep_sixteen_rows(repo, tmp_path):
     repo("baseline")
-    for i in range(40):  # forty finished runs, each with its log and record in a folder of its own
+    for i in range(16):  # sixteen finished runs, each with its log and record in a folder of its own
         (tmp_path / "logs" / f"r{i}").mkdir(parents=True)
         finished_run(tmp_path, f"0.99{i:02d}", where=tmp_path / "logs" / f"r{i}")
     procs = [subprocess.Popen([sys.executable, "-m", "autoresearch.results", "record", "discard", f"run {i}",
                                "--log", f"logs/r{i}/run.log"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(40)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(16)]
     assert all(p.wait(timeout=120) == 0 for p in procs), [p.stderr.read() for p in procs if p.returncode]
-    assert len(rows()) == 40 and len(os.listdir("runs")) == 80
+    assert len(rows()) == 16 and len(os.listdir("runs")) == 32
 
 
 def test_a_new_results_file_beside_old_runs_overwrites_nothing(repo, tmp_path):

@@ -179,7 +179,7 @@ def test_tiny_run_log_is_fit_for_a_file(tiny_run):
     before = stdout.split("\n---\n")[0].splitlines()
     assert before[-1] == f"note: settings {constants.SETTINGS}, not the standard ones: this run compares only " \
                          "with runs under the same settings"
-    assert "AUTORESEARCH_PRESET=small" in values["settings"] and "AUTORESEARCH_FLOP_BUDGET=3e10" in values["settings"]
+    assert "AUTORESEARCH_PRESET=small" in values["settings"] and "AUTORESEARCH_FLOP_BUDGET=1.5e10" in values["settings"]
     assert "TIME_BUDGET" not in values["settings"]  # (the budget that did not run is not a setting)
 
 
@@ -256,6 +256,7 @@ def test_without_data_one_line_points_at_prepare(tmp_path):
 
 def test_a_diverging_run_prints_fail_and_exits_non_zero(prepared, monkeypatch, capsys):
     tiny_in_process(monkeypatch)
+    set_budget(monkeypatch, "flops", 2 * tiny_step_flops())  # (the loss of step 1 shows what step 0's update did)
     monkeypatch.setattr(train, "EMBEDDING_LR", float("inf"))
     with pytest.raises(SystemExit) as exit_info:
         train.main()
@@ -367,6 +368,7 @@ def test_training_starts_from_the_references_initial_weights(prepared, monkeypat
     monkeypatch.setattr(train.MuonAdamW, "step", first_step)
     with pytest.raises(Stop):
         train.train()
+    runtime._MEASURING.close()  # (stopped inside step 0, as only a test does: runtime.main would close its counter)
     # The reference's construction, written out: seed, build on meta, materialize, init_weights().
     torch.manual_seed(train.SEED)
     with torch.device("meta"):
