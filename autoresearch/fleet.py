@@ -195,7 +195,7 @@ def run_in_tree(ray, book, run_id, env):
         data = run_record.read(os.path.join(folder, run_record.RECORD_NAME))
         state = "finished" if data and data["status"] == "finished" else "failed"
         result = dict(state=state, returncode=proc.returncode, log=text, record=data, progress=last_step(text),
-                      ended=time.time())
+                      ended=time.time(), val_bpb=data["val_bpb"] if state == "finished" else None)
     except BaseException as e:  # (whatever stopped it, the book learns that it ended, and why)
         reason = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         result = dict(where, state="failed", error=reason, log=f"error: {reason}\n", record=None, ended=time.time())
@@ -325,11 +325,11 @@ def status_lines():
     book = _book(ray)
     runs = ray.get(book.get.remote())
     check_alive(ray, book, runs)
-    lines = [f"{'run':<29} {'commit':<9} {'state':<9} {'where':<24} progress"]
+    lines = [f"{'run':<29} {'commit':<9} {'state':<9} {'where':<24} progress or result"]
     for run_id, info in sorted(runs.items(), key=lambda kv: kv[1].get("submitted", 0)):
         where = f"{info.get('host', '-')} slot {info['slot']}" if info.get("slot") is not None else "-"
-        lines.append(f"{run_id:<29} {info.get('short', '?'):<9} {info.get('state', '?'):<9} {where:<24} "
-                     f"{info.get('progress') or info.get('error') or ''}")
+        said = f"val_bpb {info['val_bpb']:.6f}" if info.get("val_bpb") else info.get("error") or info.get("progress")
+        lines.append(f"{run_id:<29} {info.get('short', '?'):<9} {info.get('state', '?'):<9} {where:<24} {said or ''}")
     return lines
 
 

@@ -91,6 +91,8 @@ def test_a_wave_of_four_on_two_slots_runs_each_commit_once_two_at_a_time(agent):
         overlapping = [o for o in metas if o["started"] < m["ended"] and m["started"] < o["ended"]]
         assert len(overlapping) <= 2 and len({o["node"] for o in overlapping}) == len(overlapping)
     assert sum(m["started"] < metas[0]["ended"] for m in metas) == 2  # two ran at once; the others waited
+    status = sh("uv run -m autoresearch.fleet status").stdout
+    assert all(re.search(rf"^{i} .* finished .* val_bpb \d\.\d{{6}}$", status, flags=re.M) for i in ids), status
     git(repo, "checkout", "-q", "train.py")
     described = ["baseline", "baseline", "matrix lr 0.05", "matrix lr 0.05"]
     for run_id, what in zip(ids, described):
