@@ -160,3 +160,9 @@ def test_the_declared_slots_are_checked(monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_FLEET_GPUS", "two")
     with pytest.raises(SystemExit, match="AUTORESEARCH_FLEET_GPUS='two' is not allowed"):
         fleet.declared_gpus()
+
+
+def test_without_ray_installed_the_fleet_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # (what `import ray` meets where the extra is not installed)
+    with pytest.raises(SystemExit, match=r"the fleet needs Ray: `uv sync --extra fleet`"):
+        fleet.connect()
