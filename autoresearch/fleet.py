@@ -218,9 +218,6 @@ class Runner:
 
         threading.Thread(target=work, daemon=True).start()
 
-    def ping(self):
-        return True
-
 
 def _book(ray):
     """The cluster's book, on its head node (a GPU host that goes takes no run's state with it)."""
