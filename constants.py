@@ -103,8 +103,8 @@ DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda
 if not os.environ.get("AUTORESEARCH_CACHE_DIR") and os.environ.get("HOME", None) == "":
     raise UserError("HOME is set but empty, so the cache would land in /.cache: set HOME, or "
                      "AUTORESEARCH_CACHE_DIR to the cache folder")
-CACHE_DIR = os.path.abspath(os.path.expanduser(
-    os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join("~", ".cache", "autoresearch")))
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "autoresearch")
+CACHE_DIR = os.path.abspath(os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE_DIR") or DEFAULT_CACHE_DIR))
 DATA_DIR = os.path.join(CACHE_DIR, "data")
 TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
 TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")

@@ -165,9 +165,9 @@ RUN_KEYS = ("val_bpb", "val_bpb_exact", "training_seconds", "total_seconds", "st
 def bench_run(budget=None, log=None):
     """One full run of train.py (a shorter one with `budget` seconds), its summary."""
     label = "train.py" + (f" ({budget:g}-s budget)" if budget else "")
-    status, keys, tail = run_train(budget=budget, log=log)
+    status, keys, out = run_train(budget=budget, log=log)
     if status != 0:
-        return [(f"{label} run", f"failed (exit {status}): {tail.strip()[-300:]}")]
+        return [(f"{label} run", f"failed (exit {status}): {out.strip()[-300:]}")]
     return [(f"{label}: {k}", keys[k]) for k in RUN_KEYS if k in keys]
 
 
@@ -189,9 +189,9 @@ def bench_startup(budget=20, log_dir=None, warm=False):
         if old is not None:
             assert old in source, f"train.py no longer has {old!r}: update bench.py's EDITS"
         log = os.path.join(log_dir, f"startup-{n}.log") if log_dir else None
-        status, keys, tail = run_train(source if old is None else source.replace(old, new), budget, log)
+        status, keys, run_out = run_train(source if old is None else source.replace(old, new), budget, log)
         if status != 0 or "startup_seconds" not in keys:
-            out.append((f"start-up: {label}", f"failed (exit {status}): {tail.strip()[-300:]}"))
+            out.append((f"start-up: {label}", f"failed (exit {status}): {run_out.strip()[-300:]}"))
             continue
         out.append((f"start-up: {label}", ", ".join(f"{k} {keys[k]}" for k in (
             "startup_seconds", "eval_seconds", "total_seconds", "tok_per_sec", "num_steps"))))

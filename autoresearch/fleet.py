@@ -174,8 +174,8 @@ def run_in_tree(ray, book, run_id, env):
             except TypeError:  # (Python before 3.10.12 has no filters; the archive is git's own)
                 tar.extractall(folder)
         full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}, **env}
-        cache = full_env.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                        "autoresearch")
+        from constants import DEFAULT_CACHE_DIR  # (here, on the node: its own home)
+        cache = os.path.expanduser(full_env.get("AUTORESEARCH_CACHE_DIR") or DEFAULT_CACHE_DIR)
         if not os.path.exists(os.path.join(cache, "manifest.json")):
             raise UserError(f"node {where['host']} has no data cache at {cache}: run `uv run prepare.py` there, or "
                             "set AUTORESEARCH_CACHE_DIR to a cache every node reads")
@@ -250,6 +250,7 @@ def tree_of(full):
 def start_runs(commits):
     """Start one run per commit, each waiting for a free GPU; returns [(run id, short commit)]."""
     resolved = [resolve(c) for c in commits]  # (every commit checked before any run starts)
+    trees = {full: tree_of(full) for full, _ in resolved}  # (a commit run several times is archived once)
     ray = connect(start=True)
     book = _book(ray)
     env = {k: v for k, v in os.environ.items() if k.startswith("AUTORESEARCH_") and k != "AUTORESEARCH_FLEET_GPUS"}
@@ -259,7 +260,7 @@ def start_runs(commits):
         run_id = run_record.new_run_id()
         ray.get(book.add.remote(run_id, dict(commit=full, short=short, state="queued", submitted=time.time(),
                                              settings=" ".join(f"{k}={v}" for k, v in sorted(env.items()))),
-                                tree_of(full)))
+                                trees[full]))
         runner.options(name=run_id, namespace=NAMESPACE, lifetime="detached").remote(run_id, env)
         started.append((run_id, short))
     return started
@@ -286,7 +287,22 @@ def check_alive(ray, book, runs):
 
 
 def local_folder(run_id):
+    """Where `wait` brings an ended run: fleet/<run id>/ here."""
     return os.path.join(FOLDER, run_id)
+
+
+def brought(run_id):
+    """What `wait` brought here of run `run_id` (its fleet.json: commit, host, slot, times); one line when it has
+    not (yet)."""
+    path = os.path.join(local_folder(run_id), "fleet.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        assert isinstance(meta, dict) and meta.get("commit") and meta.get("short")
+    except (OSError, ValueError, AssertionError):
+        raise UserError(f"run {run_id} is not here yet ({path}): `uv run -m autoresearch.fleet wait {run_id}` brings "
+                        "it when it ends") from None
+    return meta
 
 
 def fetch(ray, book, run_id):
@@ -306,12 +322,11 @@ def fetch(ray, book, run_id):
 
 def outcome(run_id):
     """One line on an ended run, from its files here: val_bpb and GPU, or why it did not finish."""
-    meta = json.load(open(os.path.join(local_folder(run_id), "fleet.json"), encoding="utf-8"))
+    meta = brought(run_id)
     data = run_record.read(os.path.join(local_folder(run_id), run_record.RECORD_NAME))
     where = f"{meta.get('host', '?')} slot {meta.get('slot', '?')}"
     if data and data["status"] == "finished":
-        gpu = (data.get("summary") or {}).get("gpu", "?")
-        return f"{run_id} {meta['short']} val_bpb {data['val_bpb']:.6f} ({gpu}, {where})"
+        return f"{run_id} {meta['short']} val_bpb {data['val_bpb']:.6f} ({run_record.gpu_of(data) or '?'}, {where})"
     why = (meta.get("error") or (data or {}).get("reason")
            or f"stopped before its summary (exit {meta.get('returncode')})")
     return f"{run_id} {meta['short']} crash: {why} ({where})"
@@ -342,12 +357,14 @@ def wait(run_ids=None, timeout=None):
                         "status`")
     pending = [i for i in runs if run_ids or not os.path.exists(os.path.join(local_folder(i), "fleet.json"))]
     deadline = None if timeout is None else time.monotonic() + timeout
-    lines = []
+    lines, checked = [], 0.0
     if not pending:
         print("no run to wait for: every run in the book is here already (`fleet status` lists them)")
     while pending:
         runs = ray.get(book.get.remote(pending))
-        check_alive(ray, book, runs)
+        if time.monotonic() - checked >= POLL_SECONDS:  # (a lookup per run: once a second, not every poll)
+            check_alive(ray, book, runs)
+            checked = time.monotonic()
         for run_id in [i for i in pending if runs[i].get("state") in ENDED]:
             fetch(ray, book, run_id)
             lines.append(outcome(run_id))

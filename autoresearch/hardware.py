@@ -262,10 +262,15 @@ def attention(q, k, v, window, block_mask=None, kernel="flex"):
     elif block_mask is not None:
         y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     else:
-        i = torch.arange(T, device=q.device)
-        diff = i[:, None] - i[None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(diff >= 0) & (diff <= window), enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device), enable_gqa=gqa)
     return y.transpose(1, 2)
+
+
+def window_mask(T, window, device):
+    """The explicit [T, T] boolean mask: causal, a query sees at most `window` keys back."""
+    i = torch.arange(T, device=device)
+    diff = i[:, None] - i[None, :]
+    return (diff >= 0) & (diff <= window)
 
 
 def cudnn_window_attention(q, k, v, window):
@@ -295,7 +300,6 @@ def _probe_cudnn_window(device, n_head, n_kv_head, head_dim, T=64, window=8):
     """None when cuDNN's window runs forward and backward at these head sizes and agrees with SDPA under the
     explicit mask (fp32), else why not. A short window, so that a key too many or too few moves the result by far
     more than bf16's rounding."""
-    import torch.nn.functional as F
     gen = torch.Generator(device).manual_seed(0)
     shapes = [(2, n_head, T, head_dim), (2, n_kv_head, T, head_dim), (2, n_kv_head, T, head_dim)]
     base = [torch.randn(shape, generator=gen, device=device) for shape in shapes]
@@ -305,10 +309,9 @@ def _probe_cudnn_window(device, n_head, n_kv_head, head_dim, T=64, window=8):
         got = [out] + list(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
     except Exception as e:  # a shape, GPU or build the operator refuses: FlexAttention instead
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
-    i = torch.arange(T, device=device)
-    mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= window)
     q, k, v = (t.clone().requires_grad_() for t in base)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_head != n_kv_head)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, device),
+                                         enable_gqa=n_head != n_kv_head)
     truth = [out] + list(torch.autograd.grad(out.square().sum(), (q, k, v)))
     for name, a, b in zip(("output", "dq", "dk", "dv"), got, truth):
         error = ((a.float() - b).norm() / b.norm().clamp_min(1e-12)).item()

@@ -79,9 +79,17 @@ def code_identity(path):
             "commit": commit, "committed": None if commit is None else head_blob(path) == blob}
 
 
-def head_blob(path):
-    """The blob id of the file at path as its checkout's HEAD has it now, or None (outside git, not in HEAD)."""
-    return git(os.path.dirname(os.path.abspath(path)), "rev-parse", f"HEAD:./{os.path.basename(path)}")
+def head_blob(path, rev="HEAD"):
+    """The blob id of the file at path as its checkout's HEAD (or commit `rev`) has it, or None (outside git, not
+    in that commit)."""
+    return git(os.path.dirname(os.path.abspath(path)), "rev-parse", f"{rev}:./{os.path.basename(path)}")
+
+
+def gpu_of(data):
+    """The GPU model a run's record names ("" when the run stopped before it saw its device). Records from before
+    the model was written at the start have it in their summary only."""
+    data = data or {}
+    return " ".join(str(data.get("gpu") or (data.get("summary") or {}).get("gpu") or "").split())
 
 
 def new_run_id():

@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 
+from autoresearch import fleet
 from autoresearch import record as run_record
 from autoresearch.errors import UserError
 
@@ -45,7 +46,6 @@ MIN_FLOOR = 0.001  # program.md: the noise floor is the spread of the baseline's
 SPEED_TOLERANCE = 0.10  # a run whose model FLOP/s is more than 10% off the baseline's ran on another machine, in effect
 RESULTS = ["results.tsv", "results/*.tsv"]  # this folder's, and those gathered from other machines
 RERUN = " (rerun)"
-FLEET = "fleet"  # where autoresearch.fleet brings each ended run: fleet/<run id>/run.log, run.json, fleet.json
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,14 +142,18 @@ def archived_records(runs_dir):
     return out
 
 
+def recorded_key(data):
+    """The reference columns of the row an archived record was recorded as: what matches it to its row."""
+    return tuple(str(v) for v in data["recorded"].get("row", [])[:len(REFERENCE)])
+
+
 def attach_speeds(rows, records):
     """Give each row the model FLOP/s of the run recorded as that row (None where no record says, and for a run
     under the compute budget, whose verdict no speed moves): a row and its record match by their five fields, in
     order."""
     pending = {}
     for data in records:
-        key = tuple(str(v) for v in data["recorded"].get("row", [])[:len(REFERENCE)])
-        pending.setdefault(key, []).append(data)
+        pending.setdefault(recorded_key(data), []).append(data)
     for row in rows:
         found = pending.get(tuple(row[c] for c in REFERENCE))
         data = found.pop(0) if found else None
@@ -449,7 +453,7 @@ def check_code(data, short, commit=None):
     witness of what ran (a fleet run's by its commit alone: its tree was the commit's)."""
     if commit is not None:
         blob = data["code"]["blob"] if data is not None else None
-        if blob and run_record.git(".", "rev-parse", f"{commit}:train.py") != blob:
+        if blob and run_record.head_blob("train.py", commit) != blob:
             raise UserError(f"the train.py that ran is not the one in {short}: not recorded")
         return
     code = data["code"] if data is not None and data["code"]["blob"] else run_record.code_identity("train.py")
@@ -567,27 +571,14 @@ def append_row(path, row):
     run_record.write_atomically(path, data)
 
 
-def fleet_run(run_id):
-    """What the fleet brought here of run `run_id` (fleet/<run id>/fleet.json): its commit, where it ran."""
-    path = os.path.join(FLEET, run_id, "fleet.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-        assert isinstance(meta, dict) and meta.get("commit") and meta.get("short")
-    except (OSError, ValueError, AssertionError):
-        raise UserError(f"run {run_id} is not here yet ({path}): `uv run -m autoresearch.fleet wait {run_id}` brings "
-                        "it when it ends") from None
-    return meta
-
-
 def record(status, description, log="run.log", path="results.tsv", runs_dir=None, overrule=False, run=None):
     """Append the row of the run in `log` (or of the fleet's run `run`, filed under its own commit) to the results
     file at `path` (see the module's docstring); prints the row, the verdict the rules give it and what it needs
     to be read with; returns the row. A status that contradicts the verdict (discard for a clear win, keep for a
     loss) is refused unless `overrule`."""
-    meta = fleet_run(run) if run is not None else None
+    meta = fleet.brought(run) if run is not None else None
     if meta is not None:
-        log = os.path.join(FLEET, run, "run.log")
+        log = os.path.join(fleet.local_folder(run), "run.log")
     if status not in STATUSES:
         raise UserError(f"status {status!r}: use one of {', '.join(STATUSES)}")
     description = printable(" ".join(description.split()))
@@ -619,8 +610,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
                                 else description)
     short = meta["short"] if meta else head_commit()
     check_code(data, short, meta and meta["commit"])
-    gpu = printable(" ".join(str(((data or {}).get("summary") or {}).get("gpu") or (data or {}).get("gpu") or
-                                 (meta or {}).get("gpu") or "").split()))
+    gpu = printable(run_record.gpu_of(data))
     real = os.path.realpath(path)
     runs_dir = runs_dir or runs_folder(path)
     with locked(real):
@@ -637,8 +627,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
         groups = gpu_groups(rows + [dict(gpu=gpu)])  # (this run's model is the last)
         same = [r for r, g in zip(rows, groups) if g == groups[-1]]
         mine = {tuple(r[c] for c in REFERENCE) for r in same}
-        baseline = next((r for r in archived if r.get("status") == "finished" and tuple(
-            str(v) for v in r["recorded"].get("row", [])[:len(REFERENCE)]) in mine), None)
+        baseline = next((r for r in archived if r.get("status") == "finished" and recorded_key(r) in mine), None)
         if kind == "finished" and baseline is not None and baseline.get("settings") != data["settings"]:
             raise UserError(f"this run's settings ({data['settings']}) differ from the baseline's "
                             f"({baseline.get('settings')}): its val_bpb does not compare; not recorded. Run it again "

@@ -12,7 +12,7 @@ TEST_ENV = {
     "AUTORESEARCH_CACHE_DIR": _CACHE,
     "AUTORESEARCH_PRESET": "small",  # (what a CPU runs; the overrides below shrink it further)
     "AUTORESEARCH_TIME_BUDGET": "4",  # (for the tests of the time budget: see set_budget)
-    "AUTORESEARCH_FLOP_BUDGET": "1.5e10",  # the tiny runs' budget: one step (of the small model, of test_train's tiny one)
+    "AUTORESEARCH_FLOP_BUDGET": "1.5e10",  # the tiny runs' budget: one step (small model, or test_train's tiny one)
     "AUTORESEARCH_MAX_SEQ_LEN": "128",
     "AUTORESEARCH_EVAL_TOKENS": str(4 * 8 * 128),  # 4 eval batches of 8 rows
     "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: no test can reach the real hub
