@@ -65,8 +65,12 @@ TIME_BUDGET = _env("AUTORESEARCH_TIME_BUDGET", _BASE["TIME_BUDGET"], float,
                    "a number of seconds above 0 (at most a week)")  # seconds of counted training time
 BUDGET = _env("AUTORESEARCH_BUDGET", _BASE["BUDGET"], str.lower, lambda v: v in ("time", "flops"),
               "time or flops")  # what ends training: TIME_BUDGET seconds, or FLOP_BUDGET FLOPs
-FLOP_BUDGET = _env("AUTORESEARCH_FLOP_BUDGET", _BASE["FLOP_BUDGET"], float, lambda v: math.isfinite(v) and v >= 1,
-                   "a number of FLOPs, at least 1 (e.g. 2e12)")  # FLOPs of training under the compute budget
+# At most what one GPU computes in a week at an H100's dense bf16 peak (989.5e12 FLOP/s x 604,800 s), as
+# TIME_BUDGET is at most a week: a larger number is a typo, not a night's experiment.
+MAX_FLOP_BUDGET = 6e20
+FLOP_BUDGET = _env("AUTORESEARCH_FLOP_BUDGET", _BASE["FLOP_BUDGET"], float,
+                   lambda v: math.isfinite(v) and 1 <= v <= MAX_FLOP_BUDGET,
+                   "a number of FLOPs from 1 to 6e20, a week of an H100 (e.g. 2e12)")  # FLOPs under the compute budget
 EVAL_TOKENS = _env("AUTORESEARCH_EVAL_TOKENS", _BASE["EVAL_TOKENS"], int, lambda v: 1 <= v <= 1 << 40,
                    "a positive integer, at least one row (MAX_SEQ_LEN)")  # tokens evaluate_bpb scores
 if EVAL_TOKENS < MAX_SEQ_LEN:  # evaluate_bpb scores EVAL_TOKENS // MAX_SEQ_LEN rows: at least one
@@ -74,12 +78,17 @@ if EVAL_TOKENS < MAX_SEQ_LEN:  # evaluate_bpb scores EVAL_TOKENS // MAX_SEQ_LEN 
                      f"row of MAX_SEQ_LEN = {MAX_SEQ_LEN} tokens")
 RESOLVED = {"MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET, "EVAL_TOKENS": EVAL_TOKENS, "BUDGET": BUDGET,
             "FLOP_BUDGET": FLOP_BUDGET}  # as read at start
-# The overrides of the metric's constants that this process runs under (name -> raw value), for the run's notes:
-# the budget's kind when it is not the preset's, and only the size of the budget that runs.
-METRIC_OVERRIDES = {name: os.environ[name].strip() for name in
-                    ("AUTORESEARCH_MAX_SEQ_LEN", "AUTORESEARCH_EVAL_TOKENS",
-                     "AUTORESEARCH_TIME_BUDGET" if BUDGET == "time" else "AUTORESEARCH_FLOP_BUDGET")
-                    if os.environ.get(name, "").strip()}
+# The overrides of the metric's constants that this process runs under (name -> value), for the run's notes: the
+# budget's kind when it is not the preset's, and only the size of the budget that runs; each only where its value
+# differs from the preset's, written one way (2.0e11 and 2e11 are both 2e+11), so that equal values compare equal.
+def _written(value):
+    """A number written one way: short (`2e+11`, `300`) where that is exact, else in full."""
+    return f"{value:g}" if float(f"{value:g}") == value else repr(value)
+
+
+METRIC_OVERRIDES = {f"AUTORESEARCH_{name}": _written(RESOLVED[name]) for name in
+                    ("MAX_SEQ_LEN", "EVAL_TOKENS", "TIME_BUDGET" if BUDGET == "time" else "FLOP_BUDGET")
+                    if RESOLVED[name] != _BASE[name]}
 if BUDGET != _BASE["BUDGET"]:
     METRIC_OVERRIDES["AUTORESEARCH_BUDGET"] = BUDGET
 # What a run's val_bpb compares with: "standard", or the preset and overrides it ran under (the `settings:` line).

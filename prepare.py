@@ -280,6 +280,10 @@ def evaluate_bpb(model, tokenizer, batch_size):
     Both, with the rows and tokens scored, are noted in the run's record (record.note_evaluation), from where the
     summary prints them and checks the rows against the fixed constants."""
     import torch
+
+    from autoresearch import flops
+    flops.stop()  # training is over: the compute budget counts nothing from here on
+    record.evaluation_starts()
     rows, seq_len = constants.EVAL_TOKENS // constants.MAX_SEQ_LEN, constants.MAX_SEQ_LEN  # (at least one row)
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device, tokenizer)  # [2, V]: as the reference counts them, exactly

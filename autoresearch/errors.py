@@ -22,7 +22,13 @@ class UserError(SystemExit):
 def sigterm_as_error(message):
     """Within the block, SIGTERM (`timeout` running out, a kill) raises UserError(message): the program stops as on
     any other error, its cleanup runs and one line is said. Only on the main thread, where signals arrive."""
+    said = []
+
     def stopped(signum, frame):
+        # From here on the process is stopping: a second SIGTERM (`timeout` signals `uv run` and its whole process
+        # group, and uv passes it on: two) is ignored, so that it cannot cut the cleanup and the record short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        said.append(signum)
         raise UserError(message)
 
     main = threading.current_thread() is threading.main_thread()
@@ -30,5 +36,5 @@ def sigterm_as_error(message):
     try:
         yield
     finally:
-        if main:
+        if main and not said:
             signal.signal(signal.SIGTERM, previous)

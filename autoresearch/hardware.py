@@ -281,12 +281,19 @@ def cudnn_window_attention(q, k, v, window):
                                         enable_gqa=q.size(1) != k.size(1))
 
 
-def window_kernel_for(device_type, capability, cudnn_version, frontend):
+def window_kernel_for(device_type, capability, cudnn_version, frontend, counted=False):
     """(kernel, why) for the sliding-window layers, from the figures: "sdpa" (an explicit mask) off CUDA; on CUDA
     "cudnn" where the GPU is one cuDNN runs windows on, cuDNN is recent enough and the frontend is installed (the
-    frontend's version, or None); else "flex"."""
+    frontend's version, or None); else "flex", or "sdpa" where the FLOPs are `counted` (the compute budget): the
+    FLOP counter sees the library kernels compiled code calls, not the kernels the compiler writes, and
+    FlexAttention's is one of those."""
     if device_type != "cuda":
         return "sdpa", f"SDPA with an explicit mask on {device_type}"
+    if counted:
+        flex, why = window_kernel_for(device_type, capability, cudnn_version, frontend)
+        if flex == "flex":
+            return "sdpa", (f"SDPA with an explicit mask: the compute budget cannot count FlexAttention's compiled "
+                            f"kernel, and cuDNN's is out ({why})")
     if frontend is None:
         return "flex", "nvidia-cudnn-frontend is not installed"
     if tuple(capability) not in CUDNN_WINDOW_GPUS:
@@ -338,13 +345,15 @@ def window_kernel(device, n_head, n_kv_head, head_dim):
                 frontend = getattr(cudnn, "__version__", "?")
             except Exception:  # not installed, or its library does not load
                 frontend = None
-        kernel, why = window_kernel_for(device.type, capability, version, frontend)
+        kernel, why = window_kernel_for(device.type, capability, version, frontend, constants.BUDGET == "flops")
         if kernel == "cudnn":
             problem = _probe_cudnn_window(device, n_head, n_kv_head, head_dim)
             if problem:
                 kernel, why = "flex", f"cuDNN's window failed its check ({problem})"
+                if constants.BUDGET == "flops":
+                    kernel, why = "sdpa", why + "; FlexAttention's kernel the compute budget cannot count"
         if device.type == "cuda":  # (elsewhere runtime.Run says what runs)
-            name = "cuDNN's sliding window" if kernel == "cudnn" else "FlexAttention"
+            name = {"cudnn": "cuDNN's sliding window", "flex": "FlexAttention", "sdpa": "SDPA, an explicit mask"}[kernel]
             print(f"attention: windowed layers on {name} ({why}); full layers on SDPA, cuDNN first", flush=True)
         _window_kernels[key] = kernel
     return _window_kernels[key]

@@ -1,7 +1,8 @@
 """The run's record of itself, run.json: written by the fixed code only, read by results.py. DO NOT CHANGE.
 
     running   written when the run starts (runtime.main): a unique run id, train.py's content hash as it runs, the
-              git commit and whether train.py matched it, the settings and the metric's constants as read
+              git commit and whether train.py matched it, the fixed files' hashes (prepare.py, constants.py,
+              autoresearch/), the settings and the metric's constants as read
     finished  written at the summary: its values, the budget counted, the uncounted steps, the steps begun after
               the budget ran out, what the metric scored, and `violations`: why the run compares with no other
     failed    written when the run stops on an error: a knob, the cache, out of memory, a diverged loss, a metric
@@ -79,6 +80,23 @@ def code_identity(path):
             "commit": commit, "committed": None if commit is None else head_blob(path) == blob}
 
 
+FIXED_FILES = ("prepare.py", "constants.py", "autoresearch")  # the fixed harness: the same for every compared run
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project these fixed files ran from
+
+
+def fixed_blobs(root=ROOT):
+    """{path: git blob id} of the fixed files' Python sources under root (prepare.py, constants.py,
+    autoresearch/*.py), as they are on disk: what a run's fixed code was."""
+    paths = [name for name in FIXED_FILES if name.endswith(".py")]
+    folder = os.path.join(root, "autoresearch")
+    paths += sorted(f"autoresearch/{n}" for n in os.listdir(folder) if n.endswith(".py"))
+    blobs = {}
+    for path in paths:
+        with contextlib.suppress(OSError), open(os.path.join(root, path), "rb") as f:
+            blobs[path] = git_blob_sha1(f.read())
+    return blobs
+
+
 def head_blob(path, rev="HEAD"):
     """The blob id of the file at path as its checkout's HEAD (or commit `rev`) has it, or None (outside git, not
     in that commit)."""
@@ -115,7 +133,8 @@ class RunRecord:
         self.path = os.path.join(folder or os.getcwd(), RECORD_NAME)
         self.data = {"format": FORMAT, "run_id": new_run_id(), "status": "running", "pid": os.getpid(),
                      "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                     "code": code_identity(train_file), "settings": settings, "constants": dict(constants),
+                     "code": code_identity(train_file), "fixed": fixed_blobs(), "settings": settings,
+                     "constants": dict(constants),
                      "evaluations": [], "violations": [], "reason": None, "summary": None}
         self.save()
 
@@ -149,9 +168,13 @@ VIOLATIONS = []  # what the fixed code saw train.py do against the rules in this
 _METRIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prepare.py")
 
 
+_evaluating = False  # True once the metric started scoring in this run
+
+
 def start(train_file, settings, constants, folder=None):
     """Start this process's run record (a new run id) and forget earlier evaluations."""
-    global _current
+    global _current, _evaluating
+    _evaluating = False
     EVALUATIONS.clear()
     VIOLATIONS.clear()
     _current = RunRecord(train_file, settings, constants, folder)
@@ -174,6 +197,17 @@ def called_from_the_metric(depth=2):
     prepare.py): what the fixed code accepts as the metric's own call."""
     code = sys._getframe(depth).f_code
     return code.co_name == "evaluate_bpb" and os.path.abspath(code.co_filename) == _METRIC
+
+
+def evaluation_starts():
+    """The metric (prepare.evaluate_bpb) starts scoring: training is over."""
+    global _evaluating
+    _evaluating = True
+
+
+def evaluating():
+    """True once this run's evaluation started."""
+    return _evaluating
 
 
 def note_violation(what):

@@ -26,12 +26,15 @@ import contextlib
 import functools
 import glob
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import tarfile
+import tempfile
 
 from autoresearch import fleet
 from autoresearch import record as run_record
@@ -262,6 +265,9 @@ def noise_floor(exps):
         return None, (f"the baseline's runs ran at different speeds (model FLOP/s {shown}; more than "
                       f"{SPEED_TOLERANCE:.0%} apart: a busy or throttled machine): run the baseline again")
     a, b = base["pair"]
+    if a == b:
+        return MIN_FLOOR, (f"the minimum: the baseline's latest 2 runs of {len(base['runs'])} are identical (a "
+                           "deterministic machine: a re-run repeats its value)")
     return max(abs(a - b), MIN_FLOOR), f"from the baseline's latest 2 runs of {len(base['runs'])}"
 
 
@@ -435,7 +441,9 @@ def identify(text, log_dir):
         if data["status"] == "running":
             if data.get("pid") and _pid_alive(data["pid"]) and data["pid"] != os.getpid():
                 raise UserError(f"run {data['run_id']} is still going (pid {data['pid']}): record it when it ends")
-            return data["run_id"], data, "crash", "killed before its summary (SIGKILL? the OOM killer?)"
+            said = crash_reason(text)  # (the log's own last error, where it has one)
+            return data["run_id"], data, "crash", (said if not said.startswith("no summary") else
+                                                   "killed before its summary (SIGKILL? the OOM killer?)")
         return data["run_id"], data, "crash", (data.get("reason") or "failed")[:160]
     if started:
         raise UserError(f"the log is of run {started[-1]}, but {run_record.RECORD_NAME} "
@@ -462,11 +470,48 @@ def check_code(data, short, commit=None):
                         "(`git commit -am \"<idea>\"`), then record; if you reset or edited since, run again")
 
 
+def branch_start():
+    """The commit this branch left main (or master) at: where a night's fixed files come from before its baseline
+    is recorded; None where neither branch exists."""
+    for name in ("main", "master"):
+        if run_record.git(".", "rev-parse", "--verify", "-q", f"refs/heads/{name}"):
+            return run_record.git(".", "merge-base", "HEAD", name)
+    return None
+
+
+def committed_fixed(commit):
+    """{path: blob id} of the fixed files' Python sources in a commit (as record.fixed_blobs lists them)."""
+    out = run_record.git(".", "ls-tree", "-r", commit, "--", *run_record.FIXED_FILES) or ""
+    blobs = {}
+    for line in out.splitlines():
+        meta, _, path = line.partition("\t")
+        if path.endswith(".py") and path.count("/") <= 1:
+            blobs[path] = meta.split()[2]
+    return blobs
+
+
+def check_fixed(data, base):
+    """Refuse, in one line naming the file, a run whose fixed files (prepare.py, constants.py, autoresearch/) are not
+    those of commit `base` (the baseline's, or the branch's start): its val_bpb would not be the same metric."""
+    ran = data.get("fixed") or committed_fixed(data["code"].get("commit") or "HEAD")  # (records before the hashes)
+    expected = committed_fixed(base)
+    if not expected:
+        return
+    changed = sorted(p for p in set(ran) | set(expected) if ran.get(p) != expected.get(p))
+    if changed:
+        raise UserError(f"{changed[0]} is not the baseline's (commit {base[:7]})"
+                        + (f", nor are {', '.join(changed[1:])}" if changed[1:] else "")
+                        + ": the fixed files never change, so this run's val_bpb is another metric; not recorded. "
+                        f"Put them back (`git checkout {base[:7]} -- {' '.join(run_record.FIXED_FILES)}`), commit, "
+                        "run again")
+
+
 @functools.lru_cache(maxsize=None)
-def expected_constants(settings):
+def expected_constants(settings, commit=None):
     """The metric's constants (constants.RESOLVED) that a run under `settings` (the `settings:` line: `standard`, or
-    the preset and overrides, NAME=value) reads at start, computed afresh in a clean process; None if they cannot
-    be (settings that do not parse, or that constants.py refuses)."""
+    the preset and overrides, NAME=value) reads at start, computed afresh in a clean process from the constants.py
+    of `commit` (the baseline's; else this checkout's); None if they cannot be (settings that do not parse, or that
+    constants.py refuses)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
     if settings != "standard":
         for item in str(settings).split():
@@ -475,13 +520,22 @@ def expected_constants(settings):
                 return None
             env[name] = value
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root
-    try:
-        out = subprocess.run([sys.executable, "-c", "import json, constants; print(json.dumps(constants.RESOLVED))"],
-                             cwd=root, env=env, capture_output=True, text=True, timeout=60)
-        return json.loads(out.stdout) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
+    with tempfile.TemporaryDirectory(prefix="autoresearch-constants-") as tmp:
+        if commit is not None:  # the commit's constants.py and what it imports, not this checkout's
+            archive = subprocess.run(["git", "archive", commit, "constants.py", "autoresearch/__init__.py",
+                                      "autoresearch/errors.py"], capture_output=True, timeout=60)
+            if archive.returncode == 0:  # (a commit without them: this project's)
+                with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+                    tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
+                root = tmp
+        env["PYTHONPATH"] = root
+        try:
+            out = subprocess.run([sys.executable, "-c",
+                                  "import json, constants; print(json.dumps(constants.RESOLVED))"],
+                                 cwd=root, env=env, capture_output=True, text=True, timeout=60)
+            return json.loads(out.stdout) if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
 
 
 def check_run(data, text):
@@ -509,7 +563,14 @@ def check_run(data, text):
     if not abs(shown - data["val_bpb"]) <= 5e-7:
         raise UserError(f"the log's summary says val_bpb {shown} but the run's record says {data['val_bpb']}: the "
                         "record or the log was changed after the run; not recorded. Run again")
-    expected = expected_constants(data["settings"])
+
+
+def check_rules(data, base):
+    """Refuse a finished run whose fixed files are not those of commit `base` (check_fixed), or whose constants and
+    budget are not the ones its settings give under base's constants.py (changed by train.py while it ran)."""
+    if base is not None:
+        check_fixed(data, base)
+    expected = expected_constants(data["settings"], base)
     kind = data.get("budget_kind", "time")
     if expected is not None:
         active = "FLOP_BUDGET" if expected["BUDGET"] == "flops" else "TIME_BUDGET"  # (the other is no setting)
@@ -628,6 +689,8 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
         same = [r for r, g in zip(rows, groups) if g == groups[-1]]
         mine = {tuple(r[c] for c in REFERENCE) for r in same}
         baseline = next((r for r in archived if r.get("status") == "finished" and recorded_key(r) in mine), None)
+        if kind == "finished":  # the fixed files and constants of the baseline's commit (or the branch's start)
+            check_rules(data, (baseline or {}).get("code", {}).get("commit") or branch_start())
         if kind == "finished" and baseline is not None and baseline.get("settings") != data["settings"]:
             raise UserError(f"this run's settings ({data['settings']}) differ from the baseline's "
                             f"({baseline.get('settings')}): its val_bpb does not compare; not recorded. Run it again "
@@ -696,12 +759,14 @@ def judge(rows, records, row, data):
     if said is not None:
         rerun = len(exp["runs"]) > 1  # (a marginal win confirmed: its mean beats the best by more than F)
         value = f"{'mean ' if rerun else ''}{exp['value']:.6f}"
+        deterministic = base["pair"] and base["pair"][0] == base["pair"][1]
         advice = {"better": "", "marginal": ": its mean beats the best by more than the floor: keep" if rerun else
-                  ": keep it for now and run it again", "equal": ": keep only if it makes train.py simpler",
-                  "worse": ""}[said]
+                  ": identical runs repeat their value, so a re-run would tell nothing: keep it only if it makes "
+                  "train.py simpler" if deterministic else ": keep it for now and run it again",
+                  "equal": ": keep only if it makes train.py simpler", "worse": ""}[said]
         out["line"] = (f"verdict: {said} ({value} against the best {best['value']:.6f}, #{best['number']}; floor "
                        f"{floor:.6f}){advice}")
-        wins = ("better", "marginal") if rerun else ("better",)
+        wins = ("better", "marginal") if rerun and not deterministic else ("better",)
         out["contradiction"] = (said in wins and row["status"] == "discard") or (said == "worse" and
                                                                                row["status"] == "keep")
     ratio = speed_ratio(speed, experiment_speed(best))

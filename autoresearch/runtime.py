@@ -29,26 +29,31 @@ import contextlib
 import gc
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import types
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import constants
-from autoresearch import cache, record
+from autoresearch import cache, flops, record
 from autoresearch.errors import UserError, sigterm_as_error
-from autoresearch.hardware import attention_kernels, kernel_categories, peak_flops, synchronize
+from autoresearch.hardware import attention_kernels, can_compile, kernel_categories, peak_flops, synchronize
 
 _clock = time.perf_counter  # every time this module counts (bound here: see the module's docstring)
 _reference_clock = time.monotonic  # what the counted training time is checked against at the end
 # The metric's constants as this process read them at import: what every check compares with.
 FIXED = types.MappingProxyType(dict(constants.RESOLVED))
 LOG_EVERY_SECONDS = 5.0  # progress line interval when stdout is a file (a terminal gets one live line)
-CUDA_WARMUP_STEPS = 11  # under the time budget on CUDA the first steps compile: they do not count (else none)
+CUDA_WARMUP_STEPS = 11  # where the model compiles (CUDA) the first steps compile: not timed, nor counted under time
 FEW_STEPS = 20  # a budget that holds fewer steps than this is said at the first counted step
 UNACCOUNTED = 0.25  # a step whose parts leave more than this share of its time (and 0.1 s) unaccounted is said
+# A run in which no training step ends for this long (start-up included) stops itself as a hang. A busy machine does
+# not trip it: the small preset's step takes ~0.8 s on a quiet 2-core CPU and ~8 s at a load of 16; a cold compile of
+# the standard model on a GPU ~60 s. (Not under AUTORESEARCH_FORCE, whose steps take hours.)
+STALL_SECONDS = 600.0
 
 # ---------------------------------------------------------------------------------------------------------------
 # What ran, and whether the run compares with standard ones
@@ -68,55 +73,54 @@ def modified_constants(train_globals):
     return notes
 
 
-def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs):
-    """FLOPs of one attention forward from the shapes q: [B, H, Tq, D], k: [B, KV, Tk, D], v: [B, KV, Tk, Dv]:
-    the scores and the weighted sum, every key counted (as torch's own formulas count the CUDA kernels)."""
-    b, h, tq, d = q
-    return 2 * b * h * tq * k[-2] * (d + v[-1])
-
-
-def _sdpa_backward_flops(grad, q, k, v, *args, out_shape=None, **kwargs):
-    """FLOPs of one attention backward: the scores again, then the gradients of the weights, V, Q and K."""
-    b, h, tq, d = q
-    return 2 * b * h * tq * k[-2] * (3 * d + 2 * v[-1])
-
-
-class FlopCount(TorchDispatchMode):
-    """Counts the FLOPs of the ops run under it (`total`): every op torch's FLOP counter has a formula for (matmuls,
-    convolutions, the CUDA attention kernels), plus the attention kernels it lacks, counted from their shapes like
-    its SDPA: the CPU's SDPA (causal or with a mask, `_scaled_dot_product_flash_attention_for_cpu`), FlexAttention
-    (a higher-order op: its inner work is not counted again) and cuDNN's window operator (`cudnn::sdpa`). Lighter
-    than torch's FlopCounterMode (no per-module breakdown): on a tiny CPU step it costs 7% where that costs 26%."""
-
-    supports_higher_order_operators = True  # (FlexAttention reaches __torch_dispatch__ as one op)
-
-    def __init__(self):
-        super().__init__()
-        from torch.utils.flop_counter import flop_registry, shape_wrapper
-        aten, ops = torch.ops.aten, torch.ops
-        self.formulas = {**flop_registry,
-                         aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_sdpa_flops),
-                         aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(_sdpa_backward_flops),
-                         ops.higher_order.flex_attention: shape_wrapper(_sdpa_flops),
-                         ops.higher_order.flex_attention_backward: shape_wrapper(
-                             lambda q, k, v, out, lse, grad, *rest, **kw: _sdpa_backward_flops(grad, q, k, v))}
-        with contextlib.suppress(AttributeError, RuntimeError):  # (only where the cuDNN frontend is loaded)
-            self.formulas[ops.cudnn.sdpa] = shape_wrapper(_sdpa_flops)
-            self.formulas[ops.cudnn.sdpa_bwd] = shape_wrapper(_sdpa_backward_flops)
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = self.formulas.get(getattr(func, "_overloadpacket", func))
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
-        return out
-
-
-# What measures a step's FLOPs while it runs (the counter; on CUDA the compiler's eager stance too): closed at the
-# step's end, or by main() when the step stops on an error.
+# The FLOP counting of the run under the compute budget (flops.counting): main() starts it before train(), or the
+# first Run where train.py did not go through main(); closed by main() at the end.
 _MEASURING = contextlib.ExitStack()
+_meter = None
+
+
+def _start_counting():
+    """Start counting FLOPs (compute budget) if not yet: from here to the evaluation, in every thread."""
+    global _meter
+    if _meter is None or not _meter.on:
+        _meter = _MEASURING.enter_context(flops.counting())
+    return _meter
+
+
+class Watchdog:
+    """Stops the run, from a thread of its own, when no training step has ended for STALL_SECONDS before the
+    evaluation begins: SIGTERM to the main thread (which wakes a sleep), said as a hang. Its own clock
+    (time.monotonic), so nothing train.py does to perf_counter moves it."""
+
+    def __init__(self, seconds):
+        self.seconds, self.last, self.said, self._done = seconds, time.monotonic(), None, threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="autoresearch-watchdog", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+
+    def _watch(self):
+        while not self._done.wait(min(1.0, self.seconds / 4)):
+            if record.evaluating():
+                return
+            if time.monotonic() - self.last > self.seconds:
+                self.said = (f"no training step ended in {self.seconds:g} s: train.py hangs (a sleep, a wait, a "
+                             "deadlock?) and was stopped: a crash")
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                return
+
+
+_watchdog = None  # this run's Watchdog (runtime.main), told of every step's end
+
+
+def _stop_counting():
+    global _meter
+    _MEASURING.close()
+    _meter = None
 
 
 def start_record(train_file):
@@ -160,9 +164,14 @@ class Run:
             raise UserError(f"the metric's constants are fixed: {'; '.join(modified)}: remove that assignment")
         self.kind = FIXED["BUDGET"]
         self._budget = FIXED["FLOP_BUDGET"] if self.kind == "flops" else FIXED["TIME_BUDGET"]
-        self._warmup = CUDA_WARMUP_STEPS if self.cuda and self.kind == "time" else 0
+        # Where the model compiles, its first steps compile: their time is start-up, never speed; under the time
+        # budget they are not counted either (the reference's rule). Under the compute budget every FLOP counts.
+        self._timed_from = CUDA_WARMUP_STEPS if can_compile(device) else 0
+        self._warmup = self._timed_from if self.kind == "time" else 0
         self._steps, self._counted_seconds, self._done, self._late_steps = 0, 0.0, False, 0
-        self._counted_flops, self._step_flops, self._measuring = 0.0, 0.0, False
+        self._counted_flops, self._step_flops, self._flops_seen = 0.0, 0.0, 0.0
+        self._owns_counting = self.kind == "flops" and _meter is None  # (train.py did not go through main())
+        self._meter = _start_counting() if self.kind == "flops" else None
         self._violations = []  # what train.py did to the fixed rules during the run, in words
         self.peak, self.gpu_name, mfu_note = peak_flops(device)
         self._record.data["gpu"] = self.gpu_name  # (results.py files the run under its GPU model, crash or not)
@@ -172,7 +181,8 @@ class Run:
         self.unaccounted_seconds, self._unaccounted_said = 0.0, False
         self.tty, self._last_log, self._profiler, self._t_trained = sys.stdout.isatty(), 0.0, None, None
         self._data_wait, self._marks, self._t0, self._epoch_said = 0.0, [], None, False
-        self._reference_start = self._reference_end = None  # _reference_clock() around the counted steps
+        self._reference_start = self._reference_end = None  # _reference_clock() around the timed steps
+        self._after_eval, self._flops_before = False, 0.0
         print(f"device: {device} ({self.gpu_name}), torch {torch.__version__}; settings: {constants.SETTINGS}")
         code = self._record.data["code"]
         if code["committed"] is False:
@@ -250,14 +260,15 @@ class Run:
         synchronize(self.device)
         self._t0 = _clock()
         self._data_wait, self._marks = 0.0, [self._mark()]
-        if self.step == self._warmup:  # the first counted step: everything before it is start-up
+        if self.step == self._timed_from:  # the first timed step: everything before it is start-up
             self.startup_seconds = self._t0 - self.t_start
             self._reference_start = _reference_clock()
-        if self.kind == "flops" and (self.step == 0 or not self.cuda):
-            if self.cuda:  # the counter sees what eager kernels compute; compiled graphs would hide it
-                _MEASURING.enter_context(torch.compiler.set_stance("force_eager"))
-            self._counter = _MEASURING.enter_context(FlopCount())
-            self._measuring = True
+        if self.step == 0 and self._meter is not None:
+            self._flops_before = self._meter.total
+        if self._meter is not None and not self._meter.on and not self._after_eval:
+            self._after_eval = True
+            self._violations.append("a training step ran after the evaluation began (evaluate_bpb), where no FLOP "
+                                    "is counted")
         if self.step == constants.PROFILE_STEP and self.cuda:  # compiled by now: record the kernels that run
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                 torch.profiler.ProfilerActivity.CUDA],
@@ -273,26 +284,18 @@ class Run:
         loader's epoch: waits for the step, stops the program with FAIL on a NaN or exploding loss, counts the
         step's time, prints progress, and sets `done` when the budget is spent."""
         self._marks.append(self._mark())
-        if self._measuring:
-            _MEASURING.close()
-            self._measuring = False
-            self._step_flops = float(self._counter.total)
+        loss_f = loss.item()  # waits for the step
+        if self._meter is not None:  # this step's FLOPs: all counted since the last step ended (or since start)
+            total = self._meter.total
+            self._step_flops, self._flops_seen = total - self._flops_seen, total
             if not self._step_flops and self.step == 0:  # (nothing counted would never end the run)
                 raise UserError(f"torch's FLOP counter saw no matmul in step {self.step}: the compute budget cannot "
                                 "count it (run the model between run.begin_step() and run.end_step())")
-        loss_f = loss.item()  # waits for the step
         if self._profiler is not None:
             self._profiler.stop()
-            events = self._profiler.key_averages()
+            lines = profile_lines(self._profiler.key_averages(), self.step)
             self._profiler = None
-            used = attention_kernels((e.key, e.count) for e in events)
-            times = kernel_categories((e.key, getattr(e, "device_time_total", 0) / 1e6) for e in events)
-            total = sum(times.values()) or 1.0
-            print(("\n" if self.tty else "") + f"attention (profiled step {self.step}): " + (
-                ", ".join(f"{label} x{n}" for label, n in used.items()) or "no attention kernel recognized"))
-            print(f"kernels (profiled step {self.step}): " + "; ".join(
-                f"{name} {1000 * t:.1f} ms ({100 * t / total:.0f}%)" for name, t in
-                sorted(times.items(), key=lambda kv: -kv[1])), flush=True)
+            print(("\n" if self.tty else "") + "\n".join(lines), flush=True)
         if not math.isfinite(loss_f) or loss_f > 100:
             print(f"\nFAIL: loss is {loss_f} at step {self.step}", flush=True)
             raise UserError(f"the training loss is {loss_f} at step {self.step}: the run diverged; lower the learning "
@@ -301,12 +304,15 @@ class Run:
         dt = _clock() - self._t0
         phases = self._phases()
         counted = self.step >= self._warmup
-        if counted:
+        if self.step >= self._timed_from:
             self._counted_seconds += dt
-            self._counted_flops += self._step_flops
             for name, seconds in phases.items():
                 self.phase_seconds[name] += seconds
+        if counted:
+            self._counted_flops += self._step_flops
         self._steps += 1
+        if _watchdog is not None:
+            _watchdog.last = time.monotonic()
         step = self.step - 1  # the step just ended
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss_f
         self.train_loss = self.smooth_loss / (1 - 0.9 ** (step + 1))
@@ -330,6 +336,9 @@ class Run:
         """The notes a step may call for, each said once: a budget that holds few steps, time the step's parts do
         not account for, the first pass over the training data ending."""
         cost = self._step_flops if self.kind == "flops" else dt
+        if step == 0 and self._flops_before > 0.01 * cost:
+            print(f"note: {self._flops_before:.3g} FLOPs were computed before the first step (train.py's work before "
+                  "the loop): they count against the budget, in step 0's share", flush=True)
         if step == self._warmup and cost > self._budget / FEW_STEPS and not self._done:
             smaller = "make steps smaller (TOTAL_BATCH_SIZE, DEPTH)" + (
                 "" if constants.PRESET == "small" else " or use the small preset")
@@ -338,7 +347,7 @@ class Run:
             print(f"note: one step {said} holds about {max(1, round(self._budget / cost))} steps and the run ends "
                   f"with the first step past it: {smaller}", flush=True)
         unaccounted = dt - sum(phases.values())
-        if step >= self._warmup:
+        if step >= self._timed_from:
             self.unaccounted_seconds += max(0.0, unaccounted)
         if (unaccounted > max(UNACCOUNTED * dt, 0.1) and not self._unaccounted_said and len(self._marks) == 3
                 and self.kind == "time"):  # (under the compute budget the machine's load moves no verdict)
@@ -387,6 +396,12 @@ class Run:
     def _check(self, val_bpb, evaluation):
         """Why this run compares with no other (empty for an honest run), checked at its end."""
         problems = modified_constants(self.train_globals) + self._violations + record.VIOLATIONS
+        if self._meter is not None:
+            problems += self._meter.problems()
+            after = self._meter.total - self._flops_seen
+            if after > 0:
+                problems.append(f"{after:.3g} FLOPs were computed after the last step, before the evaluation, "
+                                "outside every step's count")
         if self._reference_start is not None and self._reference_end is not None:
             wall = self._reference_end - self._reference_start
             if self._counted_seconds < 0.8 * wall - 1.0:
@@ -416,12 +431,14 @@ class Run:
         them); write the run's record. A run that counted no step, or whose metric is not finite, ends instead in
         one `error:` line (and a `failed` record)."""
         t_end = _clock()
+        if self._owns_counting:
+            _stop_counting()
         evaluation = record.EVALUATIONS[-1] if record.EVALUATIONS else None
         violations = self._check(float(val_bpb), evaluation)
         metric = evaluation["val_bpb"] if evaluation is not None else float(val_bpb)
         exact = evaluation["val_bpb_exact"] if evaluation is not None else float("nan")
-        counted_tokens = self.counted_steps * self.tokens_per_step
-        flops_per_sec = self.flops_per_token * counted_tokens / self._counted_seconds if self._counted_seconds else 0.0
+        timed_tokens = max(0, self.step - self._timed_from) * self.tokens_per_step
+        flops_per_sec = self.flops_per_token * timed_tokens / self._counted_seconds if self._counted_seconds else 0.0
         mfu = 100 * flops_per_sec / self.peak if self.peak else 0.0
         over = self._counted_seconds - self._budget
         if self.kind == "time" and self.counted_steps and over > 0.05 * self._budget:
@@ -448,7 +465,7 @@ class Run:
             ("val_bpb_exact", f"{exact:.6f}"), ("train_loss", f"{self.train_loss:.6f}"),
             ("startup_seconds", f"{self.startup_seconds:.1f}"),
             ("eval_seconds", f"{t_end - (self._t_trained or t_end):.1f}"),
-            ("tok_per_sec", f"{int(counted_tokens / self._counted_seconds) if self._counted_seconds else 0}"),
+            ("tok_per_sec", f"{int(timed_tokens / self._counted_seconds) if self._counted_seconds else 0}"),
             ("flops_per_sec", f"{flops_per_sec:.4e}"),
             ("fwd_bwd_seconds", f"{self.phase_seconds['forward_backward']:.1f}"),
             ("optim_seconds", f"{self.phase_seconds['optimizer']:.1f}"),
@@ -468,6 +485,21 @@ class Run:
                             uncounted_steps=min(self.step, self._warmup), late_steps=self._late_steps,
                             model_flops_per_sec=flops_per_sec, peak_vram_mb=peak_vram_mb)
         gc.enable()
+
+
+def profile_lines(events, step):
+    """The two lines of a profiled step from the profiler's events (key_averages): the attention kernels that ran
+    and the GPU time by kind of kernel. Only device-side events (the kernels) count: a CPU op's device time holds
+    the kernels of every op under it, so counting ops too would count each kernel once per enclosing op."""
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).split(".")[-1] not in ("CPU", "")]
+    used = attention_kernels((e.key, e.count) for e in kernels)
+    times = kernel_categories((e.key, e.device_time_total / 1e6) for e in kernels)
+    total = sum(times.values()) or 1.0
+    return [f"attention (profiled step {step}): " + (", ".join(f"{label} x{n}" for label, n in used.items())
+                                                     or "no attention kernel recognized"),
+            f"kernels (profiled step {step}): " + "; ".join(
+                f"{name} {1000 * t:.1f} ms ({100 * t / total:.0f}%)"
+                for name, t in sorted(times.items(), key=lambda kv: -kv[1]))]
 
 
 def _reason(error):
@@ -504,10 +536,14 @@ def main(train, knobs):
                           "expandable_segments:True")  # read at the first CUDA allocation
     run_record = start_record(train.__globals__.get("__file__", "train.py"))
     print(f"run: {run_record.run_id}", flush=True)  # (the log's first line: results.py matches it to run.json)
+    global _watchdog
     stopped = "train.py was stopped by SIGTERM (`timeout` ran out, or the run was killed): a crash"
+    watchdog = _watchdog = Watchdog(STALL_SECONDS if not constants.FORCE else math.inf)
     try:
         try:
-            with sigterm_as_error(stopped), cache.reading():
+            with sigterm_as_error(stopped), watchdog, cache.reading():
+                if FIXED["BUDGET"] == "flops":  # every FLOP from here to the evaluation counts
+                    _start_counting()
                 _with_kernels(train)
         except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
             gpu = isinstance(e, torch.OutOfMemoryError)
@@ -518,8 +554,11 @@ def main(train, knobs):
         if run_record.data["status"] == "running":
             raise UserError("train() returned without a summary (runtime.Run.summary was never reached)")
     except BaseException as e:
+        if watchdog.said and isinstance(e, UserError):
+            e = UserError(watchdog.said)
         run_record.fail(_reason(e))
-        raise
+        raise e from None
     finally:
-        _MEASURING.close()
+        _watchdog = None
+        _stop_counting()
         record.stop()

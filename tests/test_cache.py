@@ -371,6 +371,7 @@ def test_a_cache_path_that_is_a_file_is_one_line(tmp_path):
     ("AUTORESEARCH_EVAL_TOKENS", "100"),  # less than one row of MAX_SEQ_LEN (128 in the tests)
     ("AUTORESEARCH_PRESET", "tiny"), ("AUTORESEARCH_FORCE", "maybe"), ("AUTORESEARCH_GPU_MEMORY_GB", "-24"),
     ("HF_HUB_OFFLINE", "sometimes"),
+    ("AUTORESEARCH_FLOP_BUDGET", "1e22"),  # more than a week of an H100: a typo, as a 10-week TIME_BUDGET is
 ])
 def test_bad_overrides_are_one_line_naming_the_variable(name, value):
     proc = run_script(["-c", "import constants"], env={name: value})
@@ -379,6 +380,21 @@ def test_bad_overrides_are_one_line_naming_the_variable(name, value):
     assert "\n" not in line and line.startswith(f"error: {name}={value!r}") and "must be" in line
     unset = re.search(r"\(unset it for (.*)\)$", line)  # what the variable's absence gives, in words
     assert (unset or "must be at least one row" in line) and (not unset or unset.group(1).strip(" ,") != "the default")
+
+
+@pytest.mark.parametrize("env, settings", [
+    ({"AUTORESEARCH_FLOP_BUDGET": "2.0e11"}, "AUTORESEARCH_PRESET=small AUTORESEARCH_FLOP_BUDGET=2e+11"),
+    ({"AUTORESEARCH_FLOP_BUDGET": "2e11"}, "AUTORESEARCH_PRESET=small AUTORESEARCH_FLOP_BUDGET=2e+11"),
+    ({"AUTORESEARCH_FLOP_BUDGET": "4e12"}, "AUTORESEARCH_PRESET=small"),  # the preset's own value: no override
+    ({"AUTORESEARCH_FLOP_BUDGET": "4000000000000.0"}, "AUTORESEARCH_PRESET=small"),
+    ({"AUTORESEARCH_FLOP_BUDGET": "1234567891"}, "AUTORESEARCH_PRESET=small AUTORESEARCH_FLOP_BUDGET=1234567891.0"),
+    ({"AUTORESEARCH_PRESET": "", "AUTORESEARCH_TIME_BUDGET": "300.0"}, "standard"),
+])
+def test_equal_settings_are_written_alike(env, settings):
+    base = {"AUTORESEARCH_MAX_SEQ_LEN": "", "AUTORESEARCH_EVAL_TOKENS": "", "AUTORESEARCH_FLOP_BUDGET": "",
+            "AUTORESEARCH_TIME_BUDGET": ""}
+    proc = run_script(["-c", "import constants; print(constants.SETTINGS)"], env={**base, **env})
+    assert proc.returncode == 0 and proc.stdout.strip() == settings, proc.stderr
 
 
 def test_manifest_is_plain_json_naming_the_source(prepared, source_dir, tokenizer):

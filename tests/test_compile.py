@@ -1,6 +1,8 @@
 """Regional compilation (hardware.compile_model), checked on the CPU with dynamo alone: a counting backend sees
 every graph dynamo makes, and no code is generated. What a CPU can show: the number of compiled graphs does not
 grow with DEPTH, and nothing recompiles across steps, learning-rate changes or the switch to evaluation."""
+import os
+
 import pytest
 import torch
 import torch._dynamo
@@ -93,3 +95,19 @@ def test_matrices_outside_the_compiled_regions_are_said(capsys):
     model.adapter = torch.nn.Linear(64, 64, bias=False)  # an agent's addition, outside every region
     hardware.compile_regions(model, backend=CompileCounter())
     assert "outside compiled_regions() run eagerly, slower: adapter (add them" in capsys.readouterr().out
+
+
+def test_the_gpu_tests_name_only_what_exists():
+    """The GPU tests run only where a GPU is lent, rarely: every name they take from the project's modules exists
+    here, so they cannot fail on a renamed helper (an AttributeError would spend the GPU's time)."""
+    import ast
+    import importlib
+    path = os.path.join(os.path.dirname(__file__), "test_gpu.py")
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    modules = {"train": "train", "hardware": "autoresearch.hardware", "runtime": "autoresearch.runtime",
+               "flops": "autoresearch.flops"}
+    used = {(node.value.id, node.attr) for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules}
+    assert len(used) >= 8
+    missing = [f"{m}.{a}" for m, a in sorted(used) if not hasattr(importlib.import_module(modules[m]), a)]
+    assert missing == []

@@ -12,7 +12,7 @@ import pytest
 import constants
 import train
 from autoresearch import record, results, runtime
-from conftest import TEST_ENV, agent_repo, edit_train, git, record_cli, run_train
+from conftest import ROOT, TEST_ENV, agent_repo, edit_train, git, record_cli, run_train
 from test_train import TINY_KNOBS
 
 
@@ -270,3 +270,62 @@ def test_a_cache_whose_lock_cannot_be_taken_runs_unlocked_and_says_so(tmp_path, 
     with pytest.raises(SystemExit, match="cannot take the cache's lock"):  # prepare.py, which would write it
         with cache.cache_lock(str(tmp_path)):
             pass
+
+
+
+def test_a_second_sigterm_during_the_cleanup_of_the_first_is_ignored():
+    """`timeout 600 uv run train.py` signals uv and its whole process group, and uv passes the signal on: train.py
+    can get SIGTERM twice. The second, arriving while the first's cleanup writes the failed record, must not kill
+    the process there (leaving a `running` record and a run.json.*.tmp)."""
+    script = ("import os, signal, time\n"
+              "from autoresearch.errors import UserError, sigterm_as_error\n"
+              "try:\n"
+              "    with sigterm_as_error('stopped'):\n"
+              "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+              "except UserError as e:\n"
+              "    print(e.message)\n"
+              "os.kill(os.getpid(), signal.SIGTERM)  # the second, during the cleanup\n"
+              "print('cleanup done')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["stopped", "cleanup", "done"], proc
+
+
+def edit_file(repo, name, old, new, message):
+    path = os.path.join(repo, name)
+    text = open(path, encoding="utf-8").read()
+    assert old in text, old
+    open(path, "w", encoding="utf-8").write(text.replace(old, new))
+    git(repo, "commit", "-qam", message)
+
+
+def test_fixed_files_that_are_not_the_baselines_are_refused(prepared, tmp_path):
+    """A committed edit of the metric (val_bpb x 0.9 in prepare.py) or of the budget (FLOP_BUDGET doubled in
+    constants.py) makes another metric: record refuses it, naming the file, against the baseline's commit."""
+    repo = agent_repo(tmp_path)
+    assert run_train(repo)[0] == 0 and record_cli(repo, "keep", "baseline").returncode == 0
+    edit_file(repo, "prepare.py", "val_bpb, val_bpb_exact = (total_nats / (math.log(2) * n) for n in total_bytes)",
+              "val_bpb, val_bpb_exact = (0.9 * total_nats / (math.log(2) * n) for n in total_bytes)", "a better metric")
+    assert run_train(repo)[0] == 0
+    refused = record_cli(repo, "keep", "a better metric")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: prepare.py is not the baseline's")
+    git(repo, "revert", "--no-edit", "HEAD")
+    edit_file(repo, "constants.py", '"FLOP_BUDGET": 4e12}', '"FLOP_BUDGET": 8e12}', "a bigger budget")
+    assert run_train(repo)[0] == 0
+    refused = record_cli(repo, "keep", "a bigger budget")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: constants.py is not the baseline's")
+    assert "git checkout" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_in_which_no_step_ends_stops_itself_as_a_hang(prepared, monkeypatch):
+    """A train.py that never ends its steps (a sleep, a deadlock) stops by itself, however long its `timeout`: one
+    line and a failed record, not a slot held all night."""
+    monkeypatch.setattr(runtime, "STALL_SECONDS", 0.5)
+    start = time.monotonic()
+    try:
+        with pytest.raises(SystemExit, match=r"^error: no training step ended in 0.5 s: train.py hangs"):
+            runtime.main(lambda: time.sleep(60), "DEPTH=2")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the stop leaves SIGTERM ignored, as a stopping process may)
+    assert time.monotonic() - start < 30
+    data = record.read("run.json")
+    assert data["status"] == "failed" and data["reason"].startswith("no training step ended in 0.5 s")

@@ -29,7 +29,7 @@ def shell(repo, bin_dir, command, **env):
 def test_a_night_of_the_loop_with_program_mds_commands(prepared, tmp_path):
     program = open(os.path.join(ROOT, "program.md"), encoding="utf-8").read()
     run_standard, run_small, grep, tail, record_keep, summary = program_commands()
-    assert run_small.startswith("AUTORESEARCH_PRESET=small timeout 600 uv run train.py")
+    assert run_small.startswith("AUTORESEARCH_PRESET=small timeout 3600 uv run train.py")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "uv").write_text(f'#!/bin/sh\n[ "$1" = run ] && shift\nexec {sys.executable} "$@"\n')

@@ -247,18 +247,18 @@ def test_the_flop_counter_counts_attention_kernels_from_their_shapes():
     """SDPA on the CPU (which torch's own counter counts 0) and FlexAttention (a higher-order op, counted once from
     its shapes, not through its inner matmuls): the scores and the weighted sum, 2 x B x H x T x T x (D + Dv)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    from autoresearch import runtime
+    from autoresearch import flops
     B, H, T, D = 2, 2, 64, 16
     q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
     expected = 2 * B * H * T * T * (D + D)
-    with runtime.FlopCount() as counter:
+    with flops.FlopCount() as counter:
         F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert counter.total == expected
     mask = create_block_mask(lambda b, h, i, j: (i >= j) & (i - j <= 8), None, None, T, T, device="cpu")
-    with runtime.FlopCount() as counter:
+    with flops.FlopCount() as counter:
         flex_attention(q, k, v, block_mask=mask)
     assert counter.total == expected
-    with runtime.FlopCount() as counter:  # the backward: the scores again, then 4 products
+    with flops.FlopCount() as counter:  # the backward: the scores again, then 4 products
         q.requires_grad_(True)
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
     assert counter.total == expected + 2 * B * H * T * T * (3 * D + 2 * D)

@@ -173,6 +173,23 @@ def test_a_confirmed_marginal_win_is_a_keep(repo, tmp_path, capsys):
     assert results.experiments(rows())[1]["status"] == "keep"
 
 
+def test_where_identical_runs_repeat_their_value_a_marginal_result_asks_for_no_rerun(repo, tmp_path, capsys):
+    """Under the compute budget on a CPU runs are bit-identical: the baseline's two runs agree, F is its minimum,
+    and a re-run would repeat a marginal value: the verdict says so and asks for simplicity instead."""
+    repo("baseline")
+    for _ in range(2):
+        finished_run(tmp_path, "1.7590", settings="AUTORESEARCH_PRESET=small")
+        results.record("keep", "baseline")
+    assert "noise floor: 0.001000 (the minimum: the baseline's latest 2 runs of 2 are identical" in \
+        capsys.readouterr().out
+    repo("idea")
+    finished_run(tmp_path, "1.7575", settings="AUTORESEARCH_PRESET=small")
+    results.record("discard", "idea")
+    out = capsys.readouterr().out
+    assert "verdict: marginal" in out and "a re-run would tell nothing: keep it only if it makes train.py simpler" \
+        in out and "run it again" not in out
+
+
 def test_a_marginal_rerun_is_judged_on_the_mean_of_its_runs(repo, tmp_path, capsys):
     repo("baseline")
     for val in ("0.9979", "0.9969"):

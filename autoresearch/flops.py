@@ -1,0 +1,387 @@
+"""What the compute budget counts. DO NOT CHANGE: it decides what a run's FLOPs are.
+
+    with flops.counting() as meter:      # runtime.main: from the start of train() to evaluate_bpb's start
+        ...                              # meter.total: the FLOPs computed so far, in every thread
+    meter.problems()                     # why the count may miss work (the run then compares with no other)
+
+Every torch op that runs while counting is accounted for, in every thread train.py starts: an op with a FLOP
+formula (matmuls, attention, RNNs, bilinear, FFTs, linear algebra, int and sparse matmuls) adds its FLOPs; an op
+known to cost nothing next to them (elementwise, reductions, views, copies, fills, lookups, random draws) adds none,
+except an elementwise op that broadcasts its inputs into more elements than any of them holds (an outer product,
+`kron`, a matmul written as a broadcast product), which adds one per output element; any other op, and a tensor
+handed to numpy, is noted, and makes the run comparable with no other. Compiled code runs compiled: the counter sees
+the library calls it makes (cuBLAS matmuls, SDPA's kernels, cuDNN's window) but not the kernels the compiler writes
+itself, so the fixed code keeps its own attention on library kernels under the compute budget (hardware.py).
+"""
+import contextlib
+import math
+import sys
+import threading
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+from torch.utils._pytree import tree_leaves
+
+aten = torch.ops.aten
+
+
+def _sdpa(q, k, v, *args, out_shape=None, **kwargs):
+    """Attention forward from the shapes q: [B, H, Tq, D], k: [B, KV, Tk, D], v: [B, KV, Tk, Dv]: the scores and
+    the weighted sum, every key counted (as torch's own formulas count the CUDA kernels)."""
+    b, h, tq, d = q
+    return 2 * b * h * tq * k[-2] * (d + v[-1])
+
+
+def _sdpa_backward(grad, q, k, v, *args, out_shape=None, **kwargs):
+    """Attention backward: the scores again, then the gradients of the weights, V, Q and K."""
+    b, h, tq, d = q
+    return 2 * b * h * tq * k[-2] * (3 * d + 2 * v[-1])
+
+
+def _prod(sizes):
+    return math.prod(int(s) for s in sizes)
+
+
+def _mv(mat, vec, *args, out_shape=None, **kwargs):
+    return 2 * _prod(mat)
+
+
+def _addmv(bias, mat, vec, *args, out_shape=None, **kwargs):
+    return 2 * _prod(mat)
+
+
+def _dot(a, b, *args, out_shape=None, **kwargs):
+    return 2 * _prod(a)
+
+
+def _int_mm(a, b, *args, out_shape=None, **kwargs):
+    return 2 * a[0] * a[1] * b[1]
+
+
+def _trilinear(i1, i2, i3, expand1, expand2, expand3, sumdim, *args, out_shape=None, **kwargs):
+    """F.bilinear's op: the product of three tensors broadcast over one space (each with size-1 dims inserted at
+    its `expand` positions), summed over `sumdim`: 2 FLOPs per point of the space."""
+    spaces = []
+    for shape, expand in ((i1, expand1), (i2, expand2), (i3, expand3)):
+        shape = list(shape)
+        for dim in sorted(expand):
+            shape.insert(dim, 1)
+        spaces.append(shape)
+    return 2 * _prod(max(sizes) for sizes in zip(*spaces))
+
+
+def _rnn(input, weights, *, tokens_dim=-1):
+    """An RNN layer stack: each token meets every weight matrix once (input and recurrent, each direction)."""
+    tokens = _prod(input) // input[tokens_dim]
+    return 2 * tokens * sum(_prod(w) for w in weights if len(w) == 2)
+
+
+def _mkldnn_rnn(input, w0, w1, *args, out_shape=None, **kwargs):
+    return _rnn(input, [w0, w1])
+
+
+def _mkldnn_rnn_backward(input, w1, w2, *args, out_shape=None, **kwargs):
+    return 2 * _rnn(input, [w1, w2])  # the gradients of the input and of the weights
+
+
+def _cudnn_rnn(input, weights, *args, out_shape=None, **kwargs):
+    return _rnn(input, weights)
+
+
+def _cudnn_rnn_backward(input, weights, *args, out_shape=None, **kwargs):
+    return 2 * _rnn(input, weights)
+
+
+def _fft(x, dim, *args, out_shape=None, **kwargs):
+    """An FFT over `dim`: 5 n log2(n) per transformed signal of n points (the usual count of a radix-2 FFT)."""
+    shape = out_shape if out_shape is not None and _prod(out_shape) > _prod(x) else x
+    n = _prod(shape[d] for d in dim)
+    return 5 * _prod(shape) * math.log2(max(n, 2))
+
+
+def _linalg(cost):
+    """A formula from cost(m, n, k): the FLOPs of one m x n matrix (k: the columns of a right-hand side), times the
+    batch: the textbook counts of LAPACK's algorithms."""
+    def formula(a, *args, out_shape=None, **kwargs):
+        m, n = a[-2], a[-1]
+        rhs = next((s for s in args if isinstance(s, (list, tuple, torch.Size)) and len(s) >= 2), None)
+        k = rhs[-1] if rhs is not None else n
+        return _prod(a[:-2]) * cost(m, n, k)
+    return formula
+
+
+LINALG = {
+    "linalg_cholesky_ex": lambda m, n, k: n ** 3 / 3,
+    "linalg_lu_factor_ex": lambda m, n, k: m * n * n - n ** 3 / 3,
+    "linalg_lu": lambda m, n, k: m * n * n - n ** 3 / 3,
+    "linalg_qr": lambda m, n, k: 2 * m * n * n - 2 * n ** 3 / 3,
+    "geqrf": lambda m, n, k: 2 * m * n * n - 2 * n ** 3 / 3,
+    "_linalg_svd": lambda m, n, k: 4 * m * n * n + 8 * n ** 3,
+    "_linalg_eigh": lambda m, n, k: 9 * n ** 3,
+    "linalg_pinv": lambda m, n, k: 6 * m * n * n + 8 * n ** 3,  # (an SVD, then a product)
+    "linalg_eig": lambda m, n, k: 25 * n ** 3,
+    "_linalg_det": lambda m, n, k: 2 * n ** 3 / 3,
+    "_linalg_slogdet": lambda m, n, k: 2 * n ** 3 / 3,
+    "linalg_inv_ex": lambda m, n, k: 2 * n ** 3,
+    "_linalg_solve_ex": lambda m, n, k: 2 * n ** 3 / 3 + 2 * n * n * k,
+    "linalg_solve_triangular": lambda m, n, k: n * n * k,
+    "triangular_solve": lambda m, n, k: n * n * k,
+    "linalg_lu_solve": lambda m, n, k: 2 * n * n * k,
+    "cholesky_solve": lambda m, n, k: 2 * n * n * k,
+    "cholesky_inverse": lambda m, n, k: 2 * n ** 3 / 3,
+    "linalg_lstsq": lambda m, n, k: 2 * m * n * n + 4 * m * n * k,
+    "linalg_householder_product": lambda m, n, k: 4 * m * n * n,
+    "ormqr": lambda m, n, k: 4 * m * n * k,
+    "linalg_matrix_exp": lambda m, n, k: 20 * n ** 3,  # (a Pade approximant: about ten n x n products)
+    "linalg_ldl_factor_ex": lambda m, n, k: n ** 3 / 3,
+    "linalg_ldl_solve": lambda m, n, k: 2 * n * n * k,
+}
+
+# Ops that cost nothing next to the matmuls, beyond what their tags say (torch.Tag.pointwise, reduction, views):
+# creation, copies, fills, indexing and lookups, random draws, softmax and losses (per-element work), norms, the
+# optimizer's foreach ops, and bookkeeping.
+FREE = {
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like", "new_zeros",
+    "ones", "ones_like", "new_ones", "full", "full_like", "new_full", "scalar_tensor", "arange", "linspace",
+    "logspace", "eye", "tril", "triu", "tril_indices", "triu_indices", "copy_", "_to_copy", "clone", "contiguous",
+    "_copy_from", "_copy_from_and_resize", "copy", "fill_", "zero_", "fill", "lift_fresh", "lift_fresh_copy",
+    "detach", "alias", "set_", "resize_", "resize_as_", "_local_scalar_dense", "item", "cat", "stack", "split",
+    "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "chunk", "unbind", "index", "index_put_",
+    "index_put", "_index_put_impl_", "index_select", "index_add_", "index_add", "index_copy_", "index_fill_",
+    "gather", "scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce", "masked_fill",
+    "masked_fill_", "masked_scatter", "masked_select", "embedding", "embedding_dense_backward",
+    "embedding_backward", "_embedding_bag", "one_hot", "flip", "roll", "repeat", "repeat_interleave", "tile",
+    "constant_pad_nd", "pad", "narrow_copy", "slice_scatter", "select_scatter", "diagonal_scatter",
+    "as_strided_scatter", "select_backward", "slice_backward", "index_select_backward", "sort", "argsort", "topk",
+    "kthvalue", "unique", "_unique2", "nonzero", "searchsorted", "bucketize", "histc", "bincount", "normal_",
+    "uniform_", "bernoulli_", "bernoulli", "random_", "exponential_", "multinomial", "randn", "rand", "randint",
+    "randperm", "randn_like", "rand_like", "randint_like", "native_dropout", "native_dropout_backward",
+    "_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data", "_safe_softmax",
+    "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward", "cross_entropy_loss",
+    "mse_loss", "mse_loss_backward", "binary_cross_entropy", "binary_cross_entropy_backward",
+    "binary_cross_entropy_with_logits", "smooth_l1_loss", "smooth_l1_loss_backward", "huber_loss",
+    "huber_loss_backward", "_fused_rms_norm", "_fused_rms_norm_backward", "native_layer_norm",
+    "native_layer_norm_backward", "native_group_norm", "native_group_norm_backward", "native_batch_norm",
+    "native_batch_norm_backward", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit_functional", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "_cummax_helper",
+    "_cummin_helper", "linalg_vector_norm", "norm", "_foreach_copy_", "_linalg_check_errors", "_unsafe_index",
+    "_unsafe_index_put", "_assert_async", "_assert_scalar", "sym_constrain_range_for_size", "_fused_sdp_choice",
+    "is_nonzero", "equal", "allclose", "isclose", "_has_compatible_shallow_copy_type", "record_stream",
+    "_pin_memory", "pin_memory", "_to_sparse_csr", "_to_dense", "to_sparse", "_to_sparse", "_coalesce",
+    "coalesce", "_nested_tensor_from_mask", "view_as_real", "view_as_complex", "_conj", "_neg_view",
+    "_conj_physical", "resolve_conj", "resolve_neg", "_reshape_alias", "_unsafe_view", "as_strided",
+    "_nested_view_from_buffer", "dropout", "_fused_dropout", "_masked_scale", "_amp_foreach_non_finite_check_and_unscale_",
+    "_amp_update_scale_", "_foreach_zero_", "_foreach_add_", "_foreach_add", "_foreach_mul_", "_foreach_mul",
+    "_foreach_lerp_", "_foreach_addcmul_", "_foreach_addcdiv_", "_foreach_sqrt", "_foreach_sqrt_", "_foreach_div_",
+    "_foreach_div", "_foreach_sub_", "_foreach_neg", "_foreach_norm", "_foreach_maximum_", "_foreach_pow",
+    "_foreach_sign", "_foreach_abs", "_foreach_clamp_min_", "_foreach_clamp_max_", "_foreach_addcmul",
+    "_foreach_addcdiv", "_foreach_lerp", "_foreach_reciprocal_", "_foreach_exp", "_foreach_tanh",
+}
+
+# Ops with a formula here (shapes in, FLOPs out), beside torch's own registry (mm, addmm, bmm, baddbmm, convolutions,
+# CUDA's SDPA kernels): the attention kernels torch lacks, then the common ops that compute without one.
+_EXTRA = {
+    "_scaled_dot_product_flash_attention_for_cpu": _sdpa,
+    "_scaled_dot_product_flash_attention_for_cpu_backward": _sdpa_backward,
+    "mv": _mv, "addmv": _addmv, "dot": _dot, "vdot": _dot, "_int_mm": _int_mm, "_trilinear": _trilinear,
+    "mkldnn_rnn_layer": _mkldnn_rnn, "mkldnn_rnn_layer_backward": _mkldnn_rnn_backward,
+    "_cudnn_rnn": _cudnn_rnn, "_cudnn_rnn_backward": _cudnn_rnn_backward,
+    "_fft_r2c": _fft, "_fft_c2r": _fft, "_fft_c2c": _fft,
+    **{name: _linalg(cost) for name, cost in LINALG.items()},
+}
+# Matmuls with a sparse operand: 2 FLOPs per stored element and column of the dense one (not the dense count).
+SPARSE_MATMULS = {"mm", "addmm", "_sparse_mm", "_sparse_addmm", "sspaddmm", "bmm", "_sparse_sparse_matmul"}
+
+
+def formulas():
+    """{op packet: formula(*args, out_val=...) -> FLOPs}: torch's registry, with the attention ops of
+    FlexAttention and cuDNN's window, and this module's formulas."""
+    from torch.utils.flop_counter import flop_registry, shape_wrapper
+    table = dict(flop_registry)
+    for name, formula in _EXTRA.items():
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            table[packet] = shape_wrapper(formula)
+    table[torch.ops.higher_order.flex_attention] = shape_wrapper(_sdpa)
+    table[torch.ops.higher_order.flex_attention_backward] = shape_wrapper(
+        lambda q, k, v, out, lse, grad, *rest, **kw: _sdpa_backward(grad, q, k, v))
+    with contextlib.suppress(AttributeError, RuntimeError):  # (only where the cuDNN frontend is loaded)
+        table[torch.ops.cudnn.sdpa] = shape_wrapper(_sdpa)
+        table[torch.ops.cudnn.sdpa_bwd] = shape_wrapper(_sdpa_backward)
+    return table
+
+
+def costs_nothing(func):
+    """True for an op that costs nothing next to the matmuls: elementwise, a reduction, a view, one of FREE, or the
+    profiler's marks."""
+    if getattr(func, "namespace", "") == "profiler":
+        return True
+    tags = getattr(func, "tags", ())
+    if {torch.Tag.pointwise, torch.Tag.reduction, torch.Tag.view_copy, torch.Tag.inplace_view} & set(tags):
+        return True
+    if getattr(func, "is_view", False):
+        return True
+    packet = getattr(func, "_overloadpacket", None)
+    return getattr(packet, "__name__", "") in FREE
+
+
+def _distinct(t):
+    """The elements a tensor holds, not counting broadcast (stride-0) copies."""
+    return _prod(s for s, st in zip(t.shape, t.stride()) if st != 0) if t.layout == torch.strided else t.numel()
+
+
+def broadcast_flops(args, out):
+    """FLOPs of an elementwise op that broadcasts its inputs into more elements than any of them holds (an outer
+    product, kron): one per output element; 0 for the ordinary case."""
+    inputs = [t for t in tree_leaves(args) if isinstance(t, torch.Tensor)]
+    outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if len(inputs) < 2 or not outputs:
+        return 0
+    made = max(o.numel() for o in outputs)
+    return made if made > max(_distinct(t) for t in inputs) else 0
+
+
+def sparse_flops(args):
+    """2 x stored elements x columns of the dense operand, for a matmul with a sparse operand (else None)."""
+    tensors = [t for t in tree_leaves(args) if isinstance(t, torch.Tensor)]
+    sparse = [t for t in tensors if t.layout != torch.strided]
+    if not sparse:
+        return None
+    dense = [t for t in tensors if t.layout == torch.strided and t.dim() >= 2]
+    cols = dense[-1].shape[-1] if dense else 1
+    return 2 * sum(t._nnz() if t.layout == torch.sparse_coo else t.values().numel() for t in sparse) * cols
+
+
+class Meter:
+    """The FLOPs of the training phase, counted by a FlopCount in each thread; what the count may miss."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.on = True  # False once the evaluation starts: nothing after it counts
+        self.uncounted = {}  # op name -> calls: ops with no formula that are not known to cost nothing
+        self.outside = {}  # what handed tensors to code torch cannot see (numpy) -> calls
+        self.lock = threading.Lock()
+        self.table = formulas()
+
+    def add(self, flops):
+        with self.lock:
+            self.total += flops
+
+    def problems(self):
+        """Why the count may miss work, in words (empty for an honest run)."""
+        said = []
+        if self.uncounted:
+            ops = ", ".join(f"{name} (x{n})" for name, n in sorted(self.uncounted.items()))
+            said.append(f"ops the FLOP counter has no formula for ran in training: {ops}")
+        if self.outside:
+            calls = ", ".join(f"{name} (x{n})" for name, n in sorted(self.outside.items()))
+            said.append(f"tensors went to numpy in training, where no FLOP is counted: {calls}")
+        return said
+
+
+class FlopCount(TorchDispatchMode):
+    """Counts into a Meter the FLOPs of every op this thread runs under it; notes the ops it cannot count.
+    Compiled code stays compiled (ignore_compile_internals): at its run time the counter sees its library calls."""
+
+    supports_higher_order_operators = True  # (FlexAttention reaches __torch_dispatch__ as one op)
+
+    @classmethod
+    def ignore_compile_internals(cls):
+        return True
+
+    def __init__(self, meter=None):
+        super().__init__()
+        self.meter = meter or Meter()
+
+    @property
+    def total(self):
+        return self.meter.total
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        meter = self.meter
+        if not meter.on:
+            return out
+        packet = getattr(func, "_overloadpacket", func)
+        name = getattr(packet, "__name__", str(func))
+        flops = sparse_flops(args) if name in SPARSE_MATMULS else None
+        if flops is None:
+            formula = meter.table.get(packet)
+            if formula is not None:
+                flops = formula(*args, **kwargs, out_val=out)
+            elif torch.Tag.pointwise in getattr(func, "tags", ()):
+                flops = broadcast_flops(args, out)
+            elif costs_nothing(func):
+                flops = 0
+        if flops is None:
+            key = f"aten.{name}" if isinstance(func, torch._ops.OpOverload) and func.namespace == "aten" else str(func)
+            with meter.lock:
+                meter.uncounted[key] = meter.uncounted.get(key, 0) + 1
+        elif flops:
+            meter.add(flops)
+        return out
+
+
+_active = None  # the Meter of the counting in progress (one per process)
+_mode = None  # the counting thread's FlopCount, while it is on that thread's mode stack
+
+
+def _count_thread(frame, event, arg):
+    """threading's profile hook: a thread started while counting counts into the same meter, for its whole life."""
+    sys.setprofile(None)
+    meter = _active
+    if meter is not None and meter.on:
+        FlopCount(meter).__enter__()  # (the mode stack is the thread's own: it ends with the thread)
+
+
+def _outside(name, original):
+    def noted(self, *args, **kwargs):
+        meter = _active
+        if meter is not None and meter.on:
+            with meter.lock:
+                meter.outside[f"Tensor.{name}"] = meter.outside.get(f"Tensor.{name}", 0) + 1
+        return original(self, *args, **kwargs)
+    return noted
+
+
+@contextlib.contextmanager
+def counting():
+    """Count the FLOPs of what runs inside, in this thread and every thread started inside; yields the Meter.
+    meter.on = False (stop()) ends the counting early: the evaluation computes for free."""
+    global _active, _mode
+    meter = Meter()
+    previous_hook = threading.getprofile() if hasattr(threading, "getprofile") else None
+    patched = {name: vars(torch.Tensor).get(name) for name in ("numpy", "__array__")}
+    _active = meter
+    threading.setprofile(_count_thread)
+    for name in patched:
+        setattr(torch.Tensor, name, _outside(name, getattr(torch.Tensor, name)))
+    _mode = FlopCount(meter)
+    _mode.__enter__()
+    try:
+        yield meter
+    finally:
+        meter.on = False
+        _active = None
+        if _mode is not None:
+            _mode.__exit__(None, None, None)
+            _mode = None
+        threading.setprofile(previous_hook)
+        for name, original in patched.items():
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
+
+
+def stop():
+    """End the counting in progress (evaluate_bpb calls it as the evaluation starts). The counter leaves this
+    thread's mode stack where it is on top (else it stays, counting nothing, until counting() exits)."""
+    global _active, _mode
+    if _active is not None:
+        _active.on = False
+        _active = None
+    if _mode is not None and _get_current_dispatch_mode() is _mode:
+        _mode.__exit__(None, None, None)
+        _mode = None
