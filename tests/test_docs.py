@@ -169,6 +169,7 @@ def test_program_md_states_the_loop_rules():
         "AUTORESEARCH_PRESET=small", "the same settings",                     # comparability
         "AUTORESEARCH_", "not comparable with any run",                 # the metric is not the agent's
         'grep "^step', "the same `%`",                                        # reading the progress lines
+        "AUTORESEARCH_FLEET_GPUS", "export them", "fleet cancel",             # the fleet on a CPU, its settings
     ]:
         assert rule in text, f"program.md does not say {rule!r}"
 

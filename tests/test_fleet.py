@@ -5,9 +5,12 @@ tree whatever the working copy holds, a killed run and a lost one recorded as cr
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -122,7 +125,8 @@ def test_a_killed_run_a_lost_node_and_a_cut_short_start_are_crashes_to_record(ag
     cluster.remove_node(host)  # a GPU host disappears, its run with it
     cut = "20261203-000000-0123456789ab"  # `fleet run` interrupted between its book entry and its actor
     ray.get(ray.get_actor(fleet.BOOK, namespace=fleet.NAMESPACE).add.remote(cut, dict(
-        commit=git(repo, "rev-parse", "HEAD").strip(), short="cut", state="queued", submitted=time.time())))
+        commit=git(repo, "rev-parse", "HEAD").strip(), short="cut", state="queued", submitted=time.time(),
+        origin=f"{socket.gethostname()}:{os.path.realpath(repo)}")))
     waited = sh(f"uv run -m autoresearch.fleet wait {killed} {lost} {cut}")
     assert waited.returncode == 0, waited.stderr
     assert waited.stdout.count("crash:") == 3 and waited.stdout.count("its process or node died") == 2
@@ -166,3 +170,199 @@ def test_without_ray_installed_the_fleet_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # (what `import ray` meets where the extra is not installed)
     with pytest.raises(SystemExit, match=r"the fleet needs Ray: `uv sync --extra fleet`"):
         fleet.connect()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fleet as users start it: a fresh copy of the project, `uv run`, a Ray cluster started by hand
+
+def user_env(**extra):
+    """The user's shell: this test run's settings, no virtual environment of the test runner's own, no Ray exports."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS", "PYTHONPATH")}
+    return {**env, **TEST_ENV, "RAY_AUTH_MODE": "disabled", **extra}
+
+
+def fresh_copy(folder):
+    """The project's tracked files as they are here, committed in a new repository: what a fresh clone holds."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        os.makedirs(os.path.join(folder, os.path.dirname(name)), exist_ok=True)
+        if os.path.exists(os.path.join(ROOT, name)):
+            shutil.copy(os.path.join(ROOT, name), os.path.join(folder, name))
+    git(folder, "init", "-q")
+    git(folder, "add", "-A")
+    git(folder, "commit", "-qm", "baseline")
+    return folder
+
+
+@pytest.fixture
+def short_tmp():
+    """A short temporary folder (Ray's socket paths must fit in 107 bytes); every Ray run from it stopped after."""
+    folder = tempfile.mkdtemp(prefix="arf-", dir="/tmp")
+    yield folder
+    fleet.stop_ray(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv on the PATH, as users run the fleet")
+def test_the_fleet_as_readme_starts_it_from_a_fresh_copy(prepared, tmp_path, short_tmp):
+    """`uv sync --extra fleet`, `uv run ray start --head`, RAY_ADDRESS, then program.md's commands through `uv run`:
+    a cluster without GPU slots is one line; with one, a run ends with the same val_bpb as the same commit run
+    directly, and is recorded; a head killed mid-wave ends `wait` in one line within seconds."""
+    repo = fresh_copy(str(tmp_path / "clone"))
+    port = fleet.free_port()
+    env = user_env(RAY_ADDRESS=f"127.0.0.1:{port}")
+    uv = lambda *args, **kw: subprocess.run(["uv", *args], cwd=repo, env=env, capture_output=True, text=True,  # noqa
+                                            timeout=300, **kw)
+    assert uv("sync", "--extra", "fleet", "--quiet").returncode == 0
+    head = ["run", "ray", "start", "--head", f"--port={port}", f"--temp-dir={short_tmp}", "--include-dashboard=false",
+            "--disable-usage-stats"]
+    assert uv(*head).returncode == 0
+    none = uv("run", "-m", "autoresearch.fleet", "run", "HEAD")
+    assert none.returncode == 1 and none.stderr.strip().endswith("--num-gpus=N` (on a CPU, N slots of its own)")
+    assert "has no GPU slots" in none.stderr and len(none.stderr.strip().splitlines()) == 1
+    fleet.stop_ray(short_tmp)
+    assert uv(*head, "--num-gpus=1").returncode == 0
+    started = uv("run", "-m", "autoresearch.fleet", "run", "HEAD")
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.split()[0]
+    waited = uv("run", "-m", "autoresearch.fleet", "wait")
+    assert waited.returncode == 0 and f"{run_id} " in waited.stdout and " val_bpb " in waited.stdout, waited.stderr
+    with open(os.path.join(repo, "run.log"), "w") as log:
+        assert subprocess.run(["uv", "run", "train.py"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=300).returncode == 0
+    direct = re.search(r"^val_bpb: +(\S+)$", open(os.path.join(repo, "run.log")).read(), flags=re.M).group(1)
+    assert f"val_bpb {direct} (cpu" in waited.stdout  # the same commit, the same numbers as a direct run
+    recorded = uv("run", "-m", "autoresearch.results", "record", "--run", run_id, "keep", "baseline")
+    assert recorded.returncode == 0, recorded.stderr
+    assert results.read_rows(os.path.join(repo, "results.tsv"), [])[0]["val_bpb"] == direct
+
+    edit_train(repo, "    while not run.done:\n", "    time.sleep(600)\n    while not run.done:\n", "stalls")
+    assert uv("run", "-m", "autoresearch.fleet", "run", "HEAD").returncode == 0
+    waiting = subprocess.Popen(["uv", "run", "-m", "autoresearch.fleet", "wait"], cwd=repo, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(5)
+    fleet.stop_ray(short_tmp)  # the head's processes die, the run's with them
+    start = time.monotonic()
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 1 and time.monotonic() - start < 30
+    assert err.strip().splitlines() == [f"error: the Ray cluster at {err.split()[5]} stopped answering (its head is "
+                                        "gone): the runs on it are lost; start it again, then start them again"]
+    status = uv("run", "-m", "autoresearch.fleet", "status")
+    assert status.returncode == 1 and status.stderr.startswith(f"error: nothing answers at RAY_ADDRESS=127.0.0.1:{port}")
+
+
+def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(agent, short_tmp, monkeypatch):
+    """No RAY_ADDRESS: `fleet run` starts a local Ray of its own (AUTORESEARCH_FLEET_GPUS slots on a CPU); `fleet
+    stop` stops it and no other Ray (the tests' cluster goes on); its processes killed outright, the next `status`
+    is one line and the next `run` starts a fresh one."""
+    repo, sh = agent
+    local = lambda command: sh(f"unset RAY_ADDRESS; TMPDIR={short_tmp} AUTORESEARCH_FLEET_GPUS=1 {command}")  # noqa
+    started = local("uv run -m autoresearch.fleet run HEAD")
+    assert started.returncode == 0, started.stderr
+    assert " val_bpb " in local("uv run -m autoresearch.fleet wait").stdout
+    stopped = local("uv run -m autoresearch.fleet stop")
+    assert stopped.returncode == 0 and "stopped the fleet's local Ray" in stopped.stdout
+    assert ray.cluster_resources().get("GPU") == 2  # (the tests' own cluster answers still)
+    assert local("uv run -m autoresearch.fleet run HEAD").returncode == 0
+    fleet.stop_ray(os.path.join(short_tmp, f"autoresearch-ray-{os.getuid()}"))  # killed, not stopped: a stale address
+    status = local("uv run -m autoresearch.fleet status")
+    assert status.returncode == 1 and status.stderr.startswith("error: no fleet Ray is running here")
+    again = local("uv run -m autoresearch.fleet run HEAD")
+    assert again.returncode == 0, again.stderr
+    assert " val_bpb " in local("uv run -m autoresearch.fleet wait").stdout
+
+
+def test_two_agents_on_one_cluster_see_and_record_only_their_own_runs(agent, tmp_path):
+    repo_a, sh_a = agent
+    repo_b = agent_repo(tmp_path / "b")
+    sh_b = lambda command: shell(repo_b, tmp_path / "bin", command)  # noqa: E731
+    run_a = sh_a("uv run -m autoresearch.fleet run HEAD").stdout.split()[0]
+    nothing = sh_b("uv run -m autoresearch.fleet wait")
+    assert nothing.returncode == 0 and "no run to wait for" in nothing.stdout
+    assert run_a not in sh_b("uv run -m autoresearch.fleet status").stdout
+    theirs = sh_b(f"uv run -m autoresearch.fleet wait {run_a}")
+    assert theirs.returncode == 1 and f"run {run_a} belongs to another checkout" in theirs.stderr
+    assert " val_bpb " in sh_a(f"uv run -m autoresearch.fleet wait {run_a}").stdout
+    shutil.copytree(os.path.join(repo_a, "fleet"), os.path.join(repo_b, "fleet"))  # A's files, carried over
+    refused = sh_b(f'uv run -m autoresearch.results record --run {run_a} keep "baseline"')
+    assert refused.returncode == 1 and "belongs to another checkout" in refused.stderr
+    assert not os.path.exists(os.path.join(repo_b, "results.tsv"))
+
+
+def test_a_row_names_the_commit_git_knows_whatever_fleet_json_says(agent):
+    repo, sh = agent
+    base = git(repo, "rev-parse", "HEAD").strip()
+    run_id = sh("uv run -m autoresearch.fleet run HEAD").stdout.split()[0]
+    assert " val_bpb " in sh(f"uv run -m autoresearch.fleet wait {run_id}").stdout
+    path = os.path.join(repo, "fleet", run_id, "fleet.json")
+    meta = json.load(open(path))
+    json.dump(dict(meta, short="\x1b[31mevil\tx\ny"), open(path, "w"))  # an escape code, a tab and a newline
+    edit_train(repo, "MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ", "another commit")
+    other = dict(meta, commit=git(repo, "rev-parse", "HEAD").strip())
+    json.dump(other, open(path + ".other", "w"))
+    os.replace(path, path + ".short")
+    os.replace(path + ".other", path)  # first: filed under another commit, whose train.py did not run
+    refused = sh(f'uv run -m autoresearch.results record --run {run_id} keep "baseline"')
+    assert refused.returncode == 1 and "is not the one in" in refused.stderr
+    os.replace(path + ".short", path)
+    done = sh(f'uv run -m autoresearch.results record --run {run_id} keep "baseline"')
+    assert done.returncode == 0, done.stderr
+    row = results.read_rows(os.path.join(repo, "results.tsv"), [])[0]
+    assert row["commit"] == base[:len(row["commit"])] and "\x1b" not in done.stdout + done.stderr
+
+
+def test_a_run_that_never_ends_is_stopped_at_its_limit_or_cancelled(agent, monkeypatch):
+    """A run that sleeps forever holds its GPU only until its time limit (here 3 s), or until `fleet cancel`: each
+    a crash with its reason, and its slot is free again."""
+    repo, sh = agent
+    edit_train(repo, "    while not run.done:\n", "    time.sleep(600)\n    while not run.done:\n", "never ends")
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(fleet, "run_limit", lambda: 3.0)
+    monkeypatch.setattr(fleet, "GRACE_SECONDS", 5.0)
+    limited = fleet.start_runs(["HEAD"])[0][0]
+    monkeypatch.setattr(fleet, "run_limit", lambda: None)
+    cancelled = fleet.start_runs(["HEAD"])[0][0]
+    deadline = time.time() + 60
+    while book()[cancelled].get("state") != "running" and time.time() < deadline:
+        time.sleep(0.2)
+    said = sh(f"uv run -m autoresearch.fleet cancel {cancelled}")
+    assert said.returncode == 0 and f"{cancelled} cancelled" in said.stdout
+    waited = sh(f"uv run -m autoresearch.fleet wait {limited} {cancelled}")
+    assert f"{limited} " in waited.stdout and "crash: stopped: past its time limit (3 s" in waited.stdout
+    assert f"{cancelled} " in waited.stdout and "crash: stopped: cancelled (`fleet cancel`)" in waited.stdout
+    for run_id in (limited, cancelled):
+        done = sh(f'uv run -m autoresearch.results record --run {run_id} keep "never ends"')
+        assert done.returncode == 0 and "recorded as a crash" in done.stdout, done.stderr
+    deadline = time.time() + 30
+    while ray.available_resources().get("GPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0) == 2
+
+
+def test_a_commit_without_train_py_is_refused_in_one_line(agent):
+    repo, sh = agent
+    git(repo, "rm", "-q", "train.py")
+    git(repo, "commit", "-qm", "no train.py")
+    refused = sh("uv run -m autoresearch.fleet run HEAD")
+    short = git(repo, "rev-parse", "--short", "HEAD").strip()
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"error: commit {short} has no train.py: nothing to run (commit the experiment's train.py)")
+
+
+def test_ctrl_c_and_sigterm_end_a_command_in_one_line_and_the_runs_go_on(agent, tmp_path):
+    repo, sh = agent
+    edit_train(repo, "    while not run.done:\n", "    time.sleep(600)\n    while not run.done:\n", "never ends")
+    run_id = sh("uv run -m autoresearch.fleet run HEAD").stdout.split()[0]
+    env = {**os.environ, **TEST_ENV, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": repo}
+    for sig, said in ((signal.SIGINT, "error: interrupted (Ctrl-C): the runs go on in the cluster"),
+                      (signal.SIGTERM, "error: stopped by SIGTERM: the runs go on in the cluster")):
+        waiting = subprocess.Popen(["uv", "run", "-m", "autoresearch.fleet", "wait"], cwd=repo, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # (Ctrl-C reaches a terminal's
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # foreground)
+        time.sleep(4)
+        waiting.send_signal(sig)
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 1 and len(err.strip().splitlines()) == 1 and err.startswith(said), err
+    assert book()[run_id]["state"] in ("queued", "running")
+    assert sh(f"uv run -m autoresearch.fleet cancel {run_id}").returncode == 0
+    assert "cancelled" in sh(f"uv run -m autoresearch.fleet wait {run_id}").stdout
