@@ -341,8 +341,9 @@ def run_in_tree(ray, book, run_id, env, limit=None):
         state = "finished" if data and data["status"] == "finished" and not stopped else "failed"
         result = dict(state=state, returncode=proc.returncode, log=text, record=data, progress=last_step(text),
                       ended=time.time(), val_bpb=data["val_bpb"] if state == "finished" else None)
-        if stopped:
+        if stopped:  # (said in the log too: its last line is the reason a row gives)
             result["error"] = f"stopped: {stopped}"
+            result["log"] = text + ("" if text.endswith("\n") or not text else "\n") + f"error: stopped: {stopped}\n"
     except BaseException as e:  # (whatever stopped it, the book learns that it ended, and why)
         reason = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         result = dict(where, state="failed", error=reason, log=f"error: {reason}\n", record=None, ended=time.time())

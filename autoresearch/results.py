@@ -653,6 +653,10 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
                         "`timeout 600 uv run train.py > run.log 2>&1` first")
     log_dir = os.path.dirname(os.path.abspath(log))
     identity, data, kind, reason = identify(text, log_dir)
+    if meta is not None and data is None:  # (a fleet run that stopped before its record: its run id is its identity)
+        identity = f"fleet-{run}"
+    if meta is not None and kind != "finished" and meta.get("error"):  # (the fleet's word on why it ended)
+        reason = str(meta["error"])
     check_run(data, text)
     notes = []
     if kind == "finished":

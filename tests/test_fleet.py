@@ -135,7 +135,7 @@ def test_a_killed_run_a_lost_node_and_a_cut_short_start_are_crashes_to_record(ag
         assert done.returncode == 0 and "recorded as a crash" in done.stdout, done.stderr
     rows = results.read_rows(os.path.join(repo, "results.tsv"), [])
     assert [r["status"] for r in rows] == ["crash", "crash"]
-    assert "killed before its summary" in rows[0]["description"] and "was lost" in rows[1]["description"]
+    assert "killed before its summary" in rows[0]["description"] and "node died" in rows[1]["description"]
     cluster.add_node(num_cpus=1, num_gpus=1)  # (a new host for the tests after this one)
     cluster.wait_for_nodes()
     deadline = time.time() + 30  # every slot is free again: the killed run's actor ended, the lost one's went
@@ -333,6 +333,8 @@ def test_a_run_that_never_ends_is_stopped_at_its_limit_or_cancelled(agent, monke
     for run_id in (limited, cancelled):
         done = sh(f'uv run -m autoresearch.results record --run {run_id} keep "never ends"')
         assert done.returncode == 0 and "recorded as a crash" in done.stdout, done.stderr
+    rows = results.read_rows(os.path.join(repo, "results.tsv"), [])
+    assert "past its time limit" in rows[0]["description"] and "cancelled" in rows[1]["description"]
     deadline = time.time() + 30
     while ray.available_resources().get("GPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.2)
