@@ -3,6 +3,7 @@
     uv run -m autoresearch.results record keep "halve TOTAL_BATCH_SIZE"  # after a run: appends its row
     uv run -m autoresearch.results record discard "GELU"                 # crash: for a run that did not finish
     uv run -m autoresearch.results                                       # the summary of every agent's results
+    uv run -m autoresearch.results verify 4                              # the 4 best kept commits run again
 
 A row is the reference's: commit, val_bpb, memory_gb, status, description, tab-separated. What it says comes from
 the run's record (run.json, which the fixed code writes beside run.log; record.py) and from git, never from text
@@ -794,6 +795,9 @@ def main(argv=None):
     rec.add_argument("--file", default="results.tsv")
     rec.add_argument("--overrule", action="store_true",
                      help="record a status that contradicts the verdict (discard a clear win, keep a loss)")
+    ver = sub.add_parser("verify", help="run the best kept experiments again from a clean tree, in a fresh process")
+    ver.add_argument("count", nargs="?", type=int, default=3, help="how many (the best first; default 3)")
+    ver.add_argument("--file", default="results.tsv")
     sub.add_parser("show", help="the summary (the default)")
     args = ap.parse_args(argv)
     for stream in (sys.stdout, sys.stderr):  # (a terminal that cannot show a character gets it escaped)
@@ -802,6 +806,9 @@ def main(argv=None):
     try:
         if args.command == "record":
             record(args.status, args.description, args.log, args.file, overrule=args.overrule, run=args.run)
+        elif args.command == "verify":
+            from autoresearch.verify import verify
+            verify(args.count, args.file)
         else:
             print("\n".join(printable(line) for line in summary_lines(*load())))
         sys.stdout.flush()

@@ -119,7 +119,9 @@ def test_a_killed_run_a_lost_node_and_a_cut_short_start_are_crashes_to_record(ag
     deadline = time.time() + 60
     while not all(book()[i].get("pid") for i in (killed, lost)) and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(2)  # (train.py has started its record)
+    pid = book()[killed]["pid"]
+    while not os.path.exists(f"/proc/{pid}/cwd/run.json") and time.time() < deadline + 60:
+        time.sleep(0.2)  # (train.py has started its record: a busy machine takes seconds to import torch)
     os.kill(book()[killed]["pid"], signal.SIGKILL)  # train.py killed outright (the OOM killer)
     host = next(n for n in cluster.worker_nodes if n.node_id.startswith(book()[lost]["node"]))
     cluster.remove_node(host)  # a GPU host disappears, its run with it

@@ -329,3 +329,38 @@ def test_a_run_in_which_no_step_ends_stops_itself_as_a_hang(prepared, monkeypatc
     assert time.monotonic() - start < 30
     data = record.read("run.json")
     assert data["status"] == "failed" and data["reason"].startswith("no training step ended in 0.5 s")
+
+
+def test_verify_runs_the_best_kept_commits_again_and_says_which_reproduce(prepared, tmp_path):
+    """A night of four kept commits on the CPU under the compute budget: `verify 4` runs each again from a clean
+    tree in a fresh process, and each reproduces exactly; a row changed by hand after the fact does not."""
+    repo = agent_repo(tmp_path)
+    for _ in range(2):
+        assert run_train(repo)[0] == 0 and record_cli(repo, "keep", "baseline").returncode == 0
+    for old, new, what in (("MATRIX_LR = 0.04 ", "MATRIX_LR = 0.05 ", "matrix lr"),
+                           ("EMBEDDING_LR = 0.6 ", "EMBEDDING_LR = 0.7 ", "embedding lr"),
+                           ("SCALAR_LR = 0.5 ", "SCALAR_LR = 0.4 ", "scalar lr")):
+        edit_train(repo, old, new, what)
+        assert run_train(repo)[0] == 0
+        done = subprocess.run([sys.executable, "-m", "autoresearch.results", "record", "keep", what, "--overrule"],
+                              cwd=repo, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    edit_train(repo, "MATRIX_LR = 0.05 ", "MATRIX_LR = 0.06 ")  # (the working copy moves on: verify never uses it)
+    verify = lambda: subprocess.run([sys.executable, "-m", "autoresearch.results", "verify", "4"],  # noqa: E731
+                                    cwd=repo, capture_output=True, text=True, timeout=600)
+    ok = verify()
+    said = [line for line in ok.stdout.splitlines() if "reproduce" in line]
+    assert ok.returncode == 0 and len(said) == 4 and all(": reproduces: " in line and "(exact)" in line
+                                                         for line in said), ok.stdout + ok.stderr
+    path = os.path.join(repo, "results.tsv")
+    rows = open(path).read().splitlines()
+    n = next(i for i, row in enumerate(rows) if "\tembedding lr\t" in row)  # its value changed by hand
+    fields = rows[n].split("\t")
+    fields[1] = f"{float(fields[1]) - 0.5:.6f}"
+    rows[n] = "\t".join(fields)
+    open(path, "w").write("\n".join(rows) + "\n")
+    changed = verify()
+    assert changed.returncode == 1 and changed.stderr.startswith("error: 1 of ")
+    wrong = [line for line in changed.stdout.splitlines() if "does NOT reproduce" in line]
+    assert len(wrong) == 1 and "embedding lr" in wrong[0] and "match no record in runs/" in wrong[0], changed.stdout
+    assert len(os.listdir(os.path.join(repo, "runs", "verify"))) == 8

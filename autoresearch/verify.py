@@ -1,0 +1,137 @@
+"""Kept results re-checked outside the agent's process: the best kept commits, run again from a clean tree.
+
+    uv run -m autoresearch.results verify [N]      # the N best kept experiments of results.tsv (default 3)
+
+Each one's train.py, as its commit has it, beside the fixed files of the baseline's commit (prepare.py, constants.py,
+autoresearch/), in a new folder, in a fresh interpreter, under the settings its record names: nothing the agent's
+process did, no file it changed since, can move the number. Under the compute budget on a CPU a run is
+deterministic: it reproduces when it takes the same steps to the same val_bpb (to the six places a row keeps).
+Elsewhere it reproduces within twice the noise floor of the experiment's value. One that does not shows a lucky
+run, a row or record changed after the fact, or fixed files changed since. Each run's log lands in runs/verify/.
+"""
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+from autoresearch import record as run_record
+from autoresearch.errors import UserError
+
+# The environment a re-run keeps: where the data is, the device and memory asked for. The metric's settings come
+# from the record, never from this shell.
+KEPT_SETTINGS = ("AUTORESEARCH_CACHE_DIR", "AUTORESEARCH_DEVICE", "AUTORESEARCH_GPU_MEMORY_GB", "AUTORESEARCH_FORCE")
+
+
+def clean_tree(folder, commit, base):
+    """folder gets train.py of `commit` and the fixed files of `base` (git archive: what the commits hold)."""
+    for rev, paths in ((commit, ["train.py"]), (base, list(run_record.FIXED_FILES))):
+        proc = subprocess.run(["git", "archive", "--format=tar", rev, *paths], capture_output=True, timeout=120)
+        if proc.returncode != 0:
+            raise UserError(f"git archive {rev} failed ({proc.stderr.decode(errors='replace').strip()[:160]}): run "
+                            "verify in the experiment's checkout")
+        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+            tar.extractall(folder, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(folder)
+
+
+def settings_env(settings):
+    """This shell's environment with the metric's settings of a record (`standard`, or NAME=value pairs) instead of
+    its own."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("AUTORESEARCH_") and k not in KEPT_SETTINGS) and k != "PYTHONPATH"}
+    if settings != "standard":
+        for item in str(settings).split():
+            name, sep, value = item.partition("=")
+            if not (sep and name.startswith("AUTORESEARCH_")):
+                raise UserError(f"the record's settings {settings!r} do not parse: cannot run them again")
+            env[name] = value
+    return env
+
+
+def rerun(commit, base, settings, log_path):
+    """Run train.py of `commit` with base's fixed files under `settings` in a fresh interpreter; returns its record
+    (None if it wrote none); its log goes to log_path."""
+    with tempfile.TemporaryDirectory(prefix="autoresearch-verify-") as folder:
+        clean_tree(folder, commit, base)
+        with open(log_path, "wb") as log:
+            subprocess.run([sys.executable, "train.py"], cwd=folder, env=settings_env(settings), stdout=log,
+                           stderr=subprocess.STDOUT)
+        return run_record.read(os.path.join(folder, run_record.RECORD_NAME))
+
+
+def judge(exp, records, floor, data):
+    """(reproduces, words) for a re-run's record `data` against an experiment and its runs' archived records."""
+    if data is None or data.get("status") != "finished":
+        why = (data or {}).get("reason") or "no record"
+        return False, f"the re-run did not finish ({why})"
+    value, steps = data["val_bpb"], data.get("steps")
+    said = f"val_bpb {value:.6f}, {steps} steps"
+    gpus = {run_record.gpu_of(r) for r in records} - {""}
+    if gpus and run_record.gpu_of(data) not in gpus:
+        return False, f"{said} on {run_record.gpu_of(data)}, recorded on {', '.join(sorted(gpus))}: not comparable"
+    exact = all(r.get("budget_kind") == "flops" and (r.get("summary") or {}).get("device") == "cpu" for r in records)
+    recorded_steps = sorted({r.get("steps") for r in records})
+    if exact and records:
+        ok = f"{value:.6f}" == f"{exp['value']:.6f}" and recorded_steps == [steps]
+        return ok, f"{said}; recorded {exp['value']:.6f}, {'/'.join(map(str, recorded_steps))} steps (exact)"
+    tolerance = 2 * (floor or 0.0)
+    ok = floor is not None and abs(value - exp["value"]) <= tolerance
+    return ok, f"{said}; recorded {exp['value']:.6f}, within {tolerance:.6f} (twice the noise floor) needed"
+
+
+def verify(count=3, path="results.tsv"):
+    """Run the `count` best kept experiments of the results file at path again (see the module's docstring);
+    print a line for each; one `error:` line at the end when any did not reproduce. Returns the lines."""
+    from autoresearch import results
+    if count < 1:
+        raise UserError(f"verify {count}: give a number of kept experiments, at least 1")
+    problems = []
+    if not os.path.exists(path):
+        raise UserError(f"no {path} here: verify runs in the experiment's checkout, after `record`")
+    rows = results.read_rows(path, problems)
+    runs_dir = results.runs_folder(path)
+    archived = results.archived_records(runs_dir)
+    by_key = {}
+    for data in archived:
+        by_key.setdefault(results.recorded_key(data), []).append(data)
+    for row in rows:  # (each row's own record, matched in order as the summary matches them)
+        found = by_key.get(tuple(row[c] for c in results.REFERENCE))
+        row["record"] = found.pop(0) if found else None
+    groups = results.gpu_groups(rows)
+    lines, failed, chosen = [], 0, []
+    for gpu in sorted(set(groups)):
+        group = [r for r, g in zip(rows, groups) if g == gpu]
+        exps = results.experiments(group)
+        base = next((e for e in exps if e["finished"]), None)
+        floor, _ = results.noise_floor(exps)
+        kept = sorted((e for e in exps if e["finished"] and e["status"] == "keep"), key=lambda e: e["value"])
+        for exp in kept:
+            mine = [r for r in group if r["commit"] == exp["commit"] and r["status"] != "crash"]
+            runs = [r["record"] for r in mine if r["record"] and r["record"].get("status") == "finished"]
+            exp["unmatched"] = len(mine) - len(runs)
+            if not runs:  # (rows changed by hand match no record: the commit's own records say how it ran)
+                runs = [d for d in archived if d["recorded"].get("row", [""])[0] == exp["commit"]
+                        and d.get("status") == "finished"]
+            chosen.append((exp["value"], exp, runs, base, floor))
+    chosen.sort(key=lambda c: c[0])
+    if not chosen:
+        raise UserError(f"no kept experiment in {path} to verify")
+    os.makedirs(os.path.join(runs_dir, "verify"), exist_ok=True)
+    for _, exp, runs, base, floor in chosen[:count]:
+        settings = runs[0]["settings"] if runs else "standard"
+        log_path = os.path.join(runs_dir, "verify", f"{exp['commit']}-{run_record.new_run_id()}.log")
+        print(f"#{exp['number']} {exp['commit']} {exp['description']}: running again ...", flush=True)
+        data = rerun(exp["commit"], base["commit"], settings, log_path)
+        ok, words = judge(exp, runs, floor, data)
+        if exp["unmatched"]:
+            ok, words = False, words + f"; {exp['unmatched']} of its rows match no record in runs/ (changed by hand?)"
+        failed += not ok
+        lines.append(results.printable(f"#{exp['number']} {exp['commit']} {exp['description']}: "
+                                       f"{'reproduces' if ok else 'does NOT reproduce'}: {words}"))
+        print(lines[-1], flush=True)
+    if failed:
+        raise UserError(f"{failed} of {len(lines)} kept result(s) did not reproduce (logs in {runs_dir}/verify): "
+                        "read their diffs and logs before building on them")
+    return lines
+
