@@ -78,14 +78,14 @@ if EVAL_TOKENS < MAX_SEQ_LEN:  # evaluate_bpb scores EVAL_TOKENS // MAX_SEQ_LEN 
                      f"row of MAX_SEQ_LEN = {MAX_SEQ_LEN} tokens")
 RESOLVED = {"MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET, "EVAL_TOKENS": EVAL_TOKENS, "BUDGET": BUDGET,
             "FLOP_BUDGET": FLOP_BUDGET}  # as read at start
-# The overrides of the metric's constants that this process runs under (name -> value), for the run's notes: the
-# budget's kind when it is not the preset's, and only the size of the budget that runs; each only where its value
-# differs from the preset's, written one way (2.0e11 and 2e11 are both 2e+11), so that equal values compare equal.
 def _written(value):
     """A number written one way: short (`2e+11`, `300`) where that is exact, else in full."""
     return f"{value:g}" if float(f"{value:g}") == value else repr(value)
 
 
+# The overrides of the metric's constants that this process runs under (name -> value), for the run's notes: the
+# budget's kind when it is not the preset's, and only the size of the budget that runs; each only where its value
+# differs from the preset's, written one way (2.0e11 and 2e11 are both 2e+11), so that equal values compare equal.
 METRIC_OVERRIDES = {f"AUTORESEARCH_{name}": _written(RESOLVED[name]) for name in
                     ("MAX_SEQ_LEN", "EVAL_TOKENS", "TIME_BUDGET" if BUDGET == "time" else "FLOP_BUDGET")
                     if RESOLVED[name] != _BASE[name]}

@@ -28,7 +28,6 @@ Standard library and Ray only; the one-GPU path never imports this module.
 """
 import argparse
 import contextlib
-import io
 import json
 import os
 import re
@@ -37,7 +36,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -296,11 +294,7 @@ def run_in_tree(ray, book, run_id, env, limit=None):
         tree = ray.get(book.take_tree.remote(run_id))
         if tree is None:
             raise UserError(f"run {run_id} has no tree in the book (started twice?)")
-        with tarfile.open(fileobj=io.BytesIO(tree)) as tar:
-            try:
-                tar.extractall(folder, filter="data")
-            except TypeError:  # (Python before 3.10.12 has no filters; the archive is git's own)
-                tar.extractall(folder)
+        run_record.untar(tree, folder)
         # The agent's settings; and the threads a direct run would use: Ray sets OMP_NUM_THREADS to the actor's
         # CPUs (none), which changes a CPU run's numbers, so it stays only where the agent set it.
         full_env = {**{k: v for k, v in os.environ.items()
@@ -389,10 +383,10 @@ def resolve(commit):
 
 def tree_of(full):
     """The commit's files as a tar archive (git archive): what the run executes."""
-    proc = subprocess.run(["git", "archive", "--format=tar", full], capture_output=True, timeout=120)
-    if proc.returncode != 0:
-        raise UserError(f"git archive {full[:12]} failed: {proc.stderr.decode(errors='replace').strip()[:200]}")
-    return proc.stdout
+    tree = run_record.git_archive(full)
+    if tree is None:
+        raise UserError(f"git archive {full[:12]} failed: run this in the experiment's checkout")
+    return tree
 
 
 def run_limit():
@@ -504,12 +498,7 @@ def outcome(run_id):
         why = (meta.get("error") or (data or {}).get("reason")
                or f"stopped before its summary (exit {meta.get('returncode')})")
         line = f"{run_id} {meta['short']} crash: {why} ({where})"
-    return printable(line)
-
-
-def printable(text):
-    """text without control characters (escape codes, newlines): what a run's files say reaches no terminal raw."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    return run_record.printable(line)
 
 
 def my_runs(ray, book, run_ids=None):
@@ -537,8 +526,8 @@ def status_lines():
     for run_id, info in sorted(runs.items(), key=lambda kv: kv[1].get("submitted", 0)):
         where = f"{info.get('host', '-')} slot {info['slot']}" if info.get("slot") is not None else "-"
         said = f"val_bpb {info['val_bpb']:.6f}" if info.get("val_bpb") else info.get("error") or info.get("progress")
-        lines.append(printable(f"{run_id:<29} {info.get('short', '?'):<9} {info.get('state', '?'):<9} {where:<24} "
-                               f"{said or ''}"))
+        line = f"{run_id:<29} {info.get('short', '?'):<9} {info.get('state', '?'):<9} {where:<24} {said or ''}"
+        lines.append(run_record.printable(line))
     return lines
 
 
@@ -573,7 +562,6 @@ def stop_local():
 def stop_ray(folder):
     """Stop the Ray whose --temp-dir is folder: its processes (their command lines name it) and every process under
     them (workers, runs). Returns the number of processes stopped."""
-    marker = folder
     parents, roots = {}, set()
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
@@ -583,7 +571,7 @@ def stop_ray(folder):
                 parents[pid] = int(f.read().rpartition(")")[2].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if marker in cmdline and pid != os.getpid():
+        if folder in cmdline and pid != os.getpid():
             roots.add(pid)
     ours, grew = set(roots), True
     while grew:  # (the workers under the raylet, and the runs under them)

@@ -281,19 +281,12 @@ def cudnn_window_attention(q, k, v, window):
                                         enable_gqa=q.size(1) != k.size(1))
 
 
-def window_kernel_for(device_type, capability, cudnn_version, frontend, counted=False):
+def window_kernel_for(device_type, capability, cudnn_version, frontend):
     """(kernel, why) for the sliding-window layers, from the figures: "sdpa" (an explicit mask) off CUDA; on CUDA
     "cudnn" where the GPU is one cuDNN runs windows on, cuDNN is recent enough and the frontend is installed (the
-    frontend's version, or None); else "flex", or "sdpa" where the FLOPs are `counted` (the compute budget): the
-    FLOP counter sees the library kernels compiled code calls, not the kernels the compiler writes, and
-    FlexAttention's is one of those."""
+    frontend's version, or None); else "flex"."""
     if device_type != "cuda":
         return "sdpa", f"SDPA with an explicit mask on {device_type}"
-    if counted:
-        flex, why = window_kernel_for(device_type, capability, cudnn_version, frontend)
-        if flex == "flex":
-            return "sdpa", (f"SDPA with an explicit mask: the compute budget cannot count FlexAttention's compiled "
-                            f"kernel, and cuDNN's is out ({why})")
     if frontend is None:
         return "flex", "nvidia-cudnn-frontend is not installed"
     if tuple(capability) not in CUDNN_WINDOW_GPUS:
@@ -345,15 +338,18 @@ def window_kernel(device, n_head, n_kv_head, head_dim):
                 frontend = getattr(cudnn, "__version__", "?")
             except Exception:  # not installed, or its library does not load
                 frontend = None
-        kernel, why = window_kernel_for(device.type, capability, version, frontend, constants.BUDGET == "flops")
+        kernel, why = window_kernel_for(device.type, capability, version, frontend)
         if kernel == "cudnn":
             problem = _probe_cudnn_window(device, n_head, n_kv_head, head_dim)
             if problem:
                 kernel, why = "flex", f"cuDNN's window failed its check ({problem})"
-                if constants.BUDGET == "flops":
-                    kernel, why = "sdpa", why + "; FlexAttention's kernel the compute budget cannot count"
+        # The compute budget's counter sees the library kernels compiled code calls, not the ones the compiler
+        # writes itself: FlexAttention's is one of those, so the windowed layers take SDPA with the explicit mask.
+        if kernel == "flex" and constants.BUDGET == "flops":
+            kernel, why = "sdpa", f"the compute budget cannot count FlexAttention's own kernel; {why}"
         if device.type == "cuda":  # (elsewhere runtime.Run says what runs)
-            name = {"cudnn": "cuDNN's sliding window", "flex": "FlexAttention", "sdpa": "SDPA, an explicit mask"}[kernel]
+            name = {"cudnn": "cuDNN's sliding window", "flex": "FlexAttention",
+                    "sdpa": "SDPA, an explicit mask"}[kernel]
             print(f"attention: windowed layers on {name} ({why}); full layers on SDPA, cuDNN first", flush=True)
         _window_kernels[key] = kernel
     return _window_kernels[key]

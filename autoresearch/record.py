@@ -15,12 +15,14 @@ Standard library only.
 import contextlib
 import datetime
 import hashlib
+import io
 import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 
 RECORD_NAME = "run.json"
@@ -95,6 +97,36 @@ def fixed_blobs(root=ROOT):
         with contextlib.suppress(OSError), open(os.path.join(root, path), "rb") as f:
             blobs[path] = git_blob_sha1(f.read())
     return blobs
+
+
+def git_archive(rev, *paths):
+    """The files of commit `rev` (all, or those at paths) as git archive's tar bytes, or None where git fails."""
+    try:
+        proc = subprocess.run(["git", "archive", "--format=tar", rev, *paths], capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def untar(data, folder):
+    """Unpack tar bytes (git's own archives) into folder; with the data filter where Python has it."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(folder, filter="data")
+        else:
+            tar.extractall(folder)
+
+
+def printable(text):
+    """text as it can be stored and shown safely: bytes that were not UTF-8 (a Latin-1 terminal's, passed on as
+    surrogate escapes) become U+FFFD, and control characters (escape codes, a bell, a newline) are shown escaped
+    (\\x1b), so no description, reason or file a run left can drive a terminal."""
+    text = str(text)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def head_blob(path, rev="HEAD"):

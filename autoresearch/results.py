@@ -27,19 +27,18 @@ import contextlib
 import functools
 import glob
 import hashlib
-import io
 import json
 import math
 import os
 import re
 import subprocess
 import sys
-import tarfile
 import tempfile
 
 from autoresearch import fleet
 from autoresearch import record as run_record
 from autoresearch.errors import UserError
+from autoresearch.record import printable
 
 # The reference's five columns, then the GPU model the run ran on: runs on different GPU models never compare (each
 # model has its own baseline, floor and verdicts). A file without the gpu column reads as one unknown model.
@@ -54,17 +53,6 @@ RERUN = " (rerun)"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
-
-def printable(text):
-    """text as it can be stored and shown safely: bytes that were not UTF-8 (a Latin-1 terminal's, passed on as
-    surrogate escapes) become U+FFFD, and control characters (escape codes, a bell) are shown escaped (\\x1b), so
-    no description or reason can drive a terminal."""
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
-
 
 def _is_header(fields):
     names = {f.strip().lower() for f in fields}
@@ -151,16 +139,23 @@ def recorded_key(data):
     return tuple(str(v) for v in data["recorded"].get("row", [])[:len(REFERENCE)])
 
 
-def attach_speeds(rows, records):
-    """Give each row the model FLOP/s of the run recorded as that row (None where no record says, and for a run
-    under the compute budget, whose verdict no speed moves): a row and its record match by their five fields, in
-    order."""
+def match_records(rows, records):
+    """Each row's archived record, or None (a row edited by hand matches none): a row and its record match by their
+    five fields, in order."""
     pending = {}
     for data in records:
         pending.setdefault(recorded_key(data), []).append(data)
+    matched = []
     for row in rows:
         found = pending.get(tuple(row[c] for c in REFERENCE))
-        data = found.pop(0) if found else None
+        matched.append(found.pop(0) if found else None)
+    return matched
+
+
+def attach_speeds(rows, records):
+    """Give each row the model FLOP/s of the run recorded as that row (None where no record says, and for a run
+    under the compute budget, whose verdict no speed moves)."""
+    for row, data in zip(rows, match_records(rows, records)):
         speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
         row["speed"] = speed if isinstance(speed, (int, float)) and speed > 0 else None
     return rows
@@ -507,27 +502,35 @@ def check_fixed(data, base):
                         "run again")
 
 
-@functools.lru_cache(maxsize=None)
-def expected_constants(settings, commit=None):
-    """The metric's constants (constants.RESOLVED) that a run under `settings` (the `settings:` line: `standard`, or
-    the preset and overrides, NAME=value) reads at start, computed afresh in a clean process from the constants.py
-    of `commit` (the baseline's; else this checkout's); None if they cannot be (settings that do not parse, or that
-    constants.py refuses)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+def settings_env(settings, keep=()):
+    """This shell's environment with the metric's settings of a record (`standard`, or the preset and overrides,
+    NAME=value) in place of its own AUTORESEARCH_* variables (those in `keep` stay); None where they do not parse."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_") or k in keep}
     if settings != "standard":
         for item in str(settings).split():
             name, sep, value = item.partition("=")
             if not (sep and name.startswith("AUTORESEARCH_")):
                 return None
             env[name] = value
+    return env
+
+
+@functools.lru_cache(maxsize=None)
+def expected_constants(settings, commit=None):
+    """The metric's constants (constants.RESOLVED) that a run under `settings` (the `settings:` line: `standard`, or
+    the preset and overrides, NAME=value) reads at start, computed afresh in a clean process from the constants.py
+    of `commit` (the baseline's; else this checkout's); None if they cannot be (settings that do not parse, or that
+    constants.py refuses)."""
+    env = settings_env(settings)
+    if env is None:
+        return None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory(prefix="autoresearch-constants-") as tmp:
         if commit is not None:  # the commit's constants.py and what it imports, not this checkout's
-            archive = subprocess.run(["git", "archive", commit, "constants.py", "autoresearch/__init__.py",
-                                      "autoresearch/errors.py"], capture_output=True, timeout=60)
-            if archive.returncode == 0:  # (a commit without them: this project's)
-                with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-                    tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
+            archive = run_record.git_archive(commit, "constants.py", "autoresearch/__init__.py",
+                                             "autoresearch/errors.py")
+            if archive is not None:  # (a commit without them: this project's)
+                run_record.untar(archive, tmp)
                 root = tmp
         env["PYTHONPATH"] = root
         try:

@@ -97,7 +97,8 @@ class Watchdog:
         self._thread = threading.Thread(target=self._watch, name="autoresearch-watchdog", daemon=True)
 
     def __enter__(self):
-        self._thread.start()
+        if math.isfinite(self.seconds):
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
@@ -137,16 +138,16 @@ class Run:
     """The fixed bookkeeping of one training run: which steps count toward the budget, their FLOPs or time and
     where it goes, progress lines, the end of training, and the summary.
 
-    The budget is BUDGET's kind (constants.py). `flops`: every step counts, with the FLOPs torch's counter sees it
-    compute (matmuls and attention: forward, backward and optimizer, whatever train.py runs between begin_step
-    and end_step); off CUDA every step is counted so, on CUDA step 0 is (run eagerly, the compiler standing aside)
-    and each later step counts as much. Training ends with the first step that brings the counted FLOPs to
-    FLOP_BUDGET: the same code takes the same steps on any machine, at any load. `time`: the reference's wall
-    clock: on CUDA the first 11 steps (compilation) are not counted; training ends with the first step that brings
-    the counted time to TIME_BUDGET, so a slower or busier machine trains fewer steps. On CUDA step 1
-    (PROFILE_STEP) is profiled to name the attention kernels that ran and where the GPU time went. A step's time is
-    split into forward/backward, optimizer (GPU time on CUDA) and the wait for batches from loader(); a budget that
-    holds few steps is said at once.
+    The budget is BUDGET's kind (constants.py). `flops`: every step counts, with the FLOPs the fixed counter
+    (flops.py) saw computed since the last step ended, in every thread: forward, backward, optimizer, and any work
+    before the loop or between steps; compiled code stays compiled, its library calls counted at run time. Training
+    ends with the first step that brings the counted FLOPs to FLOP_BUDGET: the same code takes the same steps on
+    any machine, at any load. `time`: the reference's wall clock: on CUDA the first 11 steps (compilation) are not
+    counted; training ends with the first step that brings the counted time to TIME_BUDGET, so a slower or busier
+    machine trains fewer steps. Under either budget the compiling steps' time is start-up, not training time. On
+    CUDA step 1 (PROFILE_STEP) is profiled to name the attention kernels that ran and where the GPU time went. A
+    step's time is split into forward/backward, optimizer (GPU time on CUDA) and the wait for batches from loader();
+    a budget that holds few steps is said at once.
 
     The counts live here, read-only from outside (step, training_seconds, done, progress, counted_steps are
     properties), so train.py cannot move them by accident. t_start: time.perf_counter() when train() began."""
@@ -554,10 +555,11 @@ def main(train, knobs):
         if run_record.data["status"] == "running":
             raise UserError("train() returned without a summary (runtime.Run.summary was never reached)")
     except BaseException as e:
-        if watchdog.said and isinstance(e, UserError):
-            e = UserError(watchdog.said)
+        if watchdog.said and isinstance(e, UserError):  # (its SIGTERM: said as the hang it is)
+            run_record.fail(watchdog.said)
+            raise UserError(watchdog.said) from None
         run_record.fail(_reason(e))
-        raise e from None
+        raise
     finally:
         _watchdog = None
         _stop_counting()

@@ -9,11 +9,9 @@ deterministic: it reproduces when it takes the same steps to the same val_bpb (t
 Elsewhere it reproduces within twice the noise floor of the experiment's value. One that does not shows a lucky
 run, a row or record changed after the fact, or fixed files changed since. Each run's log lands in runs/verify/.
 """
-import io
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 
 from autoresearch import record as run_record
@@ -27,36 +25,24 @@ KEPT_SETTINGS = ("AUTORESEARCH_CACHE_DIR", "AUTORESEARCH_DEVICE", "AUTORESEARCH_
 def clean_tree(folder, commit, base):
     """folder gets train.py of `commit` and the fixed files of `base` (git archive: what the commits hold)."""
     for rev, paths in ((commit, ["train.py"]), (base, list(run_record.FIXED_FILES))):
-        proc = subprocess.run(["git", "archive", "--format=tar", rev, *paths], capture_output=True, timeout=120)
-        if proc.returncode != 0:
-            raise UserError(f"git archive {rev} failed ({proc.stderr.decode(errors='replace').strip()[:160]}): run "
-                            "verify in the experiment's checkout")
-        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
-            tar.extractall(folder, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(folder)
-
-
-def settings_env(settings):
-    """This shell's environment with the metric's settings of a record (`standard`, or NAME=value pairs) instead of
-    its own."""
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith("AUTORESEARCH_") and k not in KEPT_SETTINGS) and k != "PYTHONPATH"}
-    if settings != "standard":
-        for item in str(settings).split():
-            name, sep, value = item.partition("=")
-            if not (sep and name.startswith("AUTORESEARCH_")):
-                raise UserError(f"the record's settings {settings!r} do not parse: cannot run them again")
-            env[name] = value
-    return env
+        archive = run_record.git_archive(rev, *paths)
+        if archive is None:
+            raise UserError(f"git archive {rev} failed: run verify in the experiment's checkout")
+        run_record.untar(archive, folder)
 
 
 def rerun(commit, base, settings, log_path):
     """Run train.py of `commit` with base's fixed files under `settings` in a fresh interpreter; returns its record
     (None if it wrote none); its log goes to log_path."""
+    from autoresearch.results import settings_env
+    env = settings_env(settings, keep=KEPT_SETTINGS)
+    if env is None:
+        raise UserError(f"the record's settings {settings!r} do not parse: cannot run them again")
+    env.pop("PYTHONPATH", None)  # (the clean tree's own modules, not this checkout's)
     with tempfile.TemporaryDirectory(prefix="autoresearch-verify-") as folder:
         clean_tree(folder, commit, base)
         with open(log_path, "wb") as log:
-            subprocess.run([sys.executable, "train.py"], cwd=folder, env=settings_env(settings), stdout=log,
-                           stderr=subprocess.STDOUT)
+            subprocess.run([sys.executable, "train.py"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
         return run_record.read(os.path.join(folder, run_record.RECORD_NAME))
 
 
@@ -92,12 +78,8 @@ def verify(count=3, path="results.tsv"):
     rows = results.read_rows(path, problems)
     runs_dir = results.runs_folder(path)
     archived = results.archived_records(runs_dir)
-    by_key = {}
-    for data in archived:
-        by_key.setdefault(results.recorded_key(data), []).append(data)
-    for row in rows:  # (each row's own record, matched in order as the summary matches them)
-        found = by_key.get(tuple(row[c] for c in results.REFERENCE))
-        row["record"] = found.pop(0) if found else None
+    for row, data in zip(rows, results.match_records(rows, archived)):
+        row["record"] = data
     groups = results.gpu_groups(rows)
     lines, failed, chosen = [], 0, []
     for gpu in sorted(set(groups)):
@@ -105,8 +87,7 @@ def verify(count=3, path="results.tsv"):
         exps = results.experiments(group)
         base = next((e for e in exps if e["finished"]), None)
         floor, _ = results.noise_floor(exps)
-        kept = sorted((e for e in exps if e["finished"] and e["status"] == "keep"), key=lambda e: e["value"])
-        for exp in kept:
+        for exp in (e for e in exps if e["finished"] and e["status"] == "keep"):
             mine = [r for r in group if r["commit"] == exp["commit"] and r["status"] != "crash"]
             runs = [r["record"] for r in mine if r["record"] and r["record"].get("status") == "finished"]
             exp["unmatched"] = len(mine) - len(runs)
