@@ -14,12 +14,14 @@ Standard library only.
 """
 import contextlib
 import datetime
+import errno
 import hashlib
 import io
 import json
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -147,12 +149,23 @@ def new_run_id():
     return f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(6)}"
 
 
+def read_regular(path):
+    """The bytes of the regular file at path; an OSError for anything else (a folder, a FIFO, a link to a device),
+    which is never opened for a blocking read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def read(path):
     """The record at path as a dict, or None when there is none; a record that does not parse is None too (the
     caller says what that means)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_regular(path))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("format") == FORMAT and "run_id" in data else None

@@ -5,25 +5,19 @@
     uv run -m autoresearch.results                                       # the summary of every agent's results
     uv run -m autoresearch.results verify 4                              # the 4 best kept commits run again
 
-A row is the reference's: commit, val_bpb, memory_gb, status, description, tab-separated. What it says comes from
-the run's record (run.json, which the fixed code writes beside run.log; record.py) and from git, never from text
-the agent's code could print. `record` refuses, in one line and writing nothing:
-- a run already recorded (its run id is in runs/), or a log and a record that belong to different runs;
-- a run whose train.py is not the train.py of the commit it would be filed under (commit first; after a reset,
-  run again); a run still going;
-- a finished run recorded as crash, and keep for a run that compares with no other (its record says why);
-- a run whose settings differ from the baseline's.
-A run without a finished record (an error, a diverged loss, a metric that is not finite, a timeout, a run killed)
-is always a crash, whatever was asked. A run of a commit that already has a finished row is a re-run: its
-description gets " (rerun)"; no earlier row ever changes, and the summary counts the runs of one commit as one
-experiment worth their mean, with the status given last. The run's log and record are kept in runs/ as
-<row>-<commit>-<run id>.log/.json (names that never collide). One `record` at a time (results.tsv.lock); the row is
-appended to the bytes already there (through a symbolic link to its target), after the run's files are in runs/:
-both or neither. The summary reads every agent's results file; analysis.ipynb draws its plot from the same
-functions. Standard library only.
+A row is the reference's five columns (commit, val_bpb, memory_gb, status, description), then the GPU model,
+tab-separated. `record` takes it from the run's record (run.json, written by the fixed code; record.py) and git,
+never from text the agent's code printed; it keeps the run's log and record as runs/<run id>.log/.json and then
+appends the row as one whole line: no byte already in results.tsv is ever rewritten. The rows are the runs':
+the summary and the verdicts read each row as its run's record in runs/ says it was, and name the rows that say
+otherwise (edited by hand) or that no run proves. `record` refuses, in one line and writing nothing, a run recorded
+already, a run still going, a log and a record of different runs, a train.py that is not the commit's, fixed files
+that are not the baseline's, constants that are not the settings', and a status the verdict contradicts. A run
+without a finished record is a crash, whatever was asked. Standard library only.
 """
 import argparse
 import contextlib
+import errno
 import functools
 import glob
 import hashlib
@@ -31,6 +25,7 @@ import json
 import math
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -59,50 +54,57 @@ def _is_header(fields):
     return "commit" in names and "val_bpb" in names
 
 
+def _lines(numbers):
+    shown = ", ".join(map(str, numbers[:5])) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}"
+
+
 def read_rows(path, problems):
-    """The rows of one results file as dicts of the five columns (missing values ""), in order. Tolerant of what
-    editors and spreadsheets do to a file: a byte-order mark, CRLF line ends, a missing header line, extra or
-    missing columns, a tab inside a description, a short row; each oddity adds one line to `problems` and the rest
-    still reads. A path that is a folder or cannot be read is skipped, said in `problems`."""
+    """The rows of one results file as dicts of COLUMNS (missing values ""), in order. Takes what editors leave (a
+    byte-order mark, CRLF, no header line, a 5-column header over 6-column rows, a tab inside a description, a short
+    row) and says in one line of `problems` what it made of them; a path that is not a regular file is skipped."""
     try:
-        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
-            lines = f.read().splitlines()
-    except IsADirectoryError:
-        problems.append(f"{path} is a folder, not a results file: skipped")
-        return []
+        text = run_record.read_regular(path).decode("utf-8", "replace").lstrip("\ufeff")
     except OSError as e:
         problems.append(f"{path} cannot be read ({e.strerror or e}): skipped")
         return []
+    lines = text.splitlines()
     if not lines or not lines[0].strip():
         problems.append(f"{path} is empty (not even the header line): skipped")
         return []
-    first = lines[0].split("\t")
+    odd, first = [], lines[0].split("\t")
     if _is_header(first):
         header, body, start = [h.strip().lower() for h in first], lines[1:], 2
     else:
-        header = list(COLUMNS if len(first) > len(REFERENCE) else REFERENCE)
-        problems.append(f"{path} has no header line: read as the columns {', '.join(header)}")
-        body, start = lines, 1
+        header, body, start = list(COLUMNS if len(first) > len(REFERENCE) else REFERENCE), lines, 1
+        odd.append(f"has no header line: read as the columns {', '.join(header)}")
     missing = [c for c in REFERENCE if c not in header]
     extra = [h for h in header if h not in COLUMNS]
     if missing:
-        problems.append(f"{path}: no {', '.join(missing)} column in the header: left blank")
+        odd.append(f"no {', '.join(missing)} column in the header: left blank")
     if extra:
-        problems.append(f"{path}: column(s) {', '.join(extra)} are not results.tsv's: ignored")
-    rows = []
+        odd.append(f"column(s) {', '.join(extra)} are not results.tsv's: ignored")
+    rows, tabs, short = [], [], []
     for n, line in enumerate(body, start):
         if not line.strip():
             continue
-        fields = line.split("\t")
-        if len(fields) > len(header) and "description" in header:
-            problems.append(f"{path}:{n}: a tab inside the description: read as part of it")
-            d, extra = header.index("description"), len(fields) - len(header)
-            fields = fields[:d] + [" ".join(fields[d:d + extra + 1])] + fields[d + extra + 1:]
-        elif len(fields) != len(header) and not (header[-1] == "gpu" and len(fields) == len(header) - 1):
-            problems.append(f"{path}:{n}: {len(fields)} fields where the header has {len(header)}: missing ones "
-                            "left blank")
-        row = dict(zip(header, fields))
+        fields, names = line.split("\t"), header
+        if "gpu" not in header and len(fields) == len(header) + 1:
+            names = header + ["gpu"]  # (a row record wrote under a header without the gpu column)
+        elif len(fields) > len(names) and "description" in names:
+            tabs.append(n)
+            d, glued = names.index("description"), len(fields) - len(names) + 1
+            fields = fields[:d] + [" ".join(fields[d:d + glued])] + fields[d + glued:]
+        elif len(fields) < len(names) - (names[-1] == "gpu"):
+            short.append(n)
+        row = dict(zip(names, fields))
         rows.append({c: printable(row.get(c, "").strip()) for c in COLUMNS})
+    if tabs:
+        odd.append(f"a tab inside the description on {_lines(tabs)}: read as part of it")
+    if short:
+        odd.append(f"fewer fields than the header's {len(header)} on {_lines(short)}: missing ones left blank")
+    if odd:
+        problems.append(f"{path}: " + "; ".join(odd))
     return rows
 
 
@@ -121,12 +123,11 @@ def runs_folder(path):
 
 
 def archived_records(runs_dir):
-    """The records of the runs archived in runs_dir (runs/*.json), in row order; unreadable ones are skipped."""
+    """The records of the runs kept in runs_dir (runs/*.json) that say which row they were recorded as."""
     out = []
     for path in sorted(glob.glob(os.path.join(glob.escape(runs_dir), "*.json"))):
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(run_record.read_regular(path))
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and isinstance(data.get("recorded"), dict):
@@ -134,30 +135,39 @@ def archived_records(runs_dir):
     return out
 
 
-def recorded_key(data):
-    """The reference columns of the row an archived record was recorded as: what matches it to its row."""
-    return tuple(str(v) for v in data["recorded"].get("row", [])[:len(REFERENCE)])
-
-
-def match_records(rows, records):
-    """Each row's archived record, or None (a row edited by hand matches none): a row and its record match by their
-    five fields, in order."""
-    pending = {}
-    for data in records:
-        pending.setdefault(recorded_key(data), []).append(data)
-    matched = []
-    for row in rows:
-        found = pending.get(tuple(row[c] for c in REFERENCE))
-        matched.append(found.pop(0) if found else None)
-    return matched
-
-
-def attach_speeds(rows, records):
-    """Give each row the model FLOP/s of the run recorded as that row (None where no record says, and for a run
-    under the compute budget, whose verdict no speed moves)."""
-    for row, data in zip(rows, match_records(rows, records)):
+def prove(rows, records, path, problems):
+    """Each row as the run it was recorded from says it was: the rows of a commit take, in order, the records in
+    runs/ of that commit (those recorded into this file first), and their values, status and GPU come from the
+    record. A row whose own text differs is named in `problems`; where runs/ holds records, a finished row that none
+    proves (added by hand) is named and not counted. Each row gets `record` (or None) and `speed` (model FLOP/s of
+    a run under the time budget, else None)."""
+    real, queues = os.path.realpath(path), {}
+    for data in sorted(records, key=lambda d: (d["recorded"].get("file") != real, d["recorded"].get("number", 0))):
+        recorded = data["recorded"].get("row")
+        if isinstance(recorded, list) and len(recorded) >= len(REFERENCE):
+            queues.setdefault(str(recorded[0]), []).append(data)
+    differ, unproven = [], []
+    for n, row in enumerate(rows, 1):
+        queue = queues.get(row["commit"])
+        data = row["record"] = queue.pop(0) if queue else None
+        if data is None:
+            if records and row["status"].lower() != "crash":
+                row["unproven"] = True
+                unproven.append(f"#{n} {row['commit']}")
+        else:
+            said = dict(zip(COLUMNS, map(str, data["recorded"]["row"])))
+            changed = [c for c in ("val_bpb", "status") if row[c] != said[c]]
+            if changed:
+                differ.append(f"#{n} {row['commit']} ({', '.join(f'{c} {row[c]!r}, its run {said[c]!r}' for c in changed)})")
+                row["differs"] = True
+            row.update({c: printable(said.get(c, row[c])) for c in ("val_bpb", "memory_gb", "status", "gpu")})
         speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
         row["speed"] = speed if isinstance(speed, (int, float)) and speed > 0 else None
+    if differ:
+        problems.append(f"{path}: row(s) {'; '.join(differ)} differ from the runs in runs/ they were recorded from "
+                        "(edited by hand?): the runs' values are used")
+    if unproven:
+        problems.append(f"{path}: row(s) {', '.join(unproven)} match no run in runs/ (added by hand?): not counted")
     return rows
 
 
@@ -176,8 +186,8 @@ def experiments(rows, agent="", problems=None):
             problems.append(f"{agent}: a row of {row['commit'] or '?'} has status {row['status']!r}, not one of "
                             f"{', '.join(STATUSES)}: counted as a crash")
             status = "crash"
-        finished = status != "crash" and value > 0
-        if status != "crash" and not finished:
+        finished = status != "crash" and value > 0 and not row.get("unproven")
+        if status != "crash" and not finished and not row.get("unproven"):
             problems.append(f"{agent}: {row['commit'] or '?'} is `{status}` without a val_bpb "
                             f"({row['val_bpb']!r}): counted as not finished")
         run, speed = ([value], [row.get("speed")]) if finished else ([], [])
@@ -287,13 +297,13 @@ def agent_name(path):
 
 
 def load(patterns=RESULTS):
-    """(paths, {agent: experiments}, problems) for every results file the patterns find, with the speeds their
-    runs/ folders record; a file's runs on several GPU models are one group each ("<file> on <model>")."""
+    """(paths, {agent: experiments}, problems) for every results file the patterns find, each row as its run in
+    runs/ proves it (prove); a file's runs on several GPU models are one group each ("<file> on <model>")."""
     paths = sorted({os.path.abspath(p) for pattern in patterns for p in glob.glob(pattern)})
     agents, problems = {}, []
     for path in paths:
         name = agent_name(path)
-        rows = attach_speeds(read_rows(path, problems), archived_records(runs_folder(path)))
+        rows = prove(read_rows(path, problems), archived_records(runs_folder(path)), path, problems)
         groups = gpu_groups(rows)
         for gpu in sorted(set(groups)):  # (one group per GPU model: their numbers never mix)
             group = name if len(set(groups)) == 1 else f"{name} on {gpu or 'an unknown GPU'}"
@@ -302,13 +312,14 @@ def load(patterns=RESULTS):
 
 
 def gpu_groups(rows):
-    """The GPU model each row is judged with: its own, or for a row without one (a run that stopped before it saw
-    its device, a file from before the gpu column) the latest model above it, else the first one below."""
+    """The GPU model each row is judged with: its own; a crash without one (it stopped before it saw its device)
+    takes the latest model above it, else the first below; a finished row without one (a file from before the gpu
+    column) is an unknown model's, never compared with a known one."""
     known = [r["gpu"] for r in rows if r["gpu"]]
     current, out = (known[0] if known else ""), []
     for r in rows:
         current = r["gpu"] or current
-        out.append(current)
+        out.append(current if r["gpu"] or r["status"].lower() == "crash" else "")
     return out
 
 
@@ -426,8 +437,8 @@ def _pid_alive(pid):
 
 
 def identify(text, log_dir):
-    """What run the log is: (identity, record or None, kind, reason). kind is 'finished', or 'crash' with a reason
-    in a few words. Refuses, in one line, a log and a record of different runs, a finished-looking log without a
+    """What run the log is: (run id or None, record or None, kind, reason). kind is 'finished', or 'crash' with a
+    reason in a few words; a log without a run (train.py stopped before the fixed code started) has no run id. Refuses, in one line, a log and a record of different runs, a finished-looking log without a
     record, and a run still going."""
     data = run_record.read(os.path.join(log_dir, run_record.RECORD_NAME))
     started = re.findall(r"^run: (\S+)$", text, flags=re.M)
@@ -448,7 +459,7 @@ def identify(text, log_dir):
     if run_summary(text).get("val_bpb"):
         raise UserError("the log ends in a summary but names no run (no `run:` line): it did not come from this "
                         "project's train.py, or was cut; run again")
-    return "log-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:24], None, "crash", crash_reason(text)
+    return None, None, "crash", crash_reason(text)
 
 
 def check_code(data, short, commit=None):
@@ -618,22 +629,20 @@ def locked(path):
 
 
 def append_row(path, row):
-    """Append one row to the results file at path (its target, when path is a symbolic link), keeping every byte
-    already there; a new file gets the header first. Line ends follow the file's own (CRLF stays CRLF)."""
-    try:
-        with open(path, "rb") as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = b""
-    end = b"\r\n" if b"\r\n" in old else b"\n"
-    first = old.decode("utf-8", "replace").lstrip("\ufeff").splitlines()[:1]
-    columns = REFERENCE if first and _is_header(first[0].split("\t")) and "gpu" not in first[0] else COLUMNS
-    line = "\t".join(row[c] for c in columns).encode("utf-8") + end  # (a file from before the gpu column keeps 5)
-    if not old.strip():
-        data = "\t".join(COLUMNS).encode("utf-8") + end + line
-    else:
-        data = old + (b"" if old.endswith((b"\n", b"\r")) else end) + line
-    run_record.write_atomically(path, data)
+    """Append the row to the results file at path (through a link, to its target) as one whole-line write; a new
+    file gets the header first. Line ends follow the file's own; every byte already there stays."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        old = run_record.read_regular(path)
+        end = b"\r\n" if b"\r\n" in old else b"\n"
+        line = "\t".join(row[c] for c in COLUMNS).encode("utf-8") + end
+        if not old.strip():
+            line = "\t".join(COLUMNS).encode("utf-8") + end + line
+        elif not old.endswith((b"\n", b"\r")):
+            line = end + line
+        f.write(line)
 
 
 def record(status, description, log="run.log", path="results.tsv", runs_dir=None, overrule=False, run=None):
@@ -650,15 +659,14 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
     if not description:
         raise UserError("give a short description of what the run tried")
     try:
-        with open(log, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = run_record.read_regular(log).decode("utf-8", "replace")
     except OSError as e:
         raise UserError(f"cannot read the run's log {log} ({e.strerror or e}): run "
                         "`timeout 600 uv run train.py > run.log 2>&1` first")
     log_dir = os.path.dirname(os.path.abspath(log))
-    identity, data, kind, reason = identify(text, log_dir)
-    if meta is not None and data is None:  # (a fleet run that stopped before its record: its run id is its identity)
-        identity = f"fleet-{run}"
+    run_id, data, kind, reason = identify(text, log_dir)
+    if meta is not None and data is None:  # (a fleet run that stopped before its record: the fleet's run id)
+        run_id = f"fleet-{run}"
     if meta is not None and kind != "finished" and meta.get("error"):  # (the fleet's word on why it ended)
         reason = str(meta["error"])
     check_run(data, text)
@@ -679,24 +687,26 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
                                 else description)
     short = meta["short"] if meta else head_commit()
     check_code(data, short, meta and meta["commit"])
+    log_digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     gpu = printable(run_record.gpu_of(data))
     real = os.path.realpath(path)
     runs_dir = runs_dir or runs_folder(path)
     with locked(real):
         problems = []
-        rows = read_rows(real, problems) if os.path.exists(real) else []
-        notes += [f"reading {path}: {p}" for p in problems]
         archived = archived_records(runs_dir)
-        for earlier in archived:
-            if earlier["recorded"].get("identity") == identity:
-                row = earlier["recorded"].get("row", [])
-                raise UserError(f"this run ({identity}) is already recorded, as row "
-                                f"{earlier['recorded'].get('number')} ({' '.join(map(str, row[:1] + row[3:]))}): "
-                                "run the next experiment first")
-        groups = gpu_groups(rows + [dict(gpu=gpu)])  # (this run's model is the last)
+        rows = prove(read_rows(real, problems), archived, real, problems) if os.path.lexists(real) else []
+        notes += [f"reading {path}: {p}" for p in problems]
+        for earlier in archived:  # a run is recorded once; a log without a run, once per commit
+            said = earlier["recorded"]
+            if (run_id and said.get("identity") == run_id) or (not run_id and said.get("log") == log_digest
+                                                               and said.get("row", [""])[0] == short):
+                raise UserError(f"this run ({run_id or 'its log'}) is already recorded, as row {said.get('number')} "
+                                f"({' '.join(map(str, said.get('row', [])[:1] + said.get('row', [])[3:]))}): run "
+                                "the next experiment first")
+        groups = gpu_groups(rows + [dict(gpu=gpu, status=status)])  # (this run's model is the last)
         same = [r for r, g in zip(rows, groups) if g == groups[-1]]
-        mine = {tuple(r[c] for c in REFERENCE) for r in same}
-        baseline = next((r for r in archived if r.get("status") == "finished" and recorded_key(r) in mine), None)
+        baseline = next((r["record"] for r in same if r.get("record") and r["record"].get("status") == "finished"),
+                        None)
         if kind == "finished":  # the fixed files and constants of the baseline's commit (or the branch's start)
             check_rules(data, (baseline or {}).get("code", {}).get("commit") or branch_start())
         if kind == "finished" and baseline is not None and baseline.get("settings") != data["settings"]:
@@ -707,14 +717,17 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
             if not description.endswith(RERUN):
                 description += RERUN
         row = dict(commit=short, val_bpb=val_bpb, memory_gb=memory, status=status, description=description, gpu=gpu)
-        judged = judge(same, archived, row, data)
+        speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
+        judged = judge(same, dict(row, speed=speed))
         if judged["contradiction"] and not overrule:
             raise UserError(f"{judged['line']}: `{status}` contradicts it; not recorded. Record "
                             f"{'keep' if status == 'discard' else 'discard'}, or add --overrule if you mean it")
         number = len(rows) + 1
-        stem = os.path.join(runs_dir, f"{number:03d}-{short}-{identity}")
-        saved = dict(data or {"run_id": identity, "status": "crashed before its record began"})
-        saved["recorded"] = dict(identity=identity, number=number, row=[row[c] for c in COLUMNS], file=real)
+        run_id = run_id or f"log-{run_record.new_run_id()}"
+        stem = os.path.join(runs_dir, run_id)
+        saved = dict(data or {"run_id": run_id, "status": "crashed before its record began"})
+        saved["recorded"] = dict(identity=run_id, number=number, row=[row[c] for c in COLUMNS], file=real,
+                                 log=log_digest)
         try:
             os.makedirs(runs_dir, exist_ok=True)
             run_record.write_atomically(stem + ".log", text.encode("utf-8"))
@@ -733,7 +746,6 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
             if isinstance(e, OSError):
                 raise UserError(f"cannot write {path} ({e.strerror or e}): nothing recorded")
             raise
-        rows.append(row)
         if data is not None:
             notes += mark_recorded(log_dir, data, real, number)
     print("\t".join(row[c] for c in COLUMNS).rstrip("\t"))
@@ -744,14 +756,13 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
     return row
 
 
-def judge(rows, records, row, data):
-    """The verdict on `row` before it is written (rows: those already there; records: their archived records;
-    data: this run's record): {line: the verdict in words or None, contradiction: True when row's status is discard
-    for a clear win or keep for a loss, notes: the experiment's runs, the noise floor, its speed}. A re-run is
-    judged on its experiment's mean, against the best of the other experiments."""
-    speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
-    exps = experiments(attach_speeds([dict(r) for r in rows + [row]], records + [{"recorded": {
-        "row": [row[c] for c in COLUMNS]}, "model_flops_per_sec": speed}]))
+def judge(rows, row):
+    """The verdict on `row` before it is written (rows: those already there, proven; row with its `speed`):
+    {line: the verdict in words or None, contradiction: True when row's status is discard for a clear win or keep
+    for a loss, notes: the experiment's runs, the noise floor, its speed}. A re-run is judged on its experiment's
+    mean, against the best of the other experiments."""
+    speed = row["speed"]
+    exps = experiments([dict(r) for r in rows] + [row])
     floor, why = noise_floor(exps)
     exp = next(e for e in reversed(exps) if e["commit"] == row["commit"])
     out = dict(line=None, contradiction=False, notes=[])

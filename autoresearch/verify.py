@@ -78,8 +78,7 @@ def verify(count=3, path="results.tsv"):
     rows = results.read_rows(path, problems)
     runs_dir = results.runs_folder(path)
     archived = results.archived_records(runs_dir)
-    for row, data in zip(rows, results.match_records(rows, archived)):
-        row["record"] = data
+    results.prove(rows, archived, path, problems)
     groups = results.gpu_groups(rows)
     lines, failed, chosen = [], 0, []
     for gpu in sorted(set(groups)):
@@ -90,10 +89,7 @@ def verify(count=3, path="results.tsv"):
         for exp in (e for e in exps if e["finished"] and e["status"] == "keep"):
             mine = [r for r in group if r["commit"] == exp["commit"] and r["status"] != "crash"]
             runs = [r["record"] for r in mine if r["record"] and r["record"].get("status") == "finished"]
-            exp["unmatched"] = len(mine) - len(runs)
-            if not runs:  # (rows changed by hand match no record: the commit's own records say how it ran)
-                runs = [d for d in archived if d["recorded"].get("row", [""])[0] == exp["commit"]
-                        and d.get("status") == "finished"]
+            exp["unmatched"] = sum(1 for r in mine if r.get("differs") or not r["record"])
             chosen.append((exp["value"], exp, runs, base, floor))
     chosen.sort(key=lambda c: c[0])
     if not chosen:
@@ -106,7 +102,7 @@ def verify(count=3, path="results.tsv"):
         data = rerun(exp["commit"], base["commit"], settings, log_path)
         ok, words = judge(exp, runs, floor, data)
         if exp["unmatched"]:
-            ok, words = False, words + f"; {exp['unmatched']} of its rows match no record in runs/ (changed by hand?)"
+            ok, words = False, words + f"; {exp['unmatched']} of its rows differ from their runs in runs/ (changed by hand?)"
         failed += not ok
         lines.append(results.printable(f"#{exp['number']} {exp['commit']} {exp['description']}: "
                                        f"{'reproduces' if ok else 'does NOT reproduce'}: {words}"))

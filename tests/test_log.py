@@ -42,7 +42,8 @@ def test_uncommitted_or_reset_code_is_refused_and_a_run_is_recorded_once(prepare
     assert twice.returncode == 1 and "is already recorded, as row 1" in twice.stderr
     assert [(r["status"], r["description"]) for r in rows(repo)] == [("keep", "matrix lr 0.05")]
     assert rows(repo)[0]["commit"] == git(repo, "rev-parse", "--short", "HEAD").strip()
-    assert [n.split("-")[0] for n in os.listdir(os.path.join(repo, "runs")) if n.endswith(".log")] == ["001"]
+    run_id = record.read(os.path.join(repo, "run.json"))["run_id"]
+    assert sorted(os.listdir(os.path.join(repo, "runs"))) == [f"{run_id}.json", f"{run_id}.log"]
 
 
 def test_a_summary_the_agents_code_printed_before_the_run_was_killed_is_a_crash(prepared, tmp_path):
@@ -362,5 +363,5 @@ def test_verify_runs_the_best_kept_commits_again_and_says_which_reproduce(prepar
     changed = verify()
     assert changed.returncode == 1 and changed.stderr.startswith("error: 1 of ")
     wrong = [line for line in changed.stdout.splitlines() if "does NOT reproduce" in line]
-    assert len(wrong) == 1 and "embedding lr" in wrong[0] and "match no record in runs/" in wrong[0], changed.stdout
+    assert len(wrong) == 1 and "embedding lr" in wrong[0] and "differ from their runs in runs/" in wrong[0], changed.stdout
     assert len(os.listdir(os.path.join(repo, "runs", "verify"))) == 8

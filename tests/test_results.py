@@ -89,8 +89,10 @@ def test_record_a_baseline_its_rerun_a_change_and_a_crash(repo, tmp_path, capsys
         [crash, "0.000000", "0.0", "crash", "depth 16 (error: out of GPU memory at DEVICE_BATCH_SIZE=128, DEPTH=16: "
                                             "lower DEVICE_BATCH_SIZE)"]]
     assert open("results.tsv").readline().rstrip("\n").split("\t") == results.COLUMNS
-    logs = sorted(n for n in os.listdir("runs") if n.endswith(".log"))
-    assert [n.split("-")[:2] for n in logs] == [["001", base], ["002", base], ["003", change], ["004", crash]]
+    kept = {json.load(open(os.path.join("runs", n)))["recorded"]["number"]: n[:-len(".json")]
+            for n in os.listdir("runs") if n.endswith(".json")}  # runs/<run id>.json and .log, one pair per row
+    assert sorted(kept) == [1, 2, 3, 4] and all(os.path.exists(f"runs/{kept[n]}.log") for n in kept)
+    assert kept[4].startswith("log-") and all(record.read(f"runs/{kept[n]}.json")["run_id"] == kept[n] for n in (1, 2, 3))
     exps = results.experiments(rows())
     assert [e["number"] for e in exps] == [1, 2, 3] and exps[0]["value"] == pytest.approx(0.9969)
     assert results.noise_floor(exps) == (pytest.approx(0.002), "from the baseline's latest 2 runs of 2")
@@ -303,8 +305,8 @@ def test_a_run_at_another_speed_is_said_and_its_baseline_pair_sets_no_floor(repo
 @pytest.mark.parametrize("content, says", [
     ("", "is empty (not even the header line)"),
     ("commit\tval_bpb\tstatus\tdescription\na1\t0.99\tkeep\tbaseline\n", "no memory_gb column"),
-    ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\na1\t0.99\t1.0\tkeep\tbase\tline with a tab\n",
-     "a tab inside the description"),
+    ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tgpu\na1\t0.99\t1.0\tkeep\tbase\tline with a tab\tcpu\n",
+     "a tab inside the description on line 2"),
     ("a1\t0.99\t1.0\tkeep\tbaseline\nb2\t0.98\t1.0\tkeep\tsecond\n", "has no header line"),
     ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tnotes\na1\t0.99\t1.0\tkeep\tbaseline\tmine\n",
      "column(s) notes are not results.tsv's: ignored"),
@@ -358,7 +360,7 @@ def test_a_results_file_that_is_a_folder_is_skipped_with_a_note(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results" / "x.tsv").mkdir(parents=True)
     paths, agents, problems = results.load()
-    assert any("is a folder, not a results file: skipped" in p for p in problems)
+    assert any("cannot be read (a folder, not a file): skipped" in p for p in problems)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -619,11 +621,66 @@ def test_gpu_models_never_mix_baseline_floor_or_verdicts(repo, tmp_path, capsys)
     assert "2 experiments: 2 keep" in h100 and "baseline: 0.996900" in h100
 
 
-def test_a_results_file_from_before_the_gpu_column_keeps_its_five(repo, tmp_path):
+def test_a_results_file_from_before_the_gpu_column_gets_rows_that_name_their_gpu(repo, tmp_path, capsys):
+    """An old five-column file of H100 rows (the reference's header, no runs/): a CPU run appended to it keeps its
+    GPU in a sixth field, reads back with it (not glued onto the description), and is judged against CPU runs
+    only, never against the H100's best."""
     repo("baseline")
     (tmp_path / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
-                                          "abc1234\t0.998000\t44.0\tkeep\tbaseline\n")
-    finished_run(tmp_path, "0.997000")
-    results.record("keep", "baseline")
+                                          "abc1234\t0.998000\t44.0\tkeep\tbaseline\n"
+                                          "abc1234\t0.996000\t44.0\tkeep\tbaseline (rerun)\n"
+                                          "def5678\t0.980000\t44.0\tkeep\ta big win\n")
+    finished_run(tmp_path, "1.759000", gpu="cpu", settings="AUTORESEARCH_PRESET=small")
+    results.record("keep", "baseline on my laptop")
+    out = capsys.readouterr().out
+    assert "verdict" not in out and "noise floor: not set: one baseline run so far" in out
     lines = (tmp_path / "results.tsv").read_text().splitlines()
-    assert [len(line.split("\t")) for line in lines] == [5, 5, 5]
+    assert [len(line.split("\t")) for line in lines] == [5, 5, 5, 5, 6]
+    last = results.read_rows("results.tsv", [])[-1]
+    assert last["description"] == "baseline on my laptop" and last["gpu"] == "cpu"
+    summary = "\n".join(results.summary_lines(*results.load(["results.tsv"])))
+    assert f"== {tmp_path.name} on cpu ==" in summary and f"== {tmp_path.name} on an unknown GPU ==" in summary
+
+
+def test_a_value_edited_by_hand_moves_no_floor_and_no_verdict(repo, tmp_path, capsys):
+    """The baseline's re-run 2.488 written 24.88 by hand: the summary and the next verdict use what runs/ proves,
+    and name the row that says otherwise; a row added by hand that no run proves is named and not counted."""
+    repo("baseline")
+    for val in ("2.489000", "2.488000"):
+        finished_run(tmp_path, val, settings="AUTORESEARCH_PRESET=small")
+        results.record("keep", "baseline")
+    text = (tmp_path / "results.tsv").read_text()
+    (tmp_path / "results.tsv").write_text(text.replace("\t2.488000\t", "\t24.880000\t")
+                                          + "fff0000\t1.000000\t1.0\tkeep\ta miracle\tcpu\n")
+    paths, agents, problems = results.load(["results.tsv"])
+    summary = "\n".join(results.summary_lines(paths, agents, problems))
+    assert "noise floor: 0.001000" in summary and "total improvement: 0.000000" in summary, summary
+    assert "#2" in summary and "'24.880000', its run '2.488000'" in summary and "the runs' values are used" in summary
+    assert "#3 fff0000" in summary and "match no run in runs/ (added by hand?): not counted" in summary
+    repo("idea")
+    finished_run(tmp_path, "2.480000", settings="AUTORESEARCH_PRESET=small")
+    results.record("keep", "idea")
+    assert "verdict: better (2.480000 against the best 2.488500" in capsys.readouterr().out
+
+
+def test_a_fifo_or_a_link_to_a_device_in_results_is_skipped_not_waited_on(tmp_path):
+    (tmp_path / "results").mkdir()
+    os.mkfifo(tmp_path / "results" / "pipe.tsv")
+    os.symlink("/dev/zero", tmp_path / "results" / "zero.tsv")
+    write_results(str(tmp_path / "results.tsv"), [("a1", "0.997900", "44.0", "keep", "baseline")])
+    proc = subprocess.run([sys.executable, "-m", "autoresearch.results"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0 and proc.stdout.count("not a regular file): skipped") == 2, proc.stdout
+
+
+def test_the_same_crash_log_under_a_new_commit_is_a_new_row(repo, tmp_path):
+    """A log without a run (train.py stopped before the fixed code started) has no run id: the same text under
+    another commit is another run; recorded twice under one commit, it is refused."""
+    for idea in ("idea one", "idea two"):
+        repo(idea)
+        crashed_before_start(tmp_path, "SyntaxError: invalid syntax")
+        results.record("crash", idea)
+    assert [r["description"] for r in rows()] == ["idea one (SyntaxError: invalid syntax)",
+                                                  "idea two (SyntaxError: invalid syntax)"]
+    with pytest.raises(SystemExit, match="is already recorded, as row 2"):
+        results.record("crash", "idea two")
