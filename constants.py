@@ -107,18 +107,16 @@ VOCAB_SIZE = 8192  # 8188 learned BPE tokens + 4 special tokens
 DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda", "mps"), "cpu, cuda or mps",
               "the best device found")
 
-# Cache layout: CACHE_DIR/data (parquet shards), CACHE_DIR/tokenizer, CACHE_DIR/tokens (pre-tokenized shards),
-# CACHE_DIR/manifest.json (what prepare.py wrote: source, sizes, checksums), CACHE_DIR/cache.lock.
+# Cache layout: CACHE_DIR/data (the hub's parquet shards), CACHE_DIR/builds/<build id> (a tokenizer and token files,
+# never changed once made; autoresearch/cache.py), CACHE_DIR/current (the id of the build train.py reads).
 if not os.environ.get("AUTORESEARCH_CACHE_DIR") and os.environ.get("HOME", None) == "":
     raise UserError("HOME is set but empty, so the cache would land in /.cache: set HOME, or "
                      "AUTORESEARCH_CACHE_DIR to the cache folder")
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "autoresearch")
 CACHE_DIR = os.path.abspath(os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE_DIR") or DEFAULT_CACHE_DIR))
 DATA_DIR = os.path.join(CACHE_DIR, "data")
-TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
-TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")
-MANIFEST_PATH = os.path.join(CACHE_DIR, "manifest.json")  # where every cached file came from, its size and checksum
-LOCK_PATH = os.path.join(CACHE_DIR, "cache.lock")  # one prepare.py writing, or train.py runs reading
+BUILDS_DIR = os.path.join(CACHE_DIR, "builds")
+POINTER_PATH = os.path.join(CACHE_DIR, "current")
 
 # Data: one `text` column per parquet shard. The last shard is pinned as validation; training uses the others.
 HF_ENDPOINT = _env("HF_ENDPOINT", "https://huggingface.co", lambda v: v.rstrip("/"),

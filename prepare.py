@@ -3,17 +3,15 @@
     uv run prepare.py                      # download 10 training shards + the validation shard, train the tokenizer
     uv run prepare.py --num-shards 40      # more training data (-1 = all 6542 training shards)
     uv run prepare.py --source DIR         # offline: a local corpus (.parquet/.jsonl, text and source code)
+    uv run prepare.py --remove-old         # ... and remove the builds other than this one
 
 The ground truth, first in this file: the tokenizer (Tokenizer), the cache check train.py starts with
-(check_cache), the packing loader (make_dataloader) and the metric (evaluate_bpb). Then what the command does,
-each step skipped when its output is already in the cache and verifies:
-1. data: parquet shards with one `text` column, from the hub (HF_ENDPOINT) or built from --source;
-2. tokenizer: byte-level BPE trained with rustbpe, stored as plain text + JSON (no pickle) and run by tiktoken;
-3. tokens: every shard tokenized once into a flat uint16 array + document offsets, so the training loader
-   only packs rows and never tokenizes on the hot path.
-The package autoresearch/ holds the machinery (the cache's files and lock, the download, --source); constants.py
-the layout and the metric's constants, read where they are used. torch is imported only by the functions that
-need it.
+(check_cache), the packing loader (make_dataloader) and the metric (evaluate_bpb). Then what the command does:
+1. data: parquet shards with one `text` column, downloaded from the hub (HF_ENDPOINT), or read from --source;
+2. a build (autoresearch/cache.py), unless the same one is made already: byte-level BPE trained with rustbpe and
+   stored as plain text + JSON (no pickle, run by tiktoken), and every shard tokenized once into a flat uint16
+   array + document offsets, so the training loader only packs rows and never tokenizes on the hot path.
+torch is imported only by the functions that need it.
 """
 import argparse
 import base64
@@ -36,18 +34,16 @@ import tiktoken
 import constants
 
 from autoresearch import record
-from autoresearch.cache import (PREPARE_HINT, SHARD_RE, TOKENIZER_RELS, Manifest, atomic_path, cache_lock,
-                                check_token_files, clear_token_files, describe_source, list_shards,
-                                load_or_reset_manifest, open_token_shard, read_parquet_texts, refuse,
-                                remove_empty_cache, sample_sha256, token_rels)
+from autoresearch.cache import (BUILD_FORMAT, BUILDS_DIR, PREPARE_HINT, TOKENIZER_RELS, Build, FileProblem, atomic_path,
+                                build_id, current_build, describe_source, file_sha256, list_shards, new_build_folder,
+                                point_at, publish, read_parquet_texts, remove_old_builds, token_rels)
 from autoresearch.download import Downloader, download_shards
 from autoresearch.errors import UserError, sigterm_as_error
 from autoresearch.source import (TEXT_EXTENSIONS, check_source_folder, parse_extensions, read_source,
                                  write_source_shards)
 from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, HF_ENDPOINT, HF_HUB_OFFLINE,
-                       LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MANIFEST_PATH, MAX_SHARD, SPECIAL_TOKENS,
-                       SPLIT_PATTERN, TOKENIZER_DIR, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS, VAL_SHARD,
-                       VOCAB_SIZE)
+                       LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SHARD, POINTER_PATH, SPECIAL_TOKENS, SPLIT_PATTERN,
+                       TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS, VAL_SHARD, VOCAB_SIZE, shard_name)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The tokenizer
@@ -56,17 +52,22 @@ from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM
 class Tokenizer:
     """The runtime tokenizer: a tiktoken Encoding built from the BPE ranks that prepare.py trained.
 
-    On disk (TOKENIZER_DIR): `ranks.txt`, one `base64(token bytes) rank` line per learned token, and
+    On disk (a build's tokenizer/): `ranks.txt`, one `base64(token bytes) rank` line per learned token, and
     `tokenizer.json` with the split pattern and the special tokens. Plain data only: no pickle, so a
     tampered cache file cannot run code."""
 
-    def __init__(self, enc):
-        self.enc = enc
+    def __init__(self, enc, build=None):
+        self.enc, self.build = enc, build  # build: the cache build it came with, whose token files the loader reads
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
 
     @classmethod
-    def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):
-        """The tokenizer saved in tokenizer_dir; a UserError naming the repair when it is missing or corrupt."""
+    def from_directory(cls, tokenizer_dir=None):
+        """The tokenizer saved in tokenizer_dir (default: the current build's, with that build); a UserError naming
+        the fix when it is missing or corrupt."""
+        build = None
+        if tokenizer_dir is None:
+            build = current_build()
+            tokenizer_dir = build.path("tokenizer")
         ranks_path = os.path.join(tokenizer_dir, "ranks.txt")
         meta_path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not (os.path.exists(ranks_path) and os.path.exists(meta_path)):
@@ -82,12 +83,11 @@ class Tokenizer:
             enc = tiktoken.Encoding(name="autoresearch", pat_str=meta["pattern"], mergeable_ranks=ranks,
                                     special_tokens={k: int(v) for k, v in meta["special_tokens"].items()})
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise UserError(f"the tokenizer in {tokenizer_dir} is corrupt ({e}): run prepare.py again to "
-                             "repair it")
-        return cls(enc)
+            raise UserError(f"the tokenizer in {tokenizer_dir} is corrupt ({e}): run prepare.py again")
+        return cls(enc, build)
 
     @staticmethod
-    def save(mergeable_ranks, tokenizer_dir=TOKENIZER_DIR, pattern=SPLIT_PATTERN):
+    def save(mergeable_ranks, tokenizer_dir, pattern=SPLIT_PATTERN):
         """Write learned ranks [(bytes, rank), ...] with the special tokens appended after them."""
         os.makedirs(tokenizer_dir, exist_ok=True)
         n = len(mergeable_ranks)
@@ -149,36 +149,23 @@ class Tokenizer:
 # The cache check, the loader and the metric: what every run reads
 
 def check_cache():
-    """train.py's first step: every file train.py will read matches the manifest: the tokenizer, the index files
-    and the validation tokens by full checksum, the training tokens by size and spot checksum (a full one would
-    read gigabytes at every start), every parquet by size and mtime. (The loader checks the token files'
-    structure when it opens them; runtime.main holds the cache for reading during the whole run.) Returns the
-    tokenizer; anything else ends in one line naming the file and the command that repairs it."""
+    """train.py's first step: the current build's files match its build.json (the tokenizer and what the metric
+    reads by full checksum, the training tokens by size: nothing writes a build once made) and returns its
+    tokenizer; anything else ends in one line naming the file and the command that makes the build again."""
     t0 = time.time()
-    tokenizer, manifest = _check_cache_files()
-    print(f"cache: tokenizer, {len(manifest.shards('train'))} training shard(s) and the validation shard match the "
-          f"manifest ({describe_source(manifest.source)}; checked in {time.time() - t0:.1f}s)", flush=True)
-    return tokenizer
-
-
-def _check_cache_files():
-    manifest = Manifest.load_required()
+    build = current_build()
     for rel in TOKENIZER_RELS:
-        manifest.require(rel)
-    tokenizer = Tokenizer.from_directory(manifest.path("tokenizer"))
-    if tokenizer.fingerprint != manifest.data["tokenizer"]:
-        refuse(manifest.path("tokenizer"), "is not the tokenizer the token files were made with", manifest.source)
-    val, train = manifest.shards("val"), manifest.shards("train")
-    if not val or not train:
-        raise UserError(f"the cache has no {'validation' if not val else 'training'} shard: {PREPARE_HINT}")
-    present = {os.path.basename(p) for p in list_shards("train") + list_shards("val")}
-    for name in sorted(present - set(val + train)):
-        refuse(os.path.join(DATA_DIR, name), "is not in the cache's manifest", manifest.source)
-    for name in val:
-        check_token_files(manifest, name, tokenizer.fingerprint, "sha256")
-    for name in train:
-        check_token_files(manifest, name, tokenizer.fingerprint, "spot")
-    return tokenizer, manifest
+        build.require(rel)
+    for name in build.shards("val"):
+        build.open_tokens(name, full=True)
+    for name in build.shards("train"):
+        build.require(token_rels(name)[0], full=False)
+    tokenizer = Tokenizer.from_directory(build.path("tokenizer"))
+    tokenizer.build = build
+    print(f"cache: build {build.id} ({describe_source(build.source)}): tokenizer, {len(build.shards('train'))} "
+          f"training shard(s) and the validation shard match its build.json (checked in {time.time() - t0:.1f}s)",
+          flush=True)
+    return tokenizer
 
 
 def get_token_bytes(device, tokenizer):
@@ -192,12 +179,11 @@ def get_token_bytes(device, tokenizer):
 def _document_chunks(split, tokenizer):
     """Yield (list of 1-D token arrays, epoch) forever: the split's documents in file order, in the refill
     chunks of the parquet row groups. epoch counts passes over the split, starting at 1."""
-    manifest = Manifest.load_required()
-    names = manifest.shards(split)
-    check = "sha256" if split == "val" else "stat"  # the metric's data: still exactly what was verified at start
-    shards = [open_token_shard(manifest, name, tokenizer.fingerprint, check) for name in names]
+    build = tokenizer.build or current_build()
+    # (the metric's data by full checksum: still exactly what was verified at start)
+    shards = [build.open_tokens(name, full=split == "val") for name in build.shards(split)]
     if not any(len(offsets) > 1 for _, offsets, _ in shards):  # (no shard at all included)
-        refuse(manifest.path("tokens"), f"hold no document of the {split} split", manifest.source)
+        raise FileProblem(build.path("tokens"), f"hold no document of the {split} split", PREPARE_HINT)
     epoch = 1
     while True:
         for tokens, offsets, chunk_ends in shards:
@@ -316,11 +302,8 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # ---------------------------------------------------------------------------------------------------------------
 # Building the cache: tokenizer training, tokenization, the command
 
-def train_tokenizer(tokenizer_dir=TOKENIZER_DIR, data_dir=DATA_DIR):
-    """Train byte-level BPE on the training shards (each document cut to 10k chars, at most 1e9 chars)."""
-    paths = list_shards("train", data_dir)
-    if not paths:
-        raise UserError(f"no training shards in {data_dir}: {PREPARE_HINT}")
+def train_tokenizer(tokenizer_dir, paths):
+    """Train byte-level BPE on the training shards at paths (each document cut to 10k chars, at most 1e9 chars)."""
 
     def texts():
         total = 0
@@ -340,16 +323,16 @@ def train_tokenizer(tokenizer_dir=TOKENIZER_DIR, data_dir=DATA_DIR):
     tok = Tokenizer.from_directory(tokenizer_dir)
     sample = "Hello world! 12345 naïve café, 你好世界 🙂 <|reserved_0|>\n\tdone."
     assert tok.decode(tok.encode(sample)) == sample, "tokenizer round trip failed: rerun prepare.py"
-    print(f"tokenizer: trained {tok.get_vocab_size()} tokens in {time.time() - t0:.1f}s -> {tokenizer_dir}")
+    print(f"tokenizer: trained {tok.get_vocab_size()} tokens in {time.time() - t0:.1f}s")
     if tok.get_vocab_size() < VOCAB_SIZE:
         print(f"note: the training text holds too few distinct pieces for {VOCAB_SIZE} tokens: the tokenizer has "
               f"{tok.get_vocab_size()}, and train.py's model follows it (val_bpb still compares: it is per byte)")
     return tok
 
 
-def tokenize_shard(parquet_path, tokenizer, manifest):
-    """Tokenize one shard into its token files (documents in LOADER_REFILL_DOCS chunks within each row group, as
-    the loader reads them) and record them in the manifest. Returns (tokens, documents)."""
+def tokenize_shard(parquet_path, tokenizer, folder):
+    """Tokenize one shard into its token files in the build folder (documents in LOADER_REFILL_DOCS chunks within
+    each row group, as the loader reads them). Returns build.json's entry: {"n_tokens", "n_docs", "dtype"}."""
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
     parts, lengths, chunk_ends = [], [], []
     for texts in read_parquet_texts(parquet_path):
@@ -360,32 +343,85 @@ def tokenize_shard(parquet_path, tokenizer, manifest):
             parts.append(np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype,
                                      count=sum(len(d) for d in docs)))
             chunk_ends.append(len(lengths))
-    name = os.path.basename(parquet_path)
-    tok_path, idx_path = (manifest.path(rel) for rel in token_rels(name, tokenizer.fingerprint))
+    tok_path, idx_path = (os.path.join(folder, rel) for rel in token_rels(os.path.basename(parquet_path)))
     os.makedirs(os.path.dirname(tok_path), exist_ok=True)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    with atomic_path(tok_path) as tmp, open(tmp, "wb") as f:
+    with open(tok_path, "wb") as f:
         np.save(f, np.concatenate(parts) if parts else np.zeros(0, dtype))
-    with atomic_path(idx_path) as tmp, open(tmp, "wb") as f:
+    with open(idx_path, "wb") as f:
         np.savez(f, offsets=offsets, chunk_ends=np.array(chunk_ends, dtype=np.int64))
-    manifest.add(tok_path, sample=sample_sha256(tok_path), dtype=np.dtype(dtype).name,
-                    n_tokens=int(offsets[-1]), n_docs=len(lengths),
-                    **{"from": manifest.files[f"data/{name}"]["sha256"]})
-    manifest.add(idx_path)
-    return int(offsets[-1]), len(lengths)
+    return {"n_tokens": int(offsets[-1]), "n_docs": len(lengths), "dtype": np.dtype(dtype).name}
 
 
-def prepare_hub_data(manifest, num_shards, workers):
-    """Download training shards 0..num_shards-1 (-1: all) and the validation shard, keeping and verifying any
-    other shard already recorded or present."""
+def make_build(source, shards=None, docs=None):
+    """The build of `source`: the one already made when it verifies, else a new one, made in a temporary folder
+    from the hub's `shards` (names in DATA_DIR) or a corpus's `docs` and published whole. Either way the cache's
+    pointer names it."""
+    name = build_id(source)
+    final = os.path.join(BUILDS_DIR, name)
+    if os.path.isdir(final):
+        try:
+            problem = Build.load(final).verify()
+        except FileProblem as e:
+            problem = e
+        if problem is None:
+            point_at(name)
+            print(f"build: {name} ({describe_source(source)}) is made already and matches its build.json", flush=True)
+            return Build.load(final)
+        print(f"build: {name}: {problem.path} {problem.problem}: making it again", flush=True)
+        aside = f"{final}.damaged-{os.getpid()}"
+        os.rename(final, aside)  # (a run still reading it keeps its files until it ends)
+        shutil.rmtree(aside, ignore_errors=True)
+    folder = new_build_folder(name)
+    try:
+        if docs is not None:
+            split = write_source_shards(docs, os.path.join(folder, "data"))
+            dropped = f" ({split.duplicates} exact duplicate(s) dropped)" if split.duplicates else ""
+            print(f"source: {len(docs)} documents{dropped}: {split.val_docs} documents ({split.val_bytes / 1e6:.1f} "
+                  f"MB) in the validation shard, {split.train_shards} training shard(s)", flush=True)
+            data_dir = os.path.join(folder, "data")
+            shards = [os.path.basename(p) for p in list_shards("val", data_dir) + list_shards("train", data_dir)]
+        else:
+            data_dir = DATA_DIR
+        val = [n for n in shards if n == shard_name(VAL_SHARD)]
+        train = sorted(n for n in shards if n not in val)
+        try:
+            tokenizer = train_tokenizer(os.path.join(folder, "tokenizer"), [os.path.join(data_dir, n) for n in train])
+            tokens = {}
+            for shard in val + train:
+                t0 = time.time()
+                tokens[shard] = tokenize_shard(os.path.join(data_dir, shard), tokenizer, folder)
+                print(f"tokens: {shard}: {tokens[shard]['n_docs']} documents, {tokens[shard]['n_tokens'] / 1e6:.1f}M "
+                      f"tokens in {time.time() - t0:.1f}s", flush=True)
+        except FileProblem as e:  # (a hub shard damaged by hand: whole when it got its name)
+            if docs is not None or e.fix:
+                raise
+            raise FileProblem(e.path, e.problem, "remove it and run prepare.py again (it is downloaded again)")
+        files = {}
+        for root, _, names in os.walk(folder):
+            for n in names:
+                path = os.path.join(root, n)
+                files[os.path.relpath(path, folder).replace(os.sep, "/")] = {"size": os.path.getsize(path),
+                                                                             "sha256": file_sha256(path)}
+        build = publish(folder, {"format": BUILD_FORMAT, "id": name, "source": source, "shards": {"val": val, "train": train},
+                                 "files": files, "tokens": tokens})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # (gone already when published)
+    print(f"build: {name} made in {BUILDS_DIR}", flush=True)
+    return build
+
+
+def fetch_hub_shards(num_shards, workers):
+    """Download training shards 0..num_shards-1 (-1: all) and the validation shard, keeping any other training
+    shard already here; returns the names of all of them."""
     n = MAX_SHARD if num_shards == -1 else min(num_shards, MAX_SHARD)
-    have = set(manifest.shards("train")) | {os.path.basename(p) for p in list_shards("train")}
-    indices = sorted(set(range(n)) | {int(SHARD_RE.fullmatch(name).group(1)) for name in have}) + [VAL_SHARD]
+    have = {int(os.path.basename(p)[6:11]) for p in list_shards("train")}
+    indices = sorted(set(range(n)) | have) + [VAL_SHARD]
     extra = len(indices) - 1 - n
     print(f"data: {len(indices)} shards ({n} training{f' + {extra} already here' if extra else ''} + the "
           f"validation shard) from {HF_ENDPOINT} into {DATA_DIR}", flush=True)
-    failed = download_shards(indices, downloader=Downloader(), workers=workers, manifest=manifest)
+    failed = download_shards(indices, downloader=Downloader(), workers=workers)
     if failed:
         names = sorted(failed)
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -398,90 +434,10 @@ def prepare_hub_data(manifest, num_shards, workers):
         else:
             why = "run prepare.py again to retry (whole shards are kept)"
         raise UserError(f"{len(names)} of {len(indices)} shards are missing: {shown}: {why}")
+    return [shard_name(i) for i in indices]
 
 
-def prepare_local_data(manifest, source_path, extensions=TEXT_EXTENSIONS):
-    """Build the shards from --source unless the source is unchanged and every shard matches the manifest.
-    Returns True when the data changed (the tokenizer must then be trained again)."""
-    docs, digest = read_source(source_path, extensions)
-    names = manifest.shards("val") + manifest.shards("train")
-    present = {os.path.basename(p) for p in list_shards("val") + list_shards("train")}
-    if (manifest.source.get("digest") == digest and names and present == set(names)
-            and not any(manifest.problem(f"data/{name}") for name in names)):
-        for name in names:  # verified by checksum: a file that was only touched is recorded as it is now
-            manifest.files[f"data/{name}"]["mtime_ns"] = os.stat(manifest.path(f"data/{name}")).st_mtime_ns
-        manifest.save()
-        print(f"source: {len(docs)} documents, unchanged since the cache was built: shards verified", flush=True)
-        return False
-    changed = manifest.source.get("digest") not in (None, digest)
-    if changed:
-        print(f"source: {source_path} changed since the cache was built: rebuilding", flush=True)
-    elif names:
-        print("source: the shards do not match the manifest: writing them again", flush=True)
-    manifest.forget("data/")
-    manifest.source.pop("digest", None)
-    manifest.save()
-    split = write_source_shards(docs, DATA_DIR)
-    for path in list_shards("val") + list_shards("train"):
-        manifest.add(path, mtime_ns=os.stat(path).st_mtime_ns)
-    manifest.source["digest"] = digest
-    manifest.save()
-    dropped = f" ({split.duplicates} exact duplicate(s) dropped)" if split.duplicates else ""
-    print(f"source: {len(docs)} documents from {source_path}{dropped}: {split.val_docs} documents "
-          f"({split.val_bytes / 1e6:.1f} MB) in the validation shard, {split.train_shards} training shard(s)",
-          flush=True)
-    return changed or not names
-
-
-def prepare_tokenizer(manifest, retrain):
-    """The verified tokenizer, trained (again) when its files are missing or do not match the manifest."""
-    if not retrain and manifest.data["tokenizer"] is not None and not any(map(manifest.problem, TOKENIZER_RELS)):
-        tokenizer = Tokenizer.from_directory()
-        if tokenizer.fingerprint == manifest.data["tokenizer"]:
-            print(f"tokenizer: {tokenizer.get_vocab_size()} tokens in {TOKENIZER_DIR}, verified", flush=True)
-            return tokenizer
-    if not retrain and any(os.path.exists(manifest.path(rel)) for rel in TOKENIZER_RELS):
-        print("tokenizer: its files do not match the manifest: training it again", flush=True)
-    manifest.forget("tokenizer/")
-    manifest.data["tokenizer"] = None
-    manifest.save()
-    for rel in TOKENIZER_RELS:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(manifest.path(rel))
-    tokenizer = train_tokenizer()
-    for rel in TOKENIZER_RELS:
-        manifest.add(manifest.path(rel))
-    manifest.data["tokenizer"] = tokenizer.fingerprint
-    manifest.save()
-    return tokenizer
-
-
-def prepare_tokens(manifest, tokenizer):
-    """Tokenize every shard whose token files are missing, stale or do not match the manifest; drop the token
-    files of other tokenizers."""
-    fingerprint, verified = tokenizer.fingerprint, 0
-    clear_token_files(CACHE_DIR, keep=fingerprint)
-    for rel in [r for r in manifest.files if r.startswith("tokens/") and not r.startswith(f"tokens/{fingerprint}/")]:
-        del manifest.files[rel]
-    for name in manifest.shards("val") + manifest.shards("train"):
-        tok_rel, idx_rel = token_rels(name, fingerprint)
-        entry = manifest.files.get(tok_rel)
-        if (entry is not None and entry.get("from") == manifest.files[f"data/{name}"]["sha256"]
-                and not manifest.problem(tok_rel) and not manifest.problem(idx_rel)):
-            verified += 1
-            continue
-        if entry is not None:
-            print(f"tokens: {name}: the token files do not match the manifest: tokenizing again", flush=True)
-        t0 = time.time()
-        n_tokens, n_docs = tokenize_shard(manifest.path(f"data/{name}"), tokenizer, manifest)
-        manifest.save()
-        print(f"tokens: {name}: {n_docs} documents, {n_tokens / 1e6:.1f}M tokens in {time.time() - t0:.1f}s",
-              flush=True)
-    if verified:
-        print(f"tokens: {verified} shard(s) already tokenized, verified", flush=True)
-
-
-def eval_coverage(tokenizer, eval_tokens, seq_len, manifest=None):
+def eval_coverage(tokenizer, eval_tokens, seq_len):
     """(rows the metric scores, passes over the validation documents they take, validation documents): the
     metric's rows are packed as evaluate_bpb packs them; more than one pass means documents repeat in its rows."""
     rows = eval_tokens // seq_len
@@ -489,15 +445,14 @@ def eval_coverage(tokenizer, eval_tokens, seq_len, manifest=None):
     epoch = 1
     for _ in range(rows):
         _, epoch = next(packer)
-    manifest = manifest or Manifest.load_required()
-    docs = sum(manifest.files[token_rels(name, tokenizer.fingerprint)[0]]["n_docs"] for name in manifest.shards("val"))
-    return rows, epoch, docs
+    build = tokenizer.build or current_build()
+    return rows, epoch, sum(build.data["tokens"][name]["n_docs"] for name in build.shards("val"))
 
 
-def report_eval_coverage(tokenizer, manifest):
+def report_eval_coverage(tokenizer):
     """Say whether the validation shard fills the metric's rows without repeating documents, under these settings
     and, where they are the standard ones, under the small preset too."""
-    local = manifest.source.get("kind") == "local"
+    local = tokenizer.build.source.get("kind") == "local"
     why = ("the corpus is too small for them (give --source more text)" if local else
            "this validation shard is too small for them (the hub's is not: was it placed by hand?)")
     cases = [(constants.SETTINGS, constants.EVAL_TOKENS, constants.MAX_SEQ_LEN)]
@@ -505,7 +460,7 @@ def report_eval_coverage(tokenizer, manifest):
         small = constants.SMALL_DEFAULTS
         cases.append(("AUTORESEARCH_PRESET=small", small["EVAL_TOKENS"], small["MAX_SEQ_LEN"]))
     for settings, eval_tokens, seq_len in cases:
-        rows, passes, docs = eval_coverage(tokenizer, eval_tokens, seq_len, manifest)
+        rows, passes, docs = eval_coverage(tokenizer, eval_tokens, seq_len)
         if passes > 1:
             print(f"note: under settings {settings} the metric's {rows:,} rows of {seq_len} tokens take {passes} "
                   f"passes over the validation shard's {docs:,} documents, so documents repeat in them: {why}",
@@ -516,18 +471,19 @@ def report_eval_coverage(tokenizer, manifest):
 
 
 def main(argv=None):
-    """The command: parse argv, then data, tokenizer and token files under the cache's lock (module docstring)."""
+    """The command: parse argv, then the data and the build (module docstring)."""
     ap = argparse.ArgumentParser(description="Prepare data shards, the tokenizer and token files for train.py. "
-                                             "Rerun it to verify the cache and repair what does not match.")
+                                             "Rerun it to verify the build; a changed source makes a new one.")
     ap.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS,
                     help=f"training shards to download (default {DEFAULT_NUM_SHARDS}; -1 = all {MAX_SHARD})")
     ap.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
     ap.add_argument("--source", metavar="DIR",
-                    help="build the shards from a local corpus instead of downloading (offline; the folder is "
-                         "only read); replaces cached data from any other source")
+                    help="build from a local corpus instead of downloading (offline; the folder is only read)")
     ap.add_argument("--extensions", metavar="EXTS",
                     help="with --source: the plain-text files to read, e.g. .py,.md (default: prose and source code, "
                          f"{' '.join(TEXT_EXTENSIONS)}); .parquet and .jsonl are always read")
+    ap.add_argument("--remove-old", action="store_true",
+                    help="then remove every build but this one (builds are otherwise kept, side by side)")
     args = ap.parse_args(argv)
     if args.download_workers < 1:
         raise UserError("--download-workers must be at least 1")
@@ -535,42 +491,58 @@ def main(argv=None):
         raise UserError("--extensions goes with --source DIR (the hub's shards are parquet)")
     extensions = parse_extensions(args.extensions) if args.extensions is not None else TEXT_EXTENSIONS
     if args.source is not None:
-        source = {"kind": "local", "path": check_source_folder(args.source)}
+        source_path = check_source_folder(args.source)
     elif args.num_shards == 0 or args.num_shards < -1:
         raise UserError("--num-shards must be a positive number of shards, or -1 for all")
-    else:
-        source = {"kind": "hub", "dataset": DATASET_REPO, "endpoint": HF_ENDPOINT}
     t0 = time.time()
     new_cache = not os.path.exists(CACHE_DIR)
-    stopped = ("prepare.py was stopped (SIGTERM): whole files are kept and the cache says what is missing; run it "
-               "again to finish")
+    stopped = ("prepare.py was stopped (SIGTERM): whole shards are kept, and no build is half made; run it again to "
+               "finish")
     try:
-        with sigterm_as_error(stopped), cache_lock():
-            manifest = load_or_reset_manifest(source)
-            manifest.save()
-            if source["kind"] == "local":
-                retrain = prepare_local_data(manifest, source["path"], extensions)
+        with sigterm_as_error(stopped):
+            make_cache_folder()
+            if args.source is not None:
+                docs, digest = read_source(source_path, extensions)
+                source = {"kind": "local", "path": source_path, "digest": digest}
+                build = make_build(source, docs=docs)
             else:
-                prepare_hub_data(manifest, args.num_shards, args.download_workers)
-                retrain = False
-            tokenizer = prepare_tokenizer(manifest, retrain)
-            prepare_tokens(manifest, tokenizer)
-            report_eval_coverage(tokenizer, manifest)
+                shards = fetch_hub_shards(args.num_shards, args.download_workers)
+                source = {"kind": "hub", "dataset": DATASET_REPO, "endpoint": HF_ENDPOINT, "shards": shards}
+                build = make_build(source, shards=shards)
+            tokenizer = Tokenizer.from_directory(build.path("tokenizer"))
+            tokenizer.build = build
+            report_eval_coverage(tokenizer)
+            if args.remove_old:
+                print(f"cache: {remove_old_builds(build.id)} old build(s) removed", flush=True)
     except BaseException as e:
-        if new_cache:
-            remove_empty_cache()
+        if new_cache and not os.path.exists(POINTER_PATH) and not list_shards("train") + list_shards("val"):
+            # (a first run that made nothing: no empty cache left behind)
+            shutil.rmtree(CACHE_DIR, ignore_errors=True)
         if not isinstance(e, OSError):
             raise
         free = shutil.disk_usage(CACHE_DIR).free if os.path.isdir(CACHE_DIR) else None
         if e.errno == errno.ENOSPC or (free is not None and free < 64e6):
             raise UserError(f"the disk holding {CACHE_DIR} is full ({(free or 0) / 1e6:.0f} MB free): free some "
                              "space or set AUTORESEARCH_CACHE_DIR to a larger disk, then run prepare.py again "
-                             "(whole files are kept)")
+                             "(whole shards are kept)")
         raise UserError(f"{e.filename or CACHE_DIR}: {e.strerror or e}")
-    print(f"done in {time.time() - t0:.1f}s: {len(manifest.shards('train'))} training shard(s) + the "
-          f"validation shard, tokenizer and token files in {CACHE_DIR}, all matching {MANIFEST_PATH}")
+    print(f"done in {time.time() - t0:.1f}s: {len(build.shards('train'))} training shard(s) + the validation shard, "
+          f"tokenizer and token files in build {build.id}, which {POINTER_PATH} names")
     from autoresearch.hardware import describe_device  # (imports torch: only now, so the data steps start fast)
     print(f"device: {describe_device()}")
+
+
+def make_cache_folder():
+    """The cache folder, made where missing; one line when it cannot be (a file in the way, no permission)."""
+    try:
+        os.makedirs(CACHE_DIR, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"the cache {CACHE_DIR} is not a folder: move that file away or set AUTORESEARCH_CACHE_DIR")
+    except OSError as e:
+        raise UserError(f"cannot create the cache {CACHE_DIR} ({e.strerror or e}): set AUTORESEARCH_CACHE_DIR "
+                        "to a writable folder")
+    if not os.access(CACHE_DIR, os.W_OK | os.X_OK):
+        raise UserError(f"the cache {CACHE_DIR} is not writable: fix its permissions or set AUTORESEARCH_CACHE_DIR")
 
 
 if __name__ == "__main__":

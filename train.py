@@ -439,7 +439,7 @@ def train():
     torch.set_float32_matmul_precision("high")
     autocast = hardware.autocast(device)
 
-    tokenizer = check_cache()  # every file the run reads matches the cache's manifest
+    tokenizer = check_cache()  # every file the run reads matches its build
     model_dim = ((DEPTH * ASPECT_RATIO + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
     n_head = model_dim // HEAD_DIM
     config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,

@@ -1,7 +1,7 @@
 """The fixed harness around train.py. DO NOT CHANGE: it decides what a run's numbers mean.
 
     errors.py    the one error a user (or the agent) must act on: `error: <what to do>`, exit status 1
-    cache.py     the cache's files: parquet shards, the manifest, token files, the read-write lock
+    cache.py     the cache: the hub's shards, and immutable builds (tokenizer, token files) named by a pointer
     download.py  fetching shards from the hub (or a mirror)
     source.py    building shards from a local corpus (prepare.py --source)
     hardware.py  the device, its precision, compiling, memory, peak FLOP/s

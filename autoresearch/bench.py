@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from autoresearch.cache import list_shards, read_parquet_texts
+from autoresearch.cache import current_build, read_parquet_texts
 from autoresearch.results import run_summary
 from constants import LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
 from prepare import Tokenizer, make_dataloader
@@ -31,7 +31,8 @@ def plain_batches(tokenizer, B, T, split):
     def doc_batches():
         epoch = 1
         while True:
-            for path in list_shards(split):
+            build = tokenizer.build or current_build()
+            for path in map(build.parquet, build.shards(split)):
                 for texts in read_parquet_texts(path):
                     for i in range(0, len(texts), LOADER_REFILL_DOCS):
                         yield texts[i:i + LOADER_REFILL_DOCS], epoch

@@ -1,18 +1,20 @@
-"""The cache's files and their guards. DO NOT CHANGE: prepare.py writes the cache with them, train.py checks it.
+"""The cache: the hub's shards and immutable builds. DO NOT CHANGE: prepare.py writes it, train.py reads it.
 
-Parquet shards (read, verify, write), atomic writes, the manifest (where the data came from, every cached file's
-size and checksum), token files, the read-write lock (one prepare.py writing, or any number of train.py reading)
-and the cache's own files. The layout is in constants.py; fetching shards is download.py's job, a local corpus
-source.py's; the tokenizer, the loader and the metric are in prepare.py. Imports no torch.
+    CACHE_DIR/data/shard_NNNNN.parquet   the hub's shards: each gets its name only whole, and is never rewritten
+    CACHE_DIR/builds/<build id>/         one build: build.json, tokenizer/, tokens/ (and data/ for --source)
+    CACHE_DIR/current                    the id of the build train.py reads
+
+A build is made in a temporary folder and renamed, complete, to a name hashed from what it was built from (the
+shards or the corpus, the tokenizer's settings, the format): no file of a build is written again, so a running
+train.py never shares a file with a writer and two prepare.py side by side do no harm. build.json gives every file's
+size and checksum; train.py refuses a build whose files do not match it. Imports no torch.
 """
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shlex
-import sqlite3
-import stat
+import shutil
 import zipfile
 
 import numpy as np
@@ -20,37 +22,35 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from autoresearch.errors import UserError
-from autoresearch.record import atomic_path
-from constants import CACHE_DIR, DATA_DIR, LOCK_PATH, MANIFEST_PATH, VAL_SHARD, shard_name
+from autoresearch.record import atomic_path, read_regular, write_atomically
+from constants import (BUILDS_DIR, CACHE_DIR, DATA_DIR, LOADER_REFILL_DOCS, POINTER_PATH, SPECIAL_TOKENS,
+                       SPLIT_PATTERN, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS, VAL_SHARD, VOCAB_SIZE, shard_name)
 
+BUILD_FORMAT = 2  # what a build holds and how; a new format is a new build id
+TOKENIZER_RELS = ("tokenizer/ranks.txt", "tokenizer/tokenizer.json")
 PREPARE_HINT = "run `uv run prepare.py` (or `uv run prepare.py --source DIR` for a local corpus) first"
 
-def repair_command(source):
-    """The command that rebuilds a cache from its recorded source ({"kind": "hub"|"local", ...})."""
-    if source and source.get("kind") == "local":
+
+def prepare_command(source):
+    """The command that makes a build from the same source ({"kind": "hub"|"local", ...})."""
+    if source.get("kind") == "local":
         return f"uv run prepare.py --source {shlex.quote(source['path'])}"
     return "uv run prepare.py"
 
 
 def describe_source(source):
-    """A cache's source in words: the --source folder, or the dataset and the hub it came from."""
+    """A build's source in words: the --source folder, or the dataset and the hub it came from."""
     if source.get("kind") == "local":
         return f"--source {source['path']}"
     return f"{source.get('dataset')} from {source.get('endpoint')}"
 
 
 class FileProblem(UserError):
-    """A file that cannot be used, with its parts as data: `path`, what is wrong with it (`problem`) and what to
-    do about it (`fix`, may be empty)."""
+    """A file that cannot be used: its `path`, what is wrong (`problem`) and what to do (`fix`, may be empty)."""
 
     def __init__(self, path, problem, fix=""):
         self.path, self.problem, self.fix = path, problem, fix
         super().__init__(f"{path} {problem}" + (f": {fix}" if fix else ""))
-
-
-def refuse(path, problem, source):
-    """Raise the one-line refusal of a cache file: what is wrong with it and the command that repairs it."""
-    raise FileProblem(path, problem, f"run `{repair_command(source)}` to repair the cache")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,8 +84,8 @@ def _text_column_problem(schema):
 
 
 def read_parquet_texts(path):
-    """Yield the `text` column of a parquet file as one list of str per row group, in order (null -> "").
-    A file that is not such a parquet file is a FileProblem naming it."""
+    """Yield the `text` column of a parquet file as one list of str per row group (null -> ""); a file that is not
+    such a parquet file is a FileProblem naming it."""
     try:
         pf = pq.ParquetFile(path)
         problem = _text_column_problem(pf.schema_arrow)
@@ -98,8 +98,7 @@ def read_parquet_texts(path):
 
 
 def parquet_problem(path):
-    """Why a parquet file is not a whole shard, or None: its footer reads, its `text` column holds strings and
-    every row group decodes (the check before a downloaded file gets its final name)."""
+    """Why a parquet file is not a whole shard, or None: every row group of its `text` column decodes."""
     try:
         for _ in read_parquet_texts(path):
             pass
@@ -115,20 +114,6 @@ def write_parquet(texts, path):
                        compression="zstd")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The manifest: where the cache came from, and every file's size and checksum, so that nothing is used that does
-# not match what wrote it. Plain JSON in CACHE_DIR/manifest.json:
-#   {"format": 1, "source": {...}, "tokenizer": fingerprint or null,
-#    "files": {"data/shard_00000.parquet": {"size", "sha256", "mtime_ns"}, "tokenizer/ranks.txt": {"size", ..},
-#              "tokens/<fingerprint>/shard_00000.tokens.npy": {"size", "sha256", "sample", "from", "n_tokens",
-#              "n_docs", "dtype"}, "tokens/<fingerprint>/shard_00000.index.npz": {"size", "sha256"}}}
-# source: {"kind": "hub", "dataset": .., "endpoint": ..} or {"kind": "local", "path": .., "digest": ..}.
-
-MANIFEST_FORMAT = 1
-SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 4096  # a spot checksum: 64 blocks of 4 KB spread over the file
-TOKENIZER_RELS = ("tokenizer/ranks.txt", "tokenizer/tokenizer.json")
-
-
 def file_sha256(path):
     """SHA-256 of a whole file, hex."""
     h = hashlib.sha256()
@@ -138,353 +123,176 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def sample_sha256(path):
-    """Checksum of the file's size and 64 evenly spread 4 KB blocks: reads 256 KB whatever the file's size, so
-    train.py can check every training token file at start; a truncated, swapped or rewritten file fails it."""
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        for i in range(SAMPLE_BLOCKS):
-            f.seek(i * max(0, size - SAMPLE_BLOCK_BYTES) // (SAMPLE_BLOCKS - 1))
-            h.update(f.read(SAMPLE_BLOCK_BYTES))
-    return h.hexdigest()
+# ---------------------------------------------------------------------------------------------------------------
+# Builds
+
+def build_id(source):
+    """The name of the build made from `source` under this version's settings: everything that changes its files,
+    hashed (where a corpus lies and which mirror served the hub's shards do not)."""
+    made_by = [BUILD_FORMAT, VOCAB_SIZE, SPLIT_PATTERN, SPECIAL_TOKENS, TOKENIZER_MAX_DOC_CHARS, TOKENIZER_MAX_CHARS,
+               LOADER_REFILL_DOCS, VAL_SHARD]
+    what = {k: v for k, v in source.items() if k not in ("path", "endpoint")}
+    return hashlib.sha256(json.dumps([made_by, what], sort_keys=True).encode()).hexdigest()[:16]
 
 
-class Manifest:
-    """The cache's account of itself: `source`, `files` ({path relative to the cache: entry}) and the tokenizer's
-    fingerprint in data["tokenizer"]."""
+def token_rels(name):
+    """A shard's token files in a build: (tokens.npy, index.npz)."""
+    stem = f"tokens/{name[:-len('.parquet')]}"
+    return stem + ".tokens.npy", stem + ".index.npz"
 
-    def __init__(self, source, cache_dir=CACHE_DIR):
-        self.cache_dir = cache_dir
-        self.data = {"format": MANIFEST_FORMAT, "source": source, "tokenizer": None, "files": {}}
 
-    @property
-    def source(self):
-        """Where the data came from: {"kind": "hub", "dataset", "endpoint"} or {"kind": "local", "path", "digest"}."""
-        return self.data["source"]
+class Build:
+    """A finished build: its folder and build.json, {"format", "id", "source", "shards": {"train": [..], "val": [..]},
+    "files": {path in the build: {"size", "sha256"}}, "tokens": {shard: {"n_tokens", "n_docs", "dtype"}}}."""
 
-    @property
-    def files(self):
-        """{path relative to the cache: its entry (size, sha256, and per kind mtime_ns, sample, from, ...)}."""
-        return self.data["files"]
+    def __init__(self, folder, data):
+        self.folder, self.data = folder, data
+        self.id, self.source = data["id"], data["source"]
 
     @classmethod
-    def load(cls, path=MANIFEST_PATH):
-        """The manifest at path, None when there is none; a UserError when it cannot be read."""
+    def load(cls, folder):
+        """The build in folder; a UserError naming the fix when its build.json is missing or not this format's."""
+        path = os.path.join(folder, "build.json")
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            return None
+            data = json.loads(read_regular(path))
         except (OSError, ValueError) as e:
-            raise FileProblem(path, f"cannot be read ({e})", "rerun prepare.py to rebuild the cache")
-        if (not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT
-                or not isinstance(data.get("files"), dict) or not isinstance(data.get("source"), dict)):
-            raise FileProblem(path, "is not a manifest this version wrote", "rerun prepare.py to rebuild the cache")
-        manifest = cls(data["source"], os.path.dirname(path))
-        manifest.data = data
-        return manifest
-
-    @classmethod
-    def load_required(cls):
-        """The cache's manifest, or a UserError pointing at prepare.py when there is none (for readers)."""
-        manifest = cls.load()
-        if manifest is None:
-            raise UserError(f"no prepared cache in {CACHE_DIR} (no manifest.json): {PREPARE_HINT}")
-        return manifest
-
-    def save(self):
-        """Write the manifest to CACHE_DIR/manifest.json, atomically."""
-        with atomic_path(os.path.join(self.cache_dir, os.path.basename(MANIFEST_PATH))) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.data, f, indent=1, sort_keys=True)
+            raise FileProblem(path, f"cannot be read ({getattr(e, 'strerror', None) or e})", PREPARE_HINT)
+        if not (isinstance(data, dict) and data.get("format") == BUILD_FORMAT and data.get("id") == os.path.basename(
+                folder) and all(isinstance(data.get(k), dict) for k in ("source", "shards", "files", "tokens"))):
+            raise FileProblem(path, "is not a build this version made", PREPARE_HINT)
+        return cls(folder, data)
 
     def path(self, rel):
-        """The absolute path of a manifest path."""
-        return os.path.join(self.cache_dir, rel)
-
-    def rel(self, path):
-        """The manifest path (relative, with /) of a file in the cache."""
-        return os.path.relpath(path, self.cache_dir).replace(os.sep, "/")
+        return os.path.join(self.folder, rel)
 
     def shards(self, split):
-        """Sorted names of the split's parquet shards that the manifest records."""
-        return split_shard_names([rel[len("data/"):] for rel in self.files if rel.startswith("data/")], split)
+        return list(self.data["shards"][split])
 
-    def add(self, path, **extra):
-        """Record a file as it is now: its size, its sha256 and the extra fields given."""
-        self.files[self.rel(path)] = {"size": os.path.getsize(path), "sha256": file_sha256(path), **extra}
+    def parquet(self, name):
+        """Where the shard the build was made from lies: in the build (a corpus's) or the cache's data/ (the hub's)."""
+        return os.path.join(self.path("data") if self.source.get("kind") == "local" else DATA_DIR, name)
 
-    def forget(self, prefix):
-        """Drop the entries of every file whose manifest path starts with prefix."""
-        for rel in [r for r in self.files if r.startswith(prefix)]:
-            del self.files[rel]
-
-    def problem(self, rel, check="sha256"):
-        """Why the file does not match its entry, or None. check: 'stat' (size, and the mtime where kept: a
-        cheap sign of a rewrite), 'spot' ('stat' and the spot checksum where kept), 'sha256' (size and the
-        whole file's checksum, which decides alone: a file that was only touched still matches)."""
-        assert check in ("stat", "spot", "sha256"), f"unknown check {check!r}"
-        entry = self.files.get(rel)
+    def problem(self, rel, full=True):
+        """Why a file of the build does not match build.json, or None: its size, and with `full` its checksum."""
+        entry = self.data["files"].get(rel)
         if entry is None:
-            return "is not in the cache's manifest"
-        path = self.path(rel)
+            return "is not in the build's build.json"
         try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                return "is not a regular file"
-            if st.st_size != entry["size"]:
-                return f"has {st.st_size} bytes, the manifest says {entry['size']}"
-            if check != "sha256" and "mtime_ns" in entry and st.st_mtime_ns != entry["mtime_ns"]:
-                return "was modified after prepare.py recorded it"
-            if check == "spot" and "sample" in entry and sample_sha256(path) != entry["sample"]:
-                return "does not match its checksum"
-            if check == "sha256" and file_sha256(path) != entry["sha256"]:
-                return "does not match its checksum"
+            if os.path.getsize(self.path(rel)) != entry["size"]:
+                return f"has {os.path.getsize(self.path(rel))} bytes, build.json says {entry['size']}"
+            if full and file_sha256(self.path(rel)) != entry["sha256"]:
+                return "does not match its checksum in build.json"
         except FileNotFoundError:
             return "is missing"
         except OSError as e:
             return f"cannot be read ({e.strerror or e})"
         return None
 
-    def require(self, rel, check="sha256"):
-        """A UserError naming the file and the command that repairs the cache, unless the file matches."""
-        problem = self.problem(rel, check)
+    def require(self, rel, full=True):
+        """A UserError naming the file and the command that makes the build again, unless the file matches."""
+        problem = self.problem(rel, full)
         if problem:
-            refuse(self.path(rel), problem, self.source)
+            raise FileProblem(self.path(rel), problem, f"run `{prepare_command(self.source)}` to make the build again")
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Token files: TOKENS_DIR/<tokenizer fingerprint>/shard_NNNNN.tokens.npy holds a shard's documents back to back
-# (BOS first in each), shard_NNNNN.index.npz their offsets and the refill chunks the loader reads them in. Written
-# by prepare.py, recorded in the manifest with the checksum of the parquet they were made from.
-
-def token_rels(name, fingerprint):
-    """Manifest paths of a shard's token files: (tokens.npy, index.npz)."""
-    stem = f"tokens/{fingerprint}/{name[:-len('.parquet')]}"
-    return stem + ".tokens.npy", stem + ".index.npz"
-
-
-def check_token_files(manifest, name, fingerprint, check="stat"):
-    """A shard's parquet (size, mtime) and token files (tokens.npy by `check`, the small index in full) match
-    the manifest, and the tokens were made from that parquet; else a UserError naming the file and the repair."""
-    tok_rel, idx_rel = token_rels(name, fingerprint)
-    manifest.require(f"data/{name}", "stat")
-    manifest.require(tok_rel, check)
-    manifest.require(idx_rel, "sha256")
-    if manifest.files[tok_rel].get("from") != manifest.files[f"data/{name}"]["sha256"]:
-        refuse(manifest.path(tok_rel), f"was made from another version of {name}", manifest.source)
-
-
-def open_token_shard(manifest, name, fingerprint, check="stat"):
-    """(tokens, offsets, chunk_ends) of one shard, after check_token_files (tokens.npy by `check`) and a check
-    of their structure, so that a truncated, emptied, swapped or stale file is refused with one line naming it,
-    never read."""
-    check_token_files(manifest, name, fingerprint, check)
-    tok_rel, idx_rel = token_rels(name, fingerprint)
-    try:
-        tokens = np.load(manifest.path(tok_rel), mmap_mode="r", allow_pickle=False)
-        with np.load(manifest.path(idx_rel), allow_pickle=False) as idx:
-            offsets, chunk_ends = idx["offsets"], idx["chunk_ends"]
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        refuse(manifest.path(tok_rel), f"or its index cannot be read ({e})", manifest.source)
-    entry = manifest.files[tok_rel]
-    n_docs = entry["n_docs"]
-    sound = (tokens.ndim == 1 and tokens.dtype.name == entry["dtype"] and len(tokens) == entry["n_tokens"]
-             and offsets.ndim == 1 and len(offsets) == n_docs + 1 and offsets[0] == 0
-             and offsets[-1] == len(tokens) and bool(np.all(np.diff(offsets) >= 1))
-             and chunk_ends.ndim == 1 and (n_docs == 0 or (len(chunk_ends) > 0 and chunk_ends[-1] == n_docs))
-             and bool(np.all(np.diff(chunk_ends, prepend=0) >= 1)))
-    if not sound:
-        refuse(manifest.path(tok_rel), "and its index are inconsistent (offsets, sizes or dtype)", manifest.source)
-    return tokens, offsets, chunk_ends
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The lock: one prepare.py writing, or any number of train.py reading, never both. filelock's ReadWriteLock (a
-# SQLite database used only for its locks) on every OS, native Windows included; the OS drops a killed process's
-# hold.
-
-SQLITE_MAGIC = b"SQLite format 3\x00"  # how a SQLite file (the lock) begins; an empty file becomes one
-
-
-def _read_write_lock(path):
-    """filelock's read-write lock at path. A path that is not a lock (a folder, a file of other bytes) is one line
-    naming it and the fix, never a database error."""
-    import filelock
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-    except FileNotFoundError:
-        head = b""
-    except IsADirectoryError:
-        head = None
-    except OSError:  # (unreadable: taking the lock says what follows)
-        head = b""
-    if head is None or (head and head != SQLITE_MAGIC):
-        raise UserError(f"{path} is not the cache's lock ({'a folder' if head is None else 'other bytes'}): remove "
-                        "it (prepare.py and train.py make a new one)")
-    return filelock.ReadWriteLock(path, is_singleton=False)
-
-
-@contextlib.contextmanager
-def cache_lock(cache_dir=CACHE_DIR):
-    """Hold the cache exclusively for the whole of prepare.py: refused at once while another prepare.py writes
-    it or a train.py reads it."""
-    import filelock
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"the cache {cache_dir} is not a folder: move that file away or set AUTORESEARCH_CACHE_DIR")
-    except OSError as e:
-        raise UserError(f"cannot create the cache {cache_dir} ({e.strerror or e}): set AUTORESEARCH_CACHE_DIR "
-                        "to a writable folder")
-    if not os.access(cache_dir, os.W_OK | os.X_OK):
-        raise UserError(f"the cache {cache_dir} is not writable: fix its permissions or set AUTORESEARCH_CACHE_DIR")
-    check_no_links(cache_dir)
-    path = os.path.join(cache_dir, os.path.basename(LOCK_PATH))
-    try:
-        lock = _read_write_lock(path)
-        lock.acquire_write(blocking=False)
-    except filelock.Timeout:
-        probe = _read_write_lock(path)  # readers share: a read that succeeds means the holders are readers
+    def verify(self):
+        """The first file of the build that does not match build.json (checksums in full) or whose token files are
+        not sound, as a FileProblem; None when the build is whole."""
         try:
-            probe.acquire_read(blocking=False)
-        except filelock.Timeout:
-            raise UserError(f"another prepare.py is working on {cache_dir}: wait for it to finish") from None
-        probe.release(force=True)
-        raise UserError(f"a train.py is reading the cache {cache_dir}: prepare.py never changes the data under a "
-                        "running experiment; run it again when the run has ended") from None
-    except (OSError, sqlite3.Error) as e:  # (after Timeout, an OSError too)
-        raise UserError(f"cannot take the cache's lock {path} ({e}): remove that file and run again") from None
+            for rel in sorted(self.data["files"]):
+                self.require(rel)
+            for name in self.data["tokens"]:
+                self.open_tokens(name)
+        except FileProblem as e:
+            return e
+        return None
+
+    def open_tokens(self, name, full=False):
+        """(tokens, offsets, chunk_ends) of one shard, after checking its files against build.json (the tokens by size
+        or, with `full`, checksum; the small index in full) and their structure: never a stale or cut file read."""
+        tok_rel, idx_rel = token_rels(name)
+        self.require(tok_rel, full)
+        self.require(idx_rel)
+        fix = f"run `{prepare_command(self.source)}` to make the build again"
+        try:
+            tokens = np.load(self.path(tok_rel), mmap_mode="r", allow_pickle=False)
+            with np.load(self.path(idx_rel), allow_pickle=False) as idx:
+                offsets, chunk_ends = idx["offsets"], idx["chunk_ends"]
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise FileProblem(self.path(tok_rel), f"or its index cannot be read ({e})", fix)
+        entry = self.data["tokens"][name]
+        n_docs = entry["n_docs"]
+        sound = (tokens.ndim == 1 and tokens.dtype.name == entry["dtype"] and len(tokens) == entry["n_tokens"]
+                 and offsets.ndim == 1 and len(offsets) == n_docs + 1 and offsets[0] == 0
+                 and offsets[-1] == len(tokens) and bool(np.all(np.diff(offsets) >= 1))
+                 and chunk_ends.ndim == 1 and (n_docs == 0 or (len(chunk_ends) > 0 and chunk_ends[-1] == n_docs))
+                 and bool(np.all(np.diff(chunk_ends, prepend=0) >= 1)))
+        if not sound:
+            raise FileProblem(self.path(tok_rel), "and its index are inconsistent (offsets, sizes or dtype)", fix)
+        return tokens, offsets, chunk_ends
+
+
+def current_build(cache_dir=CACHE_DIR):
+    """The build the pointer (CACHE_DIR/current) names; a UserError pointing at prepare.py when there is none."""
+    pointer = os.path.join(cache_dir, os.path.basename(POINTER_PATH))
     try:
-        yield
-    finally:
-        lock.release(force=True)
+        name = read_regular(pointer).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        raise UserError(f"no prepared cache in {cache_dir} (no `current` build): {PREPARE_HINT}") from None
+    except OSError as e:
+        raise FileProblem(pointer, f"cannot be read ({e.strerror or e})", PREPARE_HINT) from None
+    if not re.fullmatch(r"[0-9a-f]{16}", name):
+        raise FileProblem(pointer, "does not name a build", PREPARE_HINT)
+    folder = os.path.join(cache_dir, os.path.basename(BUILDS_DIR), name)
+    if not os.path.isdir(folder):
+        raise FileProblem(pointer, f"names build {name}, which is not in {os.path.dirname(folder)}", PREPARE_HINT)
+    return Build.load(folder)
 
 
-@contextlib.contextmanager
-def reading(cache_dir=CACHE_DIR):
-    """Hold the cache shared for the block (runtime.main: a whole train.py run): refused at once while a
-    prepare.py writes it; while held, no prepare.py can start. Where there is no cache folder, or the lock cannot
-    be taken (a read-only cache shared by several users: said in one note), the block runs unlocked: the cache check
-    that follows says what is missing, and the metric re-checks the validation tokens it scores. A lock file that
-    is not a lock is one line."""
-    import filelock
-    path = os.path.join(cache_dir, os.path.basename(LOCK_PATH))
-    if not os.path.isdir(cache_dir) or os.path.islink(path):
-        yield
-        return
+def new_build_folder(name):
+    """A fresh temporary folder in BUILDS_DIR for build `name` (its files are written there, then published)."""
+    os.makedirs(BUILDS_DIR, exist_ok=True)
+    folder = os.path.join(BUILDS_DIR, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(folder, ignore_errors=True)  # (a killed prepare.py of this pid's number left it)
+    os.makedirs(folder)
+    return folder
+
+
+def publish(folder, data):
+    """Give a complete build its name (build.json written last, then the folder renamed whole) and point the cache at
+    it. Where another prepare.py published the same build first, its copy is used and this one removed."""
+    write_atomically(os.path.join(folder, "build.json"), json.dumps(data, indent=1, sort_keys=True).encode())
+    final = os.path.join(BUILDS_DIR, data["id"])
     try:
-        lock = _read_write_lock(path)
-        lock.acquire_read(blocking=False)
-    except filelock.Timeout:
-        raise UserError(f"prepare.py is writing the cache {cache_dir}: wait for it to finish, then run again") \
-            from None
-    except (OSError, sqlite3.Error) as e:
-        print(f"note: the cache's lock cannot be taken ({e}): running unlocked (a read-only cache needs none; a "
-              "writable one is then not guarded against a prepare.py during this run)", flush=True)
-        yield
-        return
+        os.rename(folder, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+    point_at(data["id"])
+    return Build.load(final)
+
+
+def point_at(name):
+    """Make build `name` the one train.py reads (the pointer file replaced whole)."""
+    write_atomically(POINTER_PATH, (name + "\n").encode("ascii"))
+
+
+def remove_old_builds(keep):
+    """Remove every build but `keep`, and what a killed prepare.py left; returns how many folders went."""
+    removed = 0
+    for name in sorted(os.listdir(BUILDS_DIR)) if os.path.isdir(BUILDS_DIR) else []:
+        tmp = re.fullmatch(r"\.tmp-[0-9a-f]{16}-(\d+)", name)
+        if tmp and _alive(int(tmp.group(1))):
+            continue  # (another prepare.py is making it)
+        if name != keep and (tmp or re.fullmatch(r"[0-9a-f]{16}", name)):
+            shutil.rmtree(os.path.join(BUILDS_DIR, name))
+            removed += 1
+    return removed
+
+
+def _alive(pid):
     try:
-        yield
-    finally:
-        lock.release(force=True)
-
-
-def check_no_links(cache_dir=CACHE_DIR):
-    """Refuse a cache whose own folders or lock file are symbolic links: prepare.py writes only inside the cache,
-    and through a link it would write (or truncate) files elsewhere. (The cache folder itself may be a link.)"""
-    own = ["data", "tokenizer", "tokens", os.path.basename(LOCK_PATH), os.path.basename(MANIFEST_PATH)]
-    tokens = os.path.join(cache_dir, "tokens")
-    if os.path.isdir(tokens) and not os.path.islink(tokens):
-        own += [os.path.join("tokens", name) for name in sorted(os.listdir(tokens))]
-    for rel in own:
-        if os.path.islink(os.path.join(cache_dir, rel)):
-            raise UserError(f"{os.path.join(cache_dir, rel)} is a symbolic link: prepare.py writes only inside "
-                             "the cache; replace the link with a real folder (or file), or point "
-                             "AUTORESEARCH_CACHE_DIR at the folder itself")
-
-
-# The names prepare.py writes, per folder of the cache: nothing else is ever deleted there.
-OWN_FILES = {"data": r"shard_\d{5}\.parquet(\..*)?", "tokenizer": r"(ranks\.txt|tokenizer\.json)(\..*\.tmp)?",
-             "tokens/*": r"shard_\d{5}\.(tokens\.npy|index\.npz)(\..*\.tmp)?"}
-
-
-def _remove_own_files(folder, pattern):
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if re.fullmatch(pattern, name):
-                os.remove(os.path.join(folder, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)  # only when empty
-
-
-def clear_token_files(cache_dir=CACHE_DIR, keep=None):
-    """Remove the token files of every tokenizer fingerprint but `keep` (all of them when keep is None)."""
-    tokens_dir = os.path.join(cache_dir, "tokens")
-    if os.path.isdir(tokens_dir):
-        for fingerprint in os.listdir(tokens_dir):
-            if fingerprint != keep and re.fullmatch(r"[0-9a-f]{16}", fingerprint):
-                _remove_own_files(os.path.join(tokens_dir, fingerprint), OWN_FILES["tokens/*"])
-
-
-def clear_cache(cache_dir=CACHE_DIR):
-    """Remove what prepare.py writes (shards, tokenizer, token files, manifest) and nothing else: the cache
-    folder may be one the user chose, holding files of their own."""
-    _remove_own_files(os.path.join(cache_dir, "data"), OWN_FILES["data"])
-    _remove_own_files(os.path.join(cache_dir, "tokenizer"), OWN_FILES["tokenizer"])
-    clear_token_files(cache_dir)
-    with contextlib.suppress(OSError):
-        os.rmdir(os.path.join(cache_dir, "tokens"))
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(cache_dir, os.path.basename(MANIFEST_PATH)))
-
-
-def remove_empty_cache(cache_dir=CACHE_DIR):
-    """After a first prepare.py that failed: remove what it made if no shard came of it (clear_cache, then the
-    lock and the empty folder itself); a file of anyone else's keeps the folder."""
-    data = os.path.join(cache_dir, "data")
-    if list_shards("train", data) + list_shards("val", data):
-        return
-    clear_cache(cache_dir)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(cache_dir, os.path.basename(LOCK_PATH)))
-    with contextlib.suppress(OSError):
-        os.rmdir(cache_dir)  # only when empty
-
-
-def load_or_reset_manifest(source):
-    """The manifest prepare.py builds on: the cache's own when it comes from the same source. Otherwise the cache
-    is CLEARED (saying so) and a new manifest started, except that a hub run on a cache built from --source is
-    refused (the user's own data is not thrown away by a plain `prepare.py`)."""
-    try:
-        manifest = Manifest.load()
-    except FileProblem as e:
-        print(f"cache: {e.path} {e.problem}: rebuilding the cache", flush=True)
-        clear_cache()
-        return Manifest(source)
-    if manifest is None:  # a new cache, one of an older version, or shards copied in by hand: never deleted
-        shards = list_shards("train") + list_shards("val")
-        if shards and source["kind"] == "local":
-            raise UserError(f"{DATA_DIR} holds {len(shards)} shard(s) that no manifest records (copied in by "
-                             "hand?): --source would replace them; move them away first, or run `uv run "
-                             "prepare.py` to verify and keep them")
-        if shards:
-            print(f"cache: no manifest in {CACHE_DIR}: the {len(shards)} shard(s) there are verified and kept",
-                  flush=True)
-        return Manifest(source)
-    old = manifest.source
-    if old.get("kind") == source["kind"] == "hub" and old.get("dataset") == source["dataset"]:
-        manifest.source["endpoint"] = source["endpoint"]  # a mirror serves the same files
-        return manifest
-    if old.get("kind") == source["kind"] == "local" and old.get("path") == source["path"]:
-        return manifest
-    if source["kind"] == "hub":
-        raise UserError(f"the cache {CACHE_DIR} holds data from {describe_source(old)}: run "
-                         f"`{repair_command(old)}` to repair it, or delete {CACHE_DIR} to use the hub's data")
-    print(f"cache: replacing the data from {describe_source(old)} with {describe_source(source)}", flush=True)
-    clear_cache()
-    return Manifest(source)
-
-
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False

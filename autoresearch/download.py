@@ -6,6 +6,7 @@ hosts each end in one line. HF_HUB_OFFLINE and HF_TOKEN follow the hub's convent
 """
 import dataclasses
 import os
+import re
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -14,7 +15,7 @@ from typing import Callable, Optional
 import requests
 import urllib3
 
-from autoresearch.cache import atomic_path, file_sha256, parquet_problem
+from autoresearch.cache import _alive, atomic_path, parquet_problem
 from autoresearch.errors import UserError
 from constants import DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, shard_name, shard_url
 
@@ -25,10 +26,9 @@ class HubUnreachable(Exception):
 @dataclasses.dataclass
 class Fetched:
     """What became of one shard: status 'downloaded', 'present' (a whole copy was already there) or 'failed';
-    detail in words; entry: the shard's {"size", "sha256", "mtime_ns"} for the manifest (None when failed)."""
+    detail in words."""
     status: str
     detail: str
-    entry: Optional[dict] = None
     missing: bool = False  # the hub answered that the file is not there (HTTP 404, 410): asking again cannot help
 
 
@@ -53,19 +53,12 @@ class Downloader:
     offline: bool = HF_HUB_OFFLINE  # never download (HF_HUB_OFFLINE=1): only verify what is already there
     token: str = HF_TOKEN  # sent as a bearer token (HF_TOKEN), for gated datasets and private mirrors
 
-    def fetch(self, index, data_dir=DATA_DIR, known=None):
-        """Fetch one shard into data_dir unless a whole copy is already there; returns a Fetched.
-
-        known: the manifest's entry of this shard; a file under the final name is kept if it matches that entry
-        (or, without one, if every row group decodes). The body streams to a temporary file that gets the final
-        name only after its byte count matches Content-Length and every row group decodes."""
+    def fetch(self, index, data_dir=DATA_DIR):
+        """Fetch one shard into data_dir unless it is there already (a file gets the shard's name only whole: its
+        byte count matched Content-Length and every row group decoded); returns a Fetched."""
         final = os.path.join(data_dir, shard_name(index))
         if os.path.exists(final):
-            kept, problem = self._keep_existing(final, known)
-            if kept is not None:
-                return kept
-            print(f"{shard_name(index)}: {problem}: fetching it again", flush=True)
-            os.remove(final)
+            return Fetched("present", "already present")
         url = shard_url(index, self.endpoint)
         if self.offline:
             return Fetched("failed", "not downloaded: HF_HUB_OFFLINE is set")
@@ -75,8 +68,7 @@ class Downloader:
             try:
                 with atomic_path(final) as tmp:
                     size = self._download(url, tmp)
-                return Fetched("downloaded", f"{size / 1e6:.1f} MB in {time.time() - t0:.1f}s",
-                               {"size": size, "sha256": file_sha256(final), "mtime_ns": os.stat(final).st_mtime_ns})
+                return Fetched("downloaded", f"{size / 1e6:.1f} MB in {time.time() - t0:.1f}s")
             except PermanentHTTPError as e:
                 return Fetched("failed", str(e), missing=e.missing)  # retrying cannot help
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
@@ -87,21 +79,6 @@ class Downloader:
                     print(f"{shard_name(index)}: attempt {attempt} failed ({error}); retrying", flush=True)
                     time.sleep(self.backoff * 2 ** (attempt - 1))
         return Fetched("failed", f"{self.attempts} attempts, last: {error}")
-
-    @staticmethod
-    def _keep_existing(final, known):
-        """(Fetched('present'), None) when the file under the final name is whole, else (None, why it is not)."""
-        if known is not None:
-            if os.path.getsize(final) == known["size"] and file_sha256(final) == known["sha256"]:
-                return Fetched("present", "already present, checksum matches",
-                               {**known, "mtime_ns": os.stat(final).st_mtime_ns}), None
-            return None, "does not match the manifest"
-        problem = parquet_problem(final)
-        if problem is not None:
-            return None, problem
-        st = os.stat(final)
-        return Fetched("present", "already present, whole",
-                       {"size": st.st_size, "sha256": file_sha256(final), "mtime_ns": st.st_mtime_ns}), None
 
     def _download(self, url, path):
         """One attempt: stream url's body into path and check it; returns its size. Raises on any failure."""
@@ -191,16 +168,16 @@ class PermanentHTTPError(Exception):
         self.missing = missing
 
 
-def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, manifest=None, progress_every=30.0):
+def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, progress_every=30.0):
     """Download shards in parallel: one line per shard as it ends, a progress line at least every
-    `progress_every` seconds. With a manifest, each shard is checked against its entry and entered when whole
-    (the manifest is saved every 10 s and at the end). Returns {name: Fetched} of the shards that failed; a
+    `progress_every` seconds. Returns {name: Fetched} of the shards that failed; a
     connection that cannot be made (refused, unknown host) stops the remaining shards and ends in a UserError.
     When this call ends early (an exception, SIGTERM), the downloads in progress stop at their next piece."""
     downloader = downloader or Downloader()
     os.makedirs(data_dir, exist_ok=True)
-    for name in os.listdir(data_dir):  # leftovers of an interrupted run
-        if name.endswith((".part", ".tmp")):
+    for name in os.listdir(data_dir):  # what an interrupted prepare.py left (not another one's, still going)
+        left = re.fullmatch(r"shard_\d{5}\.parquet\.(\d+)\.\d+\.tmp", name)
+        if left and not _alive(int(left.group(1))):
             os.remove(os.path.join(data_dir, name))
     counts, failed = {"downloaded": 0, "present": 0, "failed": 0}, {}
     received, lock, unreachable, cancel = [0], threading.Lock(), [], threading.Event()
@@ -214,14 +191,13 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
     def fetch_one(index):
         if unreachable or cancel.is_set():
             return None  # not attempted: the hub cannot be reached
-        known = manifest.files.get(f"data/{shard_name(index)}") if manifest is not None else None
         try:
-            return counting.fetch(index, data_dir, known)
+            return counting.fetch(index, data_dir)
         except HubUnreachable as e:
             unreachable.append(str(e))
             return Fetched("failed", str(e))
 
-    t0 = last_line = last_save = time.time()
+    t0 = last_line = time.time()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending = {pool.submit(fetch_one, index): index for index in indices}
         try:
@@ -238,11 +214,6 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
                         print(f"[{sum(counts.values())}/{len(indices)}] {shard_name(index)}: {result.status} "
                               f"({result.detail})", flush=True)
                         last_line = time.time()
-                    if result.entry is not None and manifest is not None:
-                        manifest.files[f"data/{shard_name(index)}"] = result.entry
-                if manifest is not None and time.time() - last_save >= 10:
-                    manifest.save()  # every 10 s, not per shard: 6543 entries rewritten per shard add up to GBs
-                    last_save = time.time()
                 if time.time() - last_line >= progress_every:
                     elapsed = time.time() - t0
                     print(f"data: {sum(counts.values())}/{len(indices)} shards done, {received[0] / 1e6:.0f} MB "
@@ -251,9 +222,6 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, mani
         except BaseException:
             cancel.set()
             raise
-        finally:
-            if manifest is not None:
-                manifest.save()  # (a shard not yet entered when a run is killed is checked whole next time)
     if unreachable:  # (one line: the shards' own failures all say the same)
         raise UserError(f"{unreachable[0]}: check the network or HF_ENDPOINT and run prepare.py again "
                         f"({counts['failed']} of {len(indices)} shards not fetched; whole shards are kept), or "

@@ -301,7 +301,7 @@ def run_in_tree(ray, book, run_id, env, limit=None):
                        if not k.startswith("AUTORESEARCH_") and k != "OMP_NUM_THREADS"}, **env}
         from constants import DEFAULT_CACHE_DIR  # (here, on the node: its own home)
         cache = os.path.expanduser(full_env.get("AUTORESEARCH_CACHE_DIR") or DEFAULT_CACHE_DIR)
-        if not os.path.exists(os.path.join(cache, "manifest.json")):
+        if not os.path.exists(os.path.join(cache, "current")):
             raise UserError(f"node {where['host']} has no data cache at {cache}: run `uv run prepare.py` there, or "
                             "set AUTORESEARCH_CACHE_DIR to a cache every node reads")
         with open(log_path, "wb") as log:

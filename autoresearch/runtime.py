@@ -14,7 +14,7 @@ MFU and model FLOP/s, the summary block agents grep, and the run's record (recor
         run.end_step(loss, lrm, epoch)     # waits for the step, counts its FLOPs and time, prints progress
     run.summary(val_bpb, num_params, depth)
 
-and runs train() through main(), which starts the run's record, holds the cache for reading and turns running out
+and runs train() through main(), which starts the run's record and turns running out
 of memory, SIGTERM and any other stop into one line and a `failed` record.
 
 What the fixed code promises it checks itself, at the start and at the end: the metric's constants (the budget,
@@ -38,7 +38,7 @@ import types
 import torch
 
 import constants
-from autoresearch import cache, flops, record
+from autoresearch import flops, record
 from autoresearch.errors import UserError, sigterm_as_error
 from autoresearch.hardware import attention_kernels, can_compile, kernel_categories, peak_flops, synchronize
 
@@ -527,8 +527,7 @@ def _with_kernels(train):
 
 
 def main(train, knobs):
-    """Run train() under the fixed settings, as one run with its record (run.json): the cache held for reading (no
-    prepare.py may write it during the run), the CUDA allocator's expandable segments, SDPA's backend order
+    """Run train() under the fixed settings, as one run with its record (run.json): the CUDA allocator's expandable segments, SDPA's backend order
     (_with_kernels). Running out of memory (GPU or CPU) ends in one line naming `knobs` (the knobs that set memory
     use, e.g. "DEVICE_BATCH_SIZE=128, DEPTH=8"); SIGTERM in one line too; any stop before the summary marks the
     record failed, with the reason."""
@@ -542,7 +541,7 @@ def main(train, knobs):
     watchdog = _watchdog = Watchdog(STALL_SECONDS if not constants.FORCE else math.inf)
     try:
         try:
-            with sigterm_as_error(stopped), watchdog, cache.reading():
+            with sigterm_as_error(stopped), watchdog:
                 if FIXED["BUDGET"] == "flops":  # every FLOP from here to the evaluation counts
                     _start_counting()
                 _with_kernels(train)

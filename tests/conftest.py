@@ -103,7 +103,7 @@ def prepared(source_dir):
 @pytest.fixture
 def damageable_cache(prepared, tmp_path):
     """The shared cache, for a test that damages it: put back byte for byte (mtimes too) afterwards, so that no
-    later test depends on this test's repair."""
+    later test depends on this test's rebuild."""
     pristine = tmp_path / "pristine"
     shutil.copytree(_CACHE, pristine)
     yield _CACHE

@@ -1,6 +1,8 @@
-"""The cache never lies: every kind of cache file corrupted, swapped, truncated or emptied is refused by train.py's
-start-up check with one line naming it, and a rerun of prepare.py repairs it; sources never mix; --source is
-read-only; one prepare.py at a time; bad overrides are one line before anything runs."""
+"""The cache never lies and is never rewritten: a build is made whole in a temporary folder and renamed, so a
+running train.py never shares a file with a writer; every kind of build file damaged, swapped, truncated or emptied
+is refused by train.py's start-up check with one line naming it, and a rerun of prepare.py makes the build again;
+a changed source is a new build beside the old one; --source is read-only; bad overrides are one line before
+anything runs."""
 import json
 import os
 import re
@@ -16,20 +18,20 @@ import pytest
 
 from autoresearch import cache, source
 import prepare
-from conftest import ROOT, TEST_ENV, run_script
-from constants import CACHE_DIR, DATA_DIR, MANIFEST_PATH, TOKENIZER_DIR, VAL_SHARD, shard_name
+from conftest import ROOT, TEST_ENV, run_script, write_source_corpus
+from constants import BUILDS_DIR, CACHE_DIR, POINTER_PATH, VAL_SHARD, shard_name
 
 
-def cache_file(kind, tokenizer=None):
-    """Path of one file of the shared test cache."""
+def build_file(kind):
+    """Path of one file of the shared test cache's current build."""
+    build = cache.current_build()
     if kind in ("ranks.txt", "tokenizer.json"):
-        return os.path.join(TOKENIZER_DIR, kind)
+        return build.path(f"tokenizer/{kind}")
+    if kind == "build.json":
+        return build.path(kind)
     split, suffix = kind.split(".", 1)
-    name = shard_name(VAL_SHARD) if split == "val" else shard_name(0)
-    if suffix == "parquet":
-        return os.path.join(DATA_DIR, name)
-    tok_rel, idx_rel = cache.token_rels(name, tokenizer.fingerprint)
-    return os.path.join(CACHE_DIR, tok_rel if suffix == "tokens" else idx_rel)
+    tok_rel, idx_rel = cache.token_rels(shard_name(VAL_SHARD) if split == "val" else shard_name(0))
+    return build.path(tok_rel if suffix == "tokens" else idx_rel)
 
 
 def snapshot(folder):
@@ -71,18 +73,9 @@ def swap(a, b):
     os.replace(a + ".swap", b)
 
 
-def replace_parquet(path):
-    pq.write_table(pa.table({"text": ["a different document " * 20] * 30}), path)
-
-
 def write(path, text):
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-
-
-def touch(path):
-    st = os.stat(path)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
 
 def make_folder(path):
@@ -90,32 +83,13 @@ def make_folder(path):
     os.mkdir(path)
 
 
-def flip_byte_keeping_mtime(path, offset=512):
-    """One byte changed where the spot checksum reads (its first block), the mtime put back: only a checksum sees it."""
-    st = os.stat(path)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def edit_manifest(change):
-    with open(MANIFEST_PATH, encoding="utf-8") as f:
-        data = json.load(f)
-    change(data)
-    with open(MANIFEST_PATH, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-
-
 def recorded(path):
-    """Record the file in the manifest as it now is (size, checksum): damage that only the structure check sees."""
-    rel = os.path.relpath(path, CACHE_DIR).replace(os.sep, "/")
-
-    def change(data):
-        data["files"][rel].update(size=os.path.getsize(path), sha256=cache.file_sha256(path))
-    edit_manifest(change)
+    """Enter the file in build.json as it now is (size, checksum): damage that only the structure check sees."""
+    build = cache.current_build()
+    rel = os.path.relpath(path, build.folder).replace(os.sep, "/")
+    data = dict(build.data)
+    data["files"][rel].update(size=os.path.getsize(path), sha256=cache.file_sha256(path))
+    write(build.path("build.json"), json.dumps(data))
 
 
 def garbage_index(path):
@@ -132,11 +106,6 @@ def inconsistent_index(path):
     recorded(path)
 
 
-def made_from_another_parquet(tokens_path):
-    rel = os.path.relpath(tokens_path, CACHE_DIR).replace(os.sep, "/")
-    edit_manifest(lambda data: data["files"][rel].update({"from": "0" * 64}))
-
-
 # (what is done to the cache, the file the refusal must name)
 DAMAGE = {
     "train tokens swapped with the validation shard's": (lambda f: swap(f("train.tokens"), f("val.tokens")),
@@ -148,52 +117,41 @@ DAMAGE = {
     "index truncated": (lambda f: truncate(f("train.index")), "shard_00000.index.npz"),
     "ranks.txt cut at a line boundary": (lambda f: cut_lines(f("ranks.txt")), "ranks.txt"),
     "tokenizer.json rewritten": (lambda f: write(f("tokenizer.json"), '{"pattern": "x"}'), "tokenizer.json"),
-    "a training shard replaced": (lambda f: replace_parquet(f("train.parquet")), "shard_00000.parquet"),
-    "a training shard only touched": (lambda f: touch(f("train.parquet")), "shard_00000.parquet"),
     "a token file turned into a folder": (lambda f: make_folder(f("val.tokens")), "shard_06542.tokens.npy"),
-    "manifest.json garbled": (lambda f: write(MANIFEST_PATH, "{not json"), "manifest.json"),
-    "train tokens changed where the spot checksum reads, mtime kept": (
-        lambda f: flip_byte_keeping_mtime(f("train.tokens")), "shard_00000.tokens.npy does not match its checksum"),
-    "train tokens recorded as made from another parquet": (
-        lambda f: made_from_another_parquet(f("train.tokens")), "shard_00000.tokens.npy was made from another version"),
-    "an index that does not load (recorded as it is)": (
+    "build.json garbled": (lambda f: write(f("build.json"), "{not json"), "build.json"),
+    "the pointer garbled": (lambda f: write(POINTER_PATH, "../../etc"), "current does not name a build"),
+    "the pointer naming a build that is not there": (lambda f: write(POINTER_PATH, "0" * 16),
+                                                     "names build 0000000000000000, which is not in"),
+    "an index that does not load (entered as it is)": (
         lambda f: garbage_index(f("train.index")), "shard_00000.tokens.npy or its index cannot be read"),
-    "an index inconsistent with its tokens (recorded as it is)": (
+    "an index inconsistent with its tokens (entered as it is)": (
         lambda f: inconsistent_index(f("train.index")), "shard_00000.tokens.npy and its index are inconsistent"),
 }
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
-def test_damage_is_refused_then_repaired(case, damageable_cache, tokenizer, source_dir, capsys):
+def test_damage_is_refused_then_made_again(case, damageable_cache, tokenizer, source_dir, capsys):
     damage, named = DAMAGE[case]
     before = snapshot(CACHE_DIR)
     source_before = snapshot(source_dir)
-    damage(lambda kind: cache_file(kind, tokenizer))
+    damage(build_file)
     with pytest.raises(SystemExit) as refusal:
-        prepare.check_cache()
-        next(prepare.make_dataloader(tokenizer, 2, 32, "train", device="cpu"))  # (the loader checks the structure)
+        tok = prepare.check_cache()
+        next(prepare.make_dataloader(tok, 2, 32, "train", device="cpu"))  # (the loader checks the structure)
     line = str(refusal.value.code)
     assert "\n" not in line and line.startswith("error: ") and named in line, line
-    assert "prepare.py" in line, "the refusal says what repairs it"
-    if "emptied" in case:  # the loader refuses too, instead of spinning on empty documents
-        with pytest.raises(SystemExit, match="shard_00000"):
-            next(prepare.make_dataloader(tokenizer, 2, 32, "train", device="cpu"))
+    assert "prepare.py" in line, "the refusal says what makes the build again"
     capsys.readouterr()
-    prepare.main(["--source", source_dir])  # "rerun prepare.py" repairs
-    if "touched" in case:  # same bytes: verified by checksum and recorded again, nothing rewritten
-        assert "unchanged since the cache was built" in capsys.readouterr().out
+    prepare.main(["--source", source_dir])  # "rerun prepare.py" makes the build again
     assert prepare.check_cache().fingerprint == tokenizer.fingerprint
-    after = snapshot(CACHE_DIR)
-    for rel in ("tokenizer/ranks.txt", f"data/{shard_name(VAL_SHARD)}",
-                cache.token_rels(shard_name(VAL_SHARD), tokenizer.fingerprint)[0]):
-        assert after[rel] == before[rel], f"{rel} is not what it was before the damage"
+    assert snapshot(CACHE_DIR) == before, "the same build, byte for byte"
     assert snapshot(source_dir) == source_before, "--source is only read"
 
 
-def test_train_py_refuses_a_damaged_cache_in_one_line(prepared, tokenizer, tmp_path, source_dir):
+def test_train_py_refuses_a_damaged_build_in_one_line(prepared, tmp_path, source_dir):
     cache_dir = tmp_path / "cache"
-    shutil.copytree(CACHE_DIR, cache_dir)  # (copy2 keeps the mtimes the manifest recorded)
-    rel = cache.token_rels(shard_name(VAL_SHARD), tokenizer.fingerprint)[0]
+    shutil.copytree(CACHE_DIR, cache_dir)
+    rel = os.path.relpath(cache.current_build().path(cache.token_rels(shard_name(VAL_SHARD))[0]), CACHE_DIR)
     truncate(cache_dir / rel)
     proc = run_script(["train.py"], env={"AUTORESEARCH_CACHE_DIR": str(cache_dir)})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -202,42 +160,80 @@ def test_train_py_refuses_a_damaged_cache_in_one_line(prepared, tokenizer, tmp_p
     assert "step" not in proc.stdout
 
 
-def test_a_hub_run_on_a_cache_from_source_is_refused(prepared, source_dir):
+def test_a_hub_run_that_cannot_download_leaves_the_current_build_as_it_was(prepared, source_dir):
     before = snapshot(CACHE_DIR)
     with pytest.raises(SystemExit) as refusal:
-        prepare.main([])  # no --source: the hub
-    line = str(refusal.value.code)
-    assert f"--source {source_dir}" in line and CACHE_DIR in line and "delete" in line
-    assert snapshot(CACHE_DIR) == before
+        prepare.main([])  # no --source: the hub, which cannot be reached here
+    assert "cannot connect" in str(refusal.value.code) and "--source DIR" in str(refusal.value.code)
+    assert {k: v for k, v in snapshot(CACHE_DIR).items() if not k.startswith("data")} == before
 
 
-def test_rerun_with_the_same_source_verifies_and_keeps_everything(prepared, source_dir, capsys):
+def test_rerun_with_the_same_source_verifies_and_changes_nothing(prepared, source_dir, capsys):
     before = snapshot(CACHE_DIR)
     prepare.main(["--source", source_dir])
     out = capsys.readouterr().out
-    assert "unchanged since the cache was built" in out and "verified" in out
+    assert "is made already and matches its build.json" in out and "tokenizer: trained" not in out
     assert snapshot(CACHE_DIR) == before
 
 
-def test_the_source_cli_works_offline_and_a_changed_source_is_rebuilt(prepared, tmp_path, corpus_docs):
-    from conftest import write_source_corpus
+def test_a_changed_source_is_a_new_build_beside_the_old_one_and_old_ones_go_on_request(tmp_path, corpus_docs):
     write_source_corpus(str(tmp_path / "src"), corpus_docs[:300])
     cache_dir = tmp_path / "cache"
     env = {"AUTORESEARCH_CACHE_DIR": str(cache_dir)}  # (HF_ENDPOINT is unreachable)
-    for _ in range(2):  # built, then the same source again: verified, nothing rebuilt
+    for _ in range(2):  # made, then the same source again: verified, nothing made
         proc = run_script(["prepare.py", "--source", str(tmp_path / "src")], env=env)
         assert proc.returncode == 0, proc.stderr
-    assert "tokenizer: trained" not in proc.stdout and "rebuilding" not in proc.stdout
-    assert sorted(os.listdir(cache_dir)) == ["cache.lock", "data", "manifest.json", "tokenizer", "tokens"]
+    assert "tokenizer: trained" not in proc.stdout and "is made already" in proc.stdout
+    assert sorted(os.listdir(cache_dir)) == ["builds", "current"]
+    first = (cache_dir / "current").read_text().strip()
+    old = snapshot(cache_dir / "builds" / first)
     with open(tmp_path / "src" / "new.txt", "w", encoding="utf-8") as f:
         f.write("a document added after the cache was built " * 30)
     proc = run_script(["-c", f"import prepare; prepare.main(['--source', {str(tmp_path / 'src')!r}]); "
                              "prepare.check_cache()"], env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "changed since the cache was built: rebuilding" in proc.stdout and "tokenizer: trained" in proc.stdout
-    texts = [t for p in cache.list_shards("train", str(cache_dir / "data")) + cache.list_shards("val", str(
-        cache_dir / "data")) for batch in cache.read_parquet_texts(p) for t in batch]
-    assert "a document added after the cache was built " * 30 in texts
+    second = (cache_dir / "current").read_text().strip()
+    assert second != first and "tokenizer: trained" in proc.stdout
+    assert snapshot(cache_dir / "builds" / first) == old, "an old build is never changed"
+    texts = [t for p in cache.list_shards("train", str(cache_dir / "builds" / second / "data"))
+             for batch in cache.read_parquet_texts(p) for t in batch]
+    val = [t for p in cache.list_shards("val", str(cache_dir / "builds" / second / "data"))
+           for batch in cache.read_parquet_texts(p) for t in batch]
+    assert "a document added after the cache was built " * 30 in texts + val
+    proc = run_script(["prepare.py", "--source", str(tmp_path / "src"), "--remove-old"], env=env)
+    assert proc.returncode == 0 and "1 old build(s) removed" in proc.stdout, proc.stderr
+    assert os.listdir(cache_dir / "builds") == [second]
+
+
+def test_a_running_train_keeps_its_build_while_prepare_makes_others(prepared, tmp_path, corpus_docs):
+    """A reader holds the current build open; two prepare.py at once make a new build from a changed corpus: both
+    succeed, one build results, and every file the reader had is as it was (nothing is locked, nothing rewritten)."""
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(CACHE_DIR, cache_dir)
+    env = {**os.environ, **TEST_ENV, "AUTORESEARCH_CACHE_DIR": str(cache_dir)}
+    reader = subprocess.Popen([sys.executable, "-c", "import prepare, sys\ntok = prepare.check_cache()\n"
+                               "rows = prepare.pack_rows(tok, 2, 32, 'train'); next(rows)\n"
+                               "print('reading', flush=True); sys.stdin.readline(); next(rows)\n"
+                               "print('still reading', tok.build.id, flush=True)"],
+                              cwd=ROOT, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        assert reader.stdout.readline().startswith("cache: build") and reader.stdout.readline().strip() == "reading"
+        held = cache.current_build(str(cache_dir)).id
+        before = snapshot(cache_dir / "builds" / held)
+        write_source_corpus(str(tmp_path / "src"), corpus_docs[:200])
+        makers = [subprocess.Popen([sys.executable, "prepare.py", "--source", str(tmp_path / "src")], cwd=ROOT,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for _ in range(2)]
+        assert all(m.wait(timeout=300) == 0 for m in makers), [m.stderr.read() for m in makers]
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().split() == ["still", "reading", held]
+    finally:
+        reader.kill()
+        reader.wait()
+    assert snapshot(cache_dir / "builds" / held) == before
+    builds = sorted(n for n in os.listdir(cache_dir / "builds"))
+    assert len(builds) == 2 and (cache_dir / "current").read_text().strip() in builds
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,7 +241,7 @@ def test_the_source_cli_works_offline_and_a_changed_source_is_rebuilt(prepared, 
 
 def test_a_source_inside_the_cache_is_refused_and_nothing_is_deleted(prepared):
     before = snapshot(CACHE_DIR)
-    for folder in (DATA_DIR, CACHE_DIR, os.path.dirname(CACHE_DIR)):
+    for folder in (BUILDS_DIR, CACHE_DIR, os.path.dirname(CACHE_DIR)):
         with pytest.raises(SystemExit, match="overlap"):
             prepare.main(["--source", folder])
     assert snapshot(CACHE_DIR) == before
@@ -294,73 +290,6 @@ def test_jsonl_non_string_text_names_the_line_and_lone_surrogates_are_replaced(t
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One prepare.py at a time; the cache folder itself
-
-def test_one_prepare_at_a_time_and_none_under_a_running_train(tmp_path):
-    with cache.cache_lock(str(tmp_path)):
-        with pytest.raises(SystemExit, match="another prepare.py is working on"):
-            with cache.cache_lock(str(tmp_path)):
-                pass
-        with pytest.raises(SystemExit, match="prepare.py is writing the cache"):
-            with cache.reading(str(tmp_path)):
-                pass
-    with cache.reading(str(tmp_path)):  # prepare.py is done: a train.py reads, shared
-        with cache.reading(str(tmp_path)):  # another train.py on the same cache is welcome
-            pass
-        with pytest.raises(SystemExit, match="a train.py is reading the cache"):
-            with cache.cache_lock(str(tmp_path)):
-                pass
-    with cache.cache_lock(str(tmp_path)):  # the run has ended
-        pass
-
-
-def test_a_killed_prepare_leaves_no_lock_behind(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from autoresearch import cache\n"
-                               f"with cache.cache_lock({str(tmp_path)!r}):\n print('holding', flush=True); "
-                               "time.sleep(60)"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              env={**os.environ, **TEST_ENV})
-    try:
-        assert holder.stdout.readline().strip() == "holding"
-        with pytest.raises(SystemExit, match="prepare.py is writing the cache"):
-            with cache.reading(str(tmp_path)):
-                pass
-    finally:
-        holder.kill()
-        holder.wait()
-    with cache.reading(str(tmp_path)):  # the OS dropped the killed process's hold
-        pass
-
-
-def test_reading_a_cache_that_does_not_exist_runs_unlocked_and_creates_nothing(tmp_path):
-    with cache.reading(str(tmp_path / "missing")):
-        pass
-    assert not (tmp_path / "missing").exists()
-
-
-def test_prepare_refuses_to_rewrite_the_data_under_a_running_train(prepared, source_dir):
-    before = snapshot(CACHE_DIR)
-    reader = subprocess.Popen([sys.executable, "-c", "import prepare, time; from autoresearch import cache\n"
-                               "with cache.reading():\n prepare.check_cache(); print('holding', flush=True); "
-                               "time.sleep(60)"], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, env={**os.environ, **TEST_ENV})
-    try:
-        assert "holding" in reader.stdout.readline() + reader.stdout.readline()
-        with pytest.raises(SystemExit, match="a train.py is reading the cache"):
-            prepare.main(["--source", source_dir])
-    finally:
-        reader.kill()
-        reader.wait()
-    assert snapshot(CACHE_DIR) == before
-
-
-def test_a_cache_path_that_is_a_file_is_one_line(tmp_path):
-    (tmp_path / "cache").write_text("not a folder")
-    with pytest.raises(SystemExit, match="is not a folder"):
-        with cache.cache_lock(str(tmp_path / "cache")):
-            pass
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Overrides: checked where they are read, before any data is loaded or any step run
 
 @pytest.mark.parametrize("name, value", [
@@ -397,12 +326,20 @@ def test_equal_settings_are_written_alike(env, settings):
     assert proc.returncode == 0 and proc.stdout.strip() == settings, proc.stderr
 
 
-def test_manifest_is_plain_json_naming_the_source(prepared, source_dir, tokenizer):
-    with open(MANIFEST_PATH, encoding="utf-8") as f:
-        manifest = json.load(f)
-    assert manifest["source"]["kind"] == "local" and manifest["source"]["path"] == os.path.realpath(source_dir)
-    assert manifest["tokenizer"] == tokenizer.fingerprint
-    for rel, entry in manifest["files"].items():
-        assert os.path.getsize(os.path.join(CACHE_DIR, rel)) == entry["size"]
-        assert cache.file_sha256(os.path.join(CACHE_DIR, rel)) == entry["sha256"]
+def test_build_json_is_plain_json_naming_the_source_and_every_file(prepared, source_dir):
+    build = cache.current_build()
+    with open(build.path("build.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    assert data["source"]["kind"] == "local" and data["source"]["path"] == os.path.realpath(source_dir)
+    assert data["id"] == os.path.basename(build.folder) == cache.build_id(data["source"])
+    for rel, entry in data["files"].items():
+        assert os.path.getsize(build.path(rel)) == entry["size"]
+        assert cache.file_sha256(build.path(rel)) == entry["sha256"]
+    on_disk = {os.path.relpath(os.path.join(r, n), build.folder) for r, _, ns in os.walk(build.folder) for n in ns}
+    assert on_disk == set(data["files"]) | {"build.json"}
 
+
+def test_a_cache_path_that_is_a_file_is_one_line(tmp_path, source_dir):
+    (tmp_path / "cache").write_text("not a folder")
+    proc = run_script(["prepare.py", "--source", source_dir], env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 1 and "is not a folder" in proc.stderr and "Traceback" not in proc.stderr

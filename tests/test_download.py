@@ -147,7 +147,7 @@ def test_cut_connection_is_retried_and_never_leaves_a_partial_file(hub, tmp_path
 
     hub.cut[shard_name(1)] = 5  # every attempt dies: nothing under the final name, no temp file left
     result = Downloader(hub.endpoint, attempts=2, backoff=0).fetch(1, str(tmp_path))
-    assert result.status == "failed" and hub.endpoint in result.detail and result.entry is None
+    assert result.status == "failed" and hub.endpoint in result.detail
     assert names_in(tmp_path) == [shard_name(0)]
 
 
@@ -165,7 +165,7 @@ def test_resume_after_an_interrupted_run(hub, tmp_path):
                                       workers=2)
     assert list(failed) == [shard_name(1)]
     assert names_in(tmp_path) == [shard_name(0), shard_name(2)]
-    (tmp_path / f"{shard_name(1)}.999.part").write_bytes(b"left by a killed run")
+    (tmp_path / f"{shard_name(1)}.999999999.1.tmp").write_bytes(b"left by a killed prepare.py")
     hub.requests.clear()
     failed = download.download_shards([0, 1, 2], str(tmp_path), Downloader(hub.endpoint, attempts=2, backoff=0),
                                       workers=2)
@@ -174,10 +174,18 @@ def test_resume_after_an_interrupted_run(hub, tmp_path):
     assert names_in(tmp_path) == [shard_name(0), shard_name(1), shard_name(2)]
 
 
-def test_a_truncated_shard_under_its_final_name_is_fetched_again(hub, tmp_path):
-    (tmp_path / shard_name(0)).write_bytes(hub.files[shard_name(0)][:1000])
-    assert Downloader(hub.endpoint, backoff=0).fetch(0, str(tmp_path)).status == "downloaded"
-    assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
+def test_a_shard_damaged_by_hand_is_named_and_never_rewritten(hub, tmp_path):
+    """A shard gets its name only whole, so one under its name is never fetched again; cut by hand, the build that
+    reads it names it and says what to do."""
+    data = tmp_path / "cache" / "data"
+    data.mkdir(parents=True)
+    (data / shard_name(0)).write_bytes(hub.files[shard_name(0)][:1000])
+    proc = run_script(["prepare.py", "--num-shards", "1"],
+                      env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and str(data / shard_name(0)) in line and "remove it and run prepare.py" in line
+    assert shard_name(0) not in hub.requests and (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)][:1000]
+    assert os.listdir(tmp_path / "cache" / "builds") == []  # no half-made build
 
 
 def test_cli_downloads_then_trains_the_tokenizer(hub, tmp_path):
@@ -186,26 +194,30 @@ def test_cli_downloads_then_trains_the_tokenizer(hub, tmp_path):
                       env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache_dir)})
     assert proc.returncode == 0, proc.stderr
     assert names_in(cache_dir / "data") == [shard_name(0), shard_name(1), shard_name(VAL_SHARD)]
-    assert names_in(cache_dir / "tokenizer") == ["ranks.txt", "tokenizer.json"]
+    hub_build = (cache_dir / "current").read_text().strip()
+    assert names_in(cache_dir / "builds" / hub_build / "tokenizer") == ["ranks.txt", "tokenizer.json"]
     assert proc.stdout.count("shard_") >= 3  # one progress line per shard
     assert "data: 3 downloaded, 0 already present, 0 failed" in proc.stdout
     # (this hub's validation shard is tiny: the note blames the shard, not the user's corpus)
     assert "this validation shard is too small for them" in proc.stdout and "--source more" not in proc.stdout
-    again = run_script(["prepare.py", "--num-shards", "2"],  # a rerun verifies every file and fetches nothing
+    again = run_script(["prepare.py", "--num-shards", "2"],  # a rerun verifies the build and fetches nothing
                        env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache_dir)})
     assert again.returncode == 0, again.stderr
-    assert "data: 0 downloaded, 3 already present" in again.stdout and "checksum matches" in again.stdout
-    # --source on a cache of hub data replaces it, saying so; nothing of the hub's data stays
+    assert "data: 0 downloaded, 3 already present" in again.stdout and "is made already" in again.stdout
+    # --source on a cache of hub data is a build of its own beside the hub's, whose files stay as they were
+    hub_files = {n: (cache_dir / "data" / n).read_bytes() for n in names_in(cache_dir / "data")}
     src = tmp_path / "src"
     src.mkdir()
     for i in range(3):
         (src / f"{i}.txt").write_text(f"local document number {i} " * 30)
     local = run_script(["prepare.py", "--source", str(src)], env={"AUTORESEARCH_CACHE_DIR": str(cache_dir)})
     assert local.returncode == 0, local.stderr
-    assert "replacing the data from karpathy/climbmix-400b-shuffle" in local.stdout
-    texts = [t for p in cache.list_shards("train", str(cache_dir / "data")) + cache.list_shards(
-        "val", str(cache_dir / "data")) for batch in cache.read_parquet_texts(p) for t in batch]
+    data = cache.current_build(str(cache_dir)).path("data")
+    texts = [t for p in cache.list_shards("train", data) + cache.list_shards("val", data)
+             for batch in cache.read_parquet_texts(p) for t in batch]
     assert sorted(texts) == sorted(f"local document number {i} " * 30 for i in range(3))
+    assert {n: (cache_dir / "data" / n).read_bytes() for n in names_in(cache_dir / "data")} == hub_files
+    assert sorted(names_in(cache_dir / "builds")) == sorted([hub_build, cache.current_build(str(cache_dir)).id])
 
 
 def test_cli_exits_non_zero_naming_the_failed_shards(hub, tmp_path):
@@ -292,22 +304,6 @@ def test_progress_is_printed_during_a_long_download(hub, tmp_path, capsys):
     assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
 
 
-def test_a_shard_that_does_not_match_the_manifest_is_fetched_again(hub, tmp_path):
-    manifest = cache.Manifest({"kind": "hub", "dataset": "x", "endpoint": hub.endpoint}, str(tmp_path))
-    data = tmp_path / "data"
-    assert download.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == {}
-    assert manifest.files["data/" + shard_name(0)]["sha256"] == cache.file_sha256(str(data / shard_name(0)))
-    saved = json.loads((tmp_path / "manifest.json").read_text())
-    assert set(saved["files"]) == {"data/" + shard_name(0), "data/" + shard_name(1)}
-    body = bytearray((data / shard_name(0)).read_bytes())
-    body[100] ^= 0xFF  # same size, one byte changed
-    (data / shard_name(0)).write_bytes(bytes(body))
-    hub.requests.clear()
-    assert download.download_shards([0, 1], str(data), Downloader(hub.endpoint), manifest=manifest) == {}
-    assert hub.requests == [shard_name(0)]  # shard 1 matched its checksum and was kept
-    assert (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
-
-
 def test_headers_that_trickle_are_abandoned(hub, tmp_path):
     hub.slow_headers.add(shard_name(0))  # every byte in time for the read timeout, the whole never
     t0 = time.time()
@@ -323,39 +319,29 @@ def test_an_endless_body_is_cut_at_the_size_limit(hub, tmp_path):
     assert names_in(tmp_path) == []  # nothing kept, no temporary file left
 
 
-def test_shards_copied_in_by_hand_are_verified_and_kept(hub, tmp_path):
+def test_shards_copied_in_by_hand_are_kept(hub, tmp_path):
     data = tmp_path / "cache" / "data"
     data.mkdir(parents=True)
-    (data / shard_name(0)).write_bytes(hub.files[shard_name(0)])  # no manifest yet: an offline machine seeded
+    (data / shard_name(0)).write_bytes(hub.files[shard_name(0)])  # an offline machine, seeded
     proc = run_script(["prepare.py", "--num-shards", "2"],
                       env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
-    assert "the 1 shard(s) there are verified and kept" in proc.stdout
+    assert "data: 2 downloaded, 1 already present" in proc.stdout
     assert shard_name(0) not in hub.requests and (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
-    # --source on such a cache would replace them: refused, nothing deleted
-    (tmp_path / "cache" / "manifest.json").unlink()
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "a.txt").write_text("text " * 50)
-    (tmp_path / "src" / "b.txt").write_text("more text " * 50)
-    refused = run_script(["prepare.py", "--source", str(tmp_path / "src")],
-                         env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
-    assert refused.returncode != 0 and "that no manifest records" in refused.stderr
-    assert (data / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
 
 
-@pytest.mark.parametrize("link", ["data", "cache.lock"])
-def test_nothing_outside_the_cache_is_written_through_a_link(hub, tmp_path, link):
+def test_a_file_of_the_users_behind_a_linked_data_folder_is_never_rewritten(hub, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / shard_name(0)).write_bytes(b"the user's own file")
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
-    os.symlink(mine if link == "data" else mine / shard_name(0), cache_dir / link)
+    os.symlink(mine, cache_dir / "data")
     proc = run_script(["prepare.py", "--num-shards", "1"],
                       env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache_dir)})
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "is a symbolic link" in proc.stderr.strip().splitlines()[-1]
-    assert (mine / shard_name(0)).read_bytes() == b"the user's own file" and hub.requests == []
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert str(cache_dir / "data" / shard_name(0)) in proc.stderr and "is not a readable parquet file" in proc.stderr
+    assert (mine / shard_name(0)).read_bytes() == b"the user's own file" and shard_name(0) not in hub.requests
 
 
 def test_sigterm_stops_prepare_with_a_line_and_no_partial_file(hub, tmp_path):

@@ -119,8 +119,8 @@ def test_the_batch_size_does_not_change_what_is_scored(tokenizer):
 
 def test_the_metric_refuses_validation_data_changed_after_the_start(damageable_cache, tokenizer):
     prepare.check_cache()  # what a run verifies at start
-    rel = cache.token_rels(shard_name(VAL_SHARD), tokenizer.fingerprint)[0]
-    path = os.path.join(damageable_cache, rel)
+    rel = cache.token_rels(shard_name(VAL_SHARD))[0]
+    path = tokenizer.build.path(rel)
     with open(path, "r+b") as f:  # same size, one byte changed: a rewrite the start-up check did not see
         f.seek(os.path.getsize(path) // 2)
         byte = f.read(1)

@@ -240,40 +240,6 @@ def test_a_clock_slowed_before_runtime_read_it_is_said(prepared, monkeypatch, ca
     assert "compares with no" in refused_keep(run)
 
 
-def test_a_lock_file_that_is_not_a_lock_is_one_line(tmp_path):
-    from autoresearch import cache
-    lock = tmp_path / "cache.lock"
-    for make in (lambda: lock.mkdir(), lambda: lock.write_bytes(os.urandom(512))):
-        make()
-        for holder in (cache.reading, cache.cache_lock):
-            with pytest.raises(SystemExit, match=r"cache\.lock is not the cache's lock .*: remove it"):
-                with holder(str(tmp_path)):
-                    pass
-        os.rmdir(lock) if lock.is_dir() else lock.unlink()
-    with cache.reading(str(tmp_path)), cache.reading(str(tmp_path)):  # (a fresh one works)
-        pass
-
-
-def test_a_cache_whose_lock_cannot_be_taken_runs_unlocked_and_says_so(tmp_path, monkeypatch, capsys):
-    import filelock
-
-    from autoresearch import cache
-
-    def read_only(*args, **kwargs):  # what a read-only mount gives filelock's SQLite
-        raise OSError(30, "Read-only file system")
-
-    monkeypatch.setattr(filelock, "ReadWriteLock", read_only)
-    ran = []
-    with cache.reading(str(tmp_path)):
-        ran.append(True)
-    out = capsys.readouterr().out
-    assert ran and out.count("note: the cache's lock cannot be taken") == 1 and "running unlocked" in out
-    with pytest.raises(SystemExit, match="cannot take the cache's lock"):  # prepare.py, which would write it
-        with cache.cache_lock(str(tmp_path)):
-            pass
-
-
-
 def test_a_second_sigterm_during_the_cleanup_of_the_first_is_ignored():
     """`timeout 600 uv run train.py` signals uv and its whole process group, and uv passes the signal on: train.py
     can get SIGTERM twice. The second, arriving while the first's cleanup writes the failed record, must not kill

@@ -13,7 +13,7 @@ from autoresearch import cache, source
 import prepare
 from autoresearch import hardware
 from conftest import MULTILINGUAL, run_script
-from constants import (DATA_DIR, EVAL_TOKENS, LOADER_BUFFER_DOCS, MAX_SEQ_LEN, SPECIAL_TOKENS, TOKENIZER_DIR,
+from constants import (EVAL_TOKENS, LOADER_BUFFER_DOCS, MAX_SEQ_LEN, SPECIAL_TOKENS,
                        VAL_SHARD, VOCAB_SIZE, shard_name)
 
 
@@ -22,9 +22,10 @@ def all_texts(paths):
 
 
 def test_source_split_is_whole_and_disjoint(prepared, corpus_docs):
-    val = all_texts(cache.list_shards("val"))
-    train = all_texts(cache.list_shards("train"))
-    assert cache.list_shards("val") == [os.path.join(DATA_DIR, shard_name(VAL_SHARD))]
+    data = cache.current_build().path("data")  # (a corpus's shards are the build's own)
+    val = all_texts(cache.list_shards("val", data))
+    train = all_texts(cache.list_shards("train", data))
+    assert cache.list_shards("val", data) == [os.path.join(data, shard_name(VAL_SHARD))]
     assert val and train
     assert sorted(val + train) == sorted(set(corpus_docs))  # every document of every format, exact copies once
     assert not set(val) & set(train)
@@ -42,7 +43,7 @@ def test_source_split_does_not_depend_on_file_order(tmp_path, corpus_docs):
 
 
 def test_tokenizer_is_plain_data_and_has_the_spec_vocab(prepared, tokenizer):
-    assert sorted(os.listdir(TOKENIZER_DIR)) == ["ranks.txt", "tokenizer.json"]
+    assert sorted(os.listdir(cache.current_build().path("tokenizer"))) == ["ranks.txt", "tokenizer.json"]
     assert tokenizer.get_vocab_size() == VOCAB_SIZE
     assert tokenizer.get_bos_token_id() == tokenizer.enc.encode_single_token(SPECIAL_TOKENS[0])
     assert [tokenizer.enc.encode_single_token(t) for t in SPECIAL_TOKENS] == list(range(VOCAB_SIZE - 4, VOCAB_SIZE))
@@ -231,8 +232,8 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     assert docs == ["first", "second", "plain text"]
 
 
-def test_repair_commands_quote_their_folder():
-    command = cache.repair_command({"kind": "local", "path": "/data/my corpus"})
+def test_prepare_commands_quote_their_folder():
+    command = cache.prepare_command({"kind": "local", "path": "/data/my corpus"})
     assert command == "uv run prepare.py --source '/data/my corpus'"
     assert shlex.split(command)[-1] == "/data/my corpus"
 
@@ -300,4 +301,4 @@ def test_a_full_disk_is_said_and_leaves_no_temporary_file(damageable_cache, tmp_
     with pytest.raises(SystemExit) as refusal:
         prepare.main(["--source", str(tmp_path / "src")])
     assert "is full" in str(refusal.value.code) and "AUTORESEARCH_CACHE_DIR" in str(refusal.value.code)
-    assert not [n for n in os.listdir(os.path.join(damageable_cache, "data")) if n.endswith(".tmp")]
+    assert os.listdir(os.path.join(damageable_cache, "builds")) == [cache.current_build().id]  # no half build
