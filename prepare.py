@@ -16,10 +16,7 @@ torch is imported only by the functions that need it.
 import argparse
 import base64
 import bisect
-import contextlib
 import errno
-import functools
-import hashlib
 import itertools
 import json
 import math
@@ -35,13 +32,13 @@ import constants
 
 from autoresearch import record
 from autoresearch.cache import (BUILD_FORMAT, BUILDS_DIR, PREPARE_HINT, TOKENIZER_RELS, Build, FileProblem, atomic_path,
-                                build_id, current_build, describe_source, file_sha256, list_shards, new_build_folder,
-                                point_at, publish, read_parquet_texts, remove_old_builds, token_rels)
-from autoresearch.download import Downloader, download_shards
+                                build_id, current_build, describe_source, file_sha256, list_shards, make_cache_folder,
+                                new_build_folder, point_at, publish, read_parquet_texts, remove_old_builds, token_rels)
+from autoresearch.download import fetch_hub_shards
 from autoresearch.errors import UserError, sigterm_as_error
 from autoresearch.source import (TEXT_EXTENSIONS, check_source_folder, parse_extensions, read_source,
                                  write_source_shards)
-from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, HF_ENDPOINT, HF_HUB_OFFLINE,
+from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, HF_ENDPOINT,
                        LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SHARD, POINTER_PATH, SPECIAL_TOKENS, SPLIT_PATTERN,
                        TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS, VAL_SHARD, VOCAB_SIZE, shard_name)
 
@@ -50,11 +47,9 @@ from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM
 
 
 class Tokenizer:
-    """The runtime tokenizer: a tiktoken Encoding built from the BPE ranks that prepare.py trained.
-
-    On disk (a build's tokenizer/): `ranks.txt`, one `base64(token bytes) rank` line per learned token, and
-    `tokenizer.json` with the split pattern and the special tokens. Plain data only: no pickle, so a
-    tampered cache file cannot run code."""
+    """The runtime tokenizer: a tiktoken Encoding of the trained BPE ranks. On disk (a build's tokenizer/): ranks.txt,
+    a `base64(token bytes) rank` line per learned token, and tokenizer.json (split pattern, special tokens): plain
+    data, no pickle, so a tampered cache file cannot run code."""
 
     def __init__(self, enc, build=None):
         self.enc, self.build = enc, build  # build: the cache build it came with, whose token files the loader reads
@@ -135,15 +130,6 @@ class Tokenizer:
             counts.append(len(token.decode("utf-8", errors="replace").encode("utf-8")) if as_reference else len(token))
         return counts
 
-    @functools.cached_property
-    def fingerprint(self):
-        """Identifies the tokenizer (pattern, every token's bytes), so token files made with another are never used."""
-        h = hashlib.sha256(self.enc._pat_str.encode())
-        for i in range(self.enc.n_vocab):
-            token = self.enc.decode_single_token_bytes(i)
-            h.update(len(token).to_bytes(4, "little") + token)
-        return h.hexdigest()[:16]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The cache check, the loader and the metric: what every run reads
@@ -195,13 +181,10 @@ def _document_chunks(split, tokenizer):
 
 
 def pack_rows(tokenizer, B, T, split):
-    """Yield (rows, epoch) forever: rows is an int64 numpy array [B, T+1] of best-fit packed documents.
-
-    Each row is filled left to right from a buffer of >= LOADER_BUFFER_DOCS documents (topped up before every
-    placement): the longest document that fits in the remaining space goes next; when none fits, the shortest
-    one is cropped to fill the row exactly (its rest is dropped). Every row starts with BOS; no padding.
-    Ties go to the document that entered the buffer first. Rows come out in the same order whatever B is.
-    The buffer is a list of (length, -arrival) keys kept sorted, so each choice is a binary search."""
+    """Yield (rows, epoch) forever: rows is an int64 numpy array [B, T+1] of best-fit packed documents: each row
+    filled from a buffer of >= LOADER_BUFFER_DOCS documents with the longest one that fits (the earliest among
+    equals), and when none fits, the shortest one cropped to fill it (its rest dropped). Every row starts with BOS;
+    no padding; the same rows whatever B is. The buffer is sorted (length, -arrival) keys: each choice is a bisect."""
     chunks = _document_chunks(split, tokenizer)
     keys, docs, arrival, epoch = [], {}, 0, 1
     width = T + 1
@@ -229,11 +212,10 @@ def pack_rows(tokenizer, B, T, split):
 
 
 def make_dataloader(tokenizer, B, T, split, device):
-    """Yield (inputs, targets, epoch) forever: int64 tensors [B, T] on `device`, targets = inputs shifted by
-    one. On CUDA the rows go through pinned memory with an asynchronous copy; PyTorch's pinned-memory allocator
-    does not hand a block out again before the copy reading it is done, so a fresh pinned tensor per batch
-    cannot race with the copy of the previous one. During a run, only the metric reads the val split: a loader
-    of it made anywhere else makes the run comparable with none."""
+    """Yield (inputs, targets, epoch) forever: int64 tensors [B, T] on `device`, targets = inputs shifted by one
+    (on CUDA through a fresh pinned tensor per batch and an asynchronous copy: the pinned allocator never reuses a
+    block a copy still reads). During a run only the metric reads the val split: a loader of it made anywhere else
+    makes the run comparable with none."""
     if split == "val" and record.current() is not None and not record.called_from_the_metric():
         record.note_violation("train.py made a loader of the validation split (make_dataloader(..., 'val', ...))")
     return _batches(tokenizer, B, T, split, device)
@@ -412,31 +394,6 @@ def make_build(source, shards=None, docs=None):
     return build
 
 
-def fetch_hub_shards(num_shards, workers):
-    """Download training shards 0..num_shards-1 (-1: all) and the validation shard, keeping any other training
-    shard already here; returns the names of all of them."""
-    n = MAX_SHARD if num_shards == -1 else min(num_shards, MAX_SHARD)
-    have = {int(os.path.basename(p)[6:11]) for p in list_shards("train")}
-    indices = sorted(set(range(n)) | have) + [VAL_SHARD]
-    extra = len(indices) - 1 - n
-    print(f"data: {len(indices)} shards ({n} training{f' + {extra} already here' if extra else ''} + the "
-          f"validation shard) from {HF_ENDPOINT} into {DATA_DIR}", flush=True)
-    failed = download_shards(indices, downloader=Downloader(), workers=workers)
-    if failed:
-        names = sorted(failed)
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        if HF_HUB_OFFLINE:
-            why = ("HF_HUB_OFFLINE=1 forbids downloading them: unset it, or prepare from text of your own with "
-                   "`uv run prepare.py --source DIR`")
-        elif all(f.missing for f in failed.values()):
-            why = (f"{HF_ENDPOINT} does not have them (HTTP 404): a mirror that lacks them, or the wrong "
-                   "HF_ENDPOINT; --num-shards fewer asks for less")
-        else:
-            why = "run prepare.py again to retry (whole shards are kept)"
-        raise UserError(f"{len(names)} of {len(indices)} shards are missing: {shown}: {why}")
-    return [shard_name(i) for i in indices]
-
-
 def eval_coverage(tokenizer, eval_tokens, seq_len):
     """(rows the metric scores, passes over the validation documents they take, validation documents): the
     metric's rows are packed as evaluate_bpb packs them; more than one pass means documents repeat in its rows."""
@@ -530,19 +487,6 @@ def main(argv=None):
           f"tokenizer and token files in build {build.id}, which {POINTER_PATH} names")
     from autoresearch.hardware import describe_device  # (imports torch: only now, so the data steps start fast)
     print(f"device: {describe_device()}")
-
-
-def make_cache_folder():
-    """The cache folder, made where missing; one line when it cannot be (a file in the way, no permission)."""
-    try:
-        os.makedirs(CACHE_DIR, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"the cache {CACHE_DIR} is not a folder: move that file away or set AUTORESEARCH_CACHE_DIR")
-    except OSError as e:
-        raise UserError(f"cannot create the cache {CACHE_DIR} ({e.strerror or e}): set AUTORESEARCH_CACHE_DIR "
-                        "to a writable folder")
-    if not os.access(CACHE_DIR, os.W_OK | os.X_OK):
-        raise UserError(f"the cache {CACHE_DIR} is not writable: fix its permissions or set AUTORESEARCH_CACHE_DIR")
 
 
 if __name__ == "__main__":

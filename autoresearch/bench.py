@@ -21,7 +21,7 @@ import sys
 import time
 
 from autoresearch.cache import current_build, read_parquet_texts
-from autoresearch.results import run_summary
+from autoresearch.recording import run_summary
 from constants import LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
 from prepare import Tokenizer, make_dataloader
 

@@ -126,6 +126,19 @@ def file_sha256(path):
 # ---------------------------------------------------------------------------------------------------------------
 # Builds
 
+def make_cache_folder():
+    """The cache folder, made where missing; one line when it cannot be (a file in the way, no permission)."""
+    try:
+        os.makedirs(CACHE_DIR, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"the cache {CACHE_DIR} is not a folder: move that file away or set AUTORESEARCH_CACHE_DIR")
+    except OSError as e:
+        raise UserError(f"cannot create the cache {CACHE_DIR} ({e.strerror or e}): set AUTORESEARCH_CACHE_DIR "
+                        "to a writable folder")
+    if not os.access(CACHE_DIR, os.W_OK | os.X_OK):
+        raise UserError(f"the cache {CACHE_DIR} is not writable: fix its permissions or set AUTORESEARCH_CACHE_DIR")
+
+
 def build_id(source):
     """The name of the build made from `source` under this version's settings: everything that changes its files,
     hashed (where a corpus lies and which mirror served the hub's shards do not)."""

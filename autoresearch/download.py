@@ -15,9 +15,9 @@ from typing import Callable, Optional
 import requests
 import urllib3
 
-from autoresearch.cache import _alive, atomic_path, parquet_problem
+from autoresearch.cache import _alive, atomic_path, list_shards, parquet_problem
 from autoresearch.errors import UserError
-from constants import DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, shard_name, shard_url
+from constants import DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, MAX_SHARD, VAL_SHARD, shard_name, shard_url
 
 class HubUnreachable(Exception):
     """No connection could be made: retrying other shards cannot help either."""
@@ -230,3 +230,28 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, prog
     print(f"data: {counts['downloaded']} downloaded, {counts['present']} already present, {counts['failed']} failed",
           flush=True)
     return failed
+
+
+def fetch_hub_shards(num_shards, workers):
+    """Download training shards 0..num_shards-1 (-1: all) and the validation shard, keeping any other training
+    shard already here; returns the names of all of them."""
+    n = MAX_SHARD if num_shards == -1 else min(num_shards, MAX_SHARD)
+    have = {int(os.path.basename(p)[6:11]) for p in list_shards("train")}
+    indices = sorted(set(range(n)) | have) + [VAL_SHARD]
+    extra = len(indices) - 1 - n
+    print(f"data: {len(indices)} shards ({n} training{f' + {extra} already here' if extra else ''} + the "
+          f"validation shard) from {HF_ENDPOINT} into {DATA_DIR}", flush=True)
+    failed = download_shards(indices, downloader=Downloader(), workers=workers)
+    if failed:
+        names = sorted(failed)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        if HF_HUB_OFFLINE:
+            why = ("HF_HUB_OFFLINE=1 forbids downloading them: unset it, or prepare from text of your own with "
+                   "`uv run prepare.py --source DIR`")
+        elif all(f.missing for f in failed.values()):
+            why = (f"{HF_ENDPOINT} does not have them (HTTP 404): a mirror that lacks them, or the wrong "
+                   "HF_ENDPOINT; --num-shards fewer asks for less")
+        else:
+            why = "run prepare.py again to retry (whole shards are kept)"
+        raise UserError(f"{len(names)} of {len(indices)} shards are missing: {shown}: {why}")
+    return [shard_name(i) for i in indices]

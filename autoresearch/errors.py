@@ -2,11 +2,13 @@
 
 It is a SystemExit, so wherever it is raised (at import, in a command, deep in a run) the program ends with one
 line on stderr, `error: <message>`, exit status 1, and no traceback. Asserts guard the code's own invariants only.
-Imports nothing of the project: constants.py raises it too.
+Imports nothing of the project: constants.py raises it too. The watchdog that stops a hung run lives here too.
 """
 import contextlib
+import math
 import signal
 import threading
+import time
 
 
 class UserError(SystemExit):
@@ -38,3 +40,31 @@ def sigterm_as_error(message):
     finally:
         if main and not said:
             signal.signal(signal.SIGTERM, previous)
+
+
+class Watchdog:
+    """Stops a run, from a thread of its own, when no training step has ended (`last`) for `seconds` before
+    `over()` (the evaluation began): SIGTERM to the main thread (which wakes a sleep), said as a hang."""
+
+    def __init__(self, seconds, over=lambda: False):
+        self.over, self.seconds, self.last, self.said = over, seconds, time.monotonic(), None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="autoresearch-watchdog", daemon=True)
+
+    def __enter__(self):
+        if math.isfinite(self.seconds):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+
+    def _watch(self):
+        while not self._done.wait(min(1.0, self.seconds / 4)):
+            if self.over():
+                return
+            if time.monotonic() - self.last > self.seconds:
+                self.said = (f"no training step ended in {self.seconds:g} s: train.py hangs (a sleep, a wait, a "
+                             "deadlock?) and was stopped: a crash")
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                return

@@ -434,3 +434,18 @@ def attention_kernels(event_names):
             label = category[len("attention: "):]
             found[label] = found.get(label, 0) + count
     return found
+
+
+def profile_lines(events, step):
+    """The two lines of a profiled step from the profiler's events (key_averages): the attention kernels that ran
+    and the GPU time by kind of kernel. Only device-side events (the kernels) count: a CPU op's device time holds
+    the kernels of every op under it, so counting ops too would count each kernel once per enclosing op."""
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).split(".")[-1] not in ("CPU", "")]
+    used = attention_kernels((e.key, e.count) for e in kernels)
+    times = kernel_categories((e.key, e.device_time_total / 1e6) for e in kernels)
+    total = sum(times.values()) or 1.0
+    return [f"attention (profiled step {step}): " + (", ".join(f"{label} x{n}" for label, n in used.items())
+                                                     or "no attention kernel recognized"),
+            f"kernels (profiled step {step}): " + "; ".join(
+                f"{name} {1000 * t:.1f} ms ({100 * t / total:.0f}%)"
+                for name, t in sorted(times.items(), key=lambda kv: -kv[1]))]

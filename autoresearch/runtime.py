@@ -1,7 +1,4 @@
-"""The fixed bookkeeping of a run. DO NOT CHANGE: it decides what a run's numbers mean.
-
-Counting the budget (FLOPs or time) and where a step's time goes, progress lines, the checks that make a run comparable,
-MFU and model FLOP/s, the summary block agents grep, and the run's record (record.py). train.py calls:
+"""The fixed bookkeeping of a run. DO NOT CHANGE: it decides what a run's numbers mean. train.py calls:
 
     device = hardware.get_device()         # CUDA, else MPS, else the CPU (AUTORESEARCH_DEVICE insists on one)
     run = Run(device, flops_per_token, tokens_per_step, t_start, globals())
@@ -14,24 +11,16 @@ MFU and model FLOP/s, the summary block agents grep, and the run's record (recor
         run.end_step(loss, lrm, epoch)     # waits for the step, counts its FLOPs and time, prints progress
     run.summary(val_bpb, num_params, depth)
 
-and runs train() through main(), which starts the run's record and turns running out
-of memory, SIGTERM and any other stop into one line and a `failed` record.
-
-What the fixed code promises it checks itself, at the start and at the end: the metric's constants (the budget,
-MAX_SEQ_LEN, EVAL_TOKENS) as read at start, in constants, train.py and here (one reassigned before the start stops
-the run at once; one changed during it makes the run comparable with none); the uncounted steps; the steps begun
-after the budget ran out; the rows and sequence length the metric scored, and that val_bpb is the metric's. Every
-clock here is time.perf_counter (monotonic), taken when this module is imported, so a step's parts and its time
-come from one clock, and train.py replacing time.perf_counter later changes nothing; a clock replaced before (its
-counted training far shorter than time.monotonic says it took) makes the run comparable with none.
+and runs train() through main(), which starts the run's record (record.py) and turns running out of memory, a
+hang, SIGTERM and any other stop into one line and a `failed` record. At the end it checks what an agent's slip
+leaves behind: a metric constant changed, steps uncounted or begun after the budget, other rows scored, a val_bpb
+the metric did not return. Every time here comes from one clock, time.perf_counter as this module is imported.
 """
 import contextlib
 import gc
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import types
 
@@ -39,11 +28,10 @@ import torch
 
 import constants
 from autoresearch import flops, record
-from autoresearch.errors import UserError, sigterm_as_error
-from autoresearch.hardware import attention_kernels, can_compile, kernel_categories, peak_flops, synchronize
+from autoresearch.errors import UserError, Watchdog, sigterm_as_error
+from autoresearch.hardware import can_compile, peak_flops, profile_lines, synchronize
 
 _clock = time.perf_counter  # every time this module counts (bound here: see the module's docstring)
-_reference_clock = time.monotonic  # what the counted training time is checked against at the end
 # The metric's constants as this process read them at import: what every check compares with.
 FIXED = types.MappingProxyType(dict(constants.RESOLVED))
 LOG_EVERY_SECONDS = 5.0  # progress line interval when stdout is a file (a terminal gets one live line)
@@ -87,34 +75,6 @@ def _start_counting():
     return _meter
 
 
-class Watchdog:
-    """Stops the run, from a thread of its own, when no training step has ended for STALL_SECONDS before the
-    evaluation begins: SIGTERM to the main thread (which wakes a sleep), said as a hang. Its own clock
-    (time.monotonic), so nothing train.py does to perf_counter moves it."""
-
-    def __init__(self, seconds):
-        self.seconds, self.last, self.said, self._done = seconds, time.monotonic(), None, threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="autoresearch-watchdog", daemon=True)
-
-    def __enter__(self):
-        if math.isfinite(self.seconds):
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._done.set()
-
-    def _watch(self):
-        while not self._done.wait(min(1.0, self.seconds / 4)):
-            if record.evaluating():
-                return
-            if time.monotonic() - self.last > self.seconds:
-                self.said = (f"no training step ended in {self.seconds:g} s: train.py hangs (a sleep, a wait, a "
-                             "deadlock?) and was stopped: a crash")
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-                return
-
-
 _watchdog = None  # this run's Watchdog (runtime.main), told of every step's end
 
 
@@ -135,22 +95,15 @@ def summary_line(key, value):
 
 
 class Run:
-    """The fixed bookkeeping of one training run: which steps count toward the budget, their FLOPs or time and
-    where it goes, progress lines, the end of training, and the summary.
+    """One training run's bookkeeping: which steps count toward the budget, their FLOPs or time and where it goes,
+    progress lines, the end of training, and the summary.
 
-    The budget is BUDGET's kind (constants.py). `flops`: every step counts, with the FLOPs the fixed counter
-    (flops.py) saw computed since the last step ended, in every thread: forward, backward, optimizer, and any work
-    before the loop or between steps; compiled code stays compiled, its library calls counted at run time. Training
-    ends with the first step that brings the counted FLOPs to FLOP_BUDGET: the same code takes the same steps on
-    any machine, at any load. `time`: the reference's wall clock: on CUDA the first 11 steps (compilation) are not
-    counted; training ends with the first step that brings the counted time to TIME_BUDGET, so a slower or busier
-    machine trains fewer steps. Under either budget the compiling steps' time is start-up, not training time. On
-    CUDA step 1 (PROFILE_STEP) is profiled to name the attention kernels that ran and where the GPU time went. A
-    step's time is split into forward/backward, optimizer (GPU time on CUDA) and the wait for batches from loader();
-    a budget that holds few steps is said at once.
-
-    The counts live here, read-only from outside (step, training_seconds, done, progress, counted_steps are
-    properties), so train.py cannot move them by accident. t_start: time.perf_counter() when train() began."""
+    `flops` (BUDGET): every step counts the FLOPs the fixed counter (flops.py) saw since the last step ended, in
+    every thread, work before the loop included; training ends with the step that reaches FLOP_BUDGET, so the same
+    code takes the same steps on any machine. `time`: the reference's wall clock; training ends with the step that
+    reaches TIME_BUDGET. Where the model compiles (CUDA), the first 11 steps are start-up under both. CUDA step
+    PROFILE_STEP is profiled to name the attention kernels that ran. The counts are read-only properties, so
+    train.py cannot move them by accident. t_start: time.perf_counter() when train() began."""
 
     def __init__(self, device, flops_per_token, tokens_per_step, t_start, train_globals=None):
         self.device, self.flops_per_token, self.tokens_per_step = device, flops_per_token, tokens_per_step
@@ -182,7 +135,6 @@ class Run:
         self.unaccounted_seconds, self._unaccounted_said = 0.0, False
         self.tty, self._last_log, self._profiler, self._t_trained = sys.stdout.isatty(), 0.0, None, None
         self._data_wait, self._marks, self._t0, self._epoch_said = 0.0, [], None, False
-        self._reference_start = self._reference_end = None  # _reference_clock() around the timed steps
         self._after_eval, self._flops_before = False, 0.0
         print(f"device: {device} ({self.gpu_name}), torch {torch.__version__}; settings: {constants.SETTINGS}")
         code = self._record.data["code"]
@@ -263,7 +215,6 @@ class Run:
         self._data_wait, self._marks = 0.0, [self._mark()]
         if self.step == self._timed_from:  # the first timed step: everything before it is start-up
             self.startup_seconds = self._t0 - self.t_start
-            self._reference_start = _reference_clock()
         if self.step == 0 and self._meter is not None:
             self._flops_before = self._meter.total
         if self._meter is not None and not self._meter.on and not self._after_eval:
@@ -329,7 +280,6 @@ class Run:
             gc.collect()
         if self._done and self._t_trained is None:
             self._t_trained = _clock()
-            self._reference_end = _reference_clock()
             if self.tty:
                 print()
 
@@ -403,11 +353,6 @@ class Run:
             if after > 0:
                 problems.append(f"{after:.3g} FLOPs were computed after the last step, before the evaluation, "
                                 "outside every step's count")
-        if self._reference_start is not None and self._reference_end is not None:
-            wall = self._reference_end - self._reference_start
-            if self._counted_seconds < 0.8 * wall - 1.0:
-                problems.append(f"its clock counted {self._counted_seconds:.1f}s of training that took {wall:.1f}s "
-                                "(time.perf_counter was replaced?)")
         if self._late_steps:
             problems.append(f"{self._late_steps} step(s) begun after the budget ran out (run.done was True)")
         rows, seq_len = FIXED["EVAL_TOKENS"] // FIXED["MAX_SEQ_LEN"], FIXED["MAX_SEQ_LEN"]
@@ -488,21 +433,6 @@ class Run:
         gc.enable()
 
 
-def profile_lines(events, step):
-    """The two lines of a profiled step from the profiler's events (key_averages): the attention kernels that ran
-    and the GPU time by kind of kernel. Only device-side events (the kernels) count: a CPU op's device time holds
-    the kernels of every op under it, so counting ops too would count each kernel once per enclosing op."""
-    kernels = [e for e in events if str(getattr(e, "device_type", "")).split(".")[-1] not in ("CPU", "")]
-    used = attention_kernels((e.key, e.count) for e in kernels)
-    times = kernel_categories((e.key, e.device_time_total / 1e6) for e in kernels)
-    total = sum(times.values()) or 1.0
-    return [f"attention (profiled step {step}): " + (", ".join(f"{label} x{n}" for label, n in used.items())
-                                                     or "no attention kernel recognized"),
-            f"kernels (profiled step {step}): " + "; ".join(
-                f"{name} {1000 * t:.1f} ms ({100 * t / total:.0f}%)"
-                for name, t in sorted(times.items(), key=lambda kv: -kv[1]))]
-
-
 def _reason(error):
     """Why a run stopped, in one line, for its record."""
     if isinstance(error, UserError):
@@ -538,7 +468,7 @@ def main(train, knobs):
     print(f"run: {run_record.run_id}", flush=True)  # (the log's first line: results.py matches it to run.json)
     global _watchdog
     stopped = "train.py was stopped by SIGTERM (`timeout` ran out, or the run was killed): a crash"
-    watchdog = _watchdog = Watchdog(STALL_SECONDS if not constants.FORCE else math.inf)
+    watchdog = _watchdog = Watchdog(STALL_SECONDS if not constants.FORCE else math.inf, record.evaluating)
     try:
         try:
             with sigterm_as_error(stopped), watchdog:

@@ -34,7 +34,7 @@ def clean_tree(folder, commit, base):
 def rerun(commit, base, settings, log_path):
     """Run train.py of `commit` with base's fixed files under `settings` in a fresh interpreter; returns its record
     (None if it wrote none); its log goes to log_path."""
-    from autoresearch.results import settings_env
+    from autoresearch.recording import settings_env
     env = settings_env(settings, keep=KEPT_SETTINGS)
     if env is None:
         raise UserError(f"the record's settings {settings!r} do not parse: cannot run them again")

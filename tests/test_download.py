@@ -1,6 +1,5 @@
 """The download path (cache.py, driven by prepare.py) against a loopback HTTP server standing in for the hub."""
 import io
-import json
 import os
 import random
 import signal

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoresearch import flops, runtime
+from autoresearch import flops, hardware, runtime
 
 
 def counted(fn):
@@ -202,7 +202,7 @@ def test_a_profiled_steps_kernel_time_counts_each_kernel_once():
         Event(key="triton_poi_fused_add_0", count=1, device_type=cuda, device_time_total=1000.0),
         Event(key="Optimizer.step#MuonAdamW.step", count=1, device_type=cpu, device_time_total=1000.0),
     ]
-    attention, kernels = runtime.profile_lines(events, 1)
+    attention, kernels = hardware.profile_lines(events, 1)
     assert attention == "attention (profiled step 1): cuDNN SDPA x1"
     assert kernels == ("kernels (profiled step 1): matmul (GEMM) 6.0 ms (67%); attention: cuDNN SDPA 2.0 ms (22%); "
                        "other fused elementwise (Triton) 1.0 ms (11%)")

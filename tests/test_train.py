@@ -68,7 +68,6 @@ def stepped_clock(monkeypatch, seconds=STEP_SECONDS, pause=0.0):
         offset["pending"] = 0.0
 
     monkeypatch.setattr(runtime, "_clock", clock.perf_counter)
-    monkeypatch.setattr(runtime, "_reference_clock", clock.perf_counter)
     monkeypatch.setattr(runtime, "synchronize", pausing_synchronize)
     monkeypatch.setattr(runtime.Run, "end_step", stepped_end_step)
 

@@ -1,0 +1,428 @@
+"""Recording a run in the results log: `uv run -m autoresearch.results record STATUS DESCRIPTION`.
+
+Which run a log is, whether it may be recorded, and its row. The run's train.py must be the commit's; its fixed files
+(prepare.py, constants.py, autoresearch/) those of the baseline's commit; its constants and budget the ones its
+settings give; its record the one its log names, written by the fixed code and not changed since. Each refusal is
+one `error:` line that says what to do, and writes nothing. Standard library only.
+"""
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import stat
+import subprocess
+import sys
+import tempfile
+
+from autoresearch import fleet
+from autoresearch import record as run_record
+from autoresearch.errors import UserError
+from autoresearch.record import printable
+from autoresearch.results import (COLUMNS, RERUN, STATUSES, archived_records, best_experiment, experiment_speed,
+                                  experiments, gpu_groups, noise_floor, off_speed, prove, read_rows, runs_folder,
+                                  speed_ratio, verdict)
+
+
+def _number(text):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return math.nan
+    return value
+
+
+def summary_blocks(text):
+    """[{key: value}] of each block after a `---` line in a run log, in order."""
+    return [dict(re.findall(r"^(\w+):[ \t]+(.*?)\s*$", block, flags=re.M))
+            for block in ("\n" + text).split("\n---\n")[1:]]
+
+
+def run_summary(text):
+    """{key: value} of a run log's last summary block (after its last `---` line); empty when there is none.
+    For people and benchmarks: `record` trusts the run's record, and reads the log only to check it against it."""
+    blocks = summary_blocks(text)
+    return blocks[-1] if blocks else {}
+
+
+def crash_reason(text):
+    """What ended a run without a record of its own, in a few words, from the last lines of its log."""
+    for line in reversed(text.strip().splitlines()[-50:]):
+        line = line.strip()
+        if line.startswith(("error:", "FAIL")) or re.match(r"^\w+(Error|Exception)\b", line):
+            return line[:100]
+    return "no summary: stopped or timed out"
+
+
+def head_commit():
+    """The short hash of HEAD in the current folder; one `error:` line outside a git checkout."""
+    short = run_record.git(".", "rev-parse", "--short", "HEAD")
+    if not short:
+        raise UserError("cannot read the commit (`git rev-parse HEAD` failed): run this in the experiment's git "
+                        "checkout, after its first commit")
+    return short
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (TypeError, ValueError, OSError):
+        return False
+
+
+def identify(text, log_dir):
+    """What run the log is: (run id or None, record or None, kind, reason). kind is 'finished', or 'crash' with a
+    reason in a few words; a log without a run (train.py stopped before the fixed code started) has no run id. Refuses, in one line, a log and a record of different runs, a finished-looking log without a
+    record, and a run still going."""
+    data = run_record.read(os.path.join(log_dir, run_record.RECORD_NAME))
+    started = re.findall(r"^run: (\S+)$", text, flags=re.M)
+    if data is not None and started and started[-1] == data["run_id"]:
+        if data["status"] == "finished":
+            return data["run_id"], data, "finished", None
+        if data["status"] == "running":
+            if data.get("pid") and _pid_alive(data["pid"]) and data["pid"] != os.getpid():
+                raise UserError(f"run {data['run_id']} is still going (pid {data['pid']}): record it when it ends")
+            said = crash_reason(text)  # (the log's own last error, where it has one)
+            return data["run_id"], data, "crash", (said if not said.startswith("no summary") else
+                                                   "killed before its summary (SIGKILL? the OOM killer?)")
+        return data["run_id"], data, "crash", (data.get("reason") or "failed")[:160]
+    if started:
+        raise UserError(f"the log is of run {started[-1]}, but {run_record.RECORD_NAME} "
+                        + (f"is of run {data['run_id']}" if data else "is missing or unreadable")
+                        + ": they do not belong together; run again")
+    if run_summary(text).get("val_bpb"):
+        raise UserError("the log ends in a summary but names no run (no `run:` line): it did not come from this "
+                        "project's train.py, or was cut; run again")
+    return None, None, "crash", crash_reason(text)
+
+
+def check_code(data, short, commit=None):
+    """Refuse a run whose train.py is not, by content, the one committed at HEAD now (or at `commit`, a fleet
+    run's), saying what to do. A run that stopped before its record began is judged by the train.py here, the best
+    witness of what ran (a fleet run's by its commit alone: its tree was the commit's)."""
+    if commit is not None:
+        blob = data["code"]["blob"] if data is not None else None
+        if blob and run_record.head_blob("train.py", commit) != blob:
+            raise UserError(f"the train.py that ran is not the one in {short}: not recorded")
+        return
+    code = data["code"] if data is not None and data["code"]["blob"] else run_record.code_identity("train.py")
+    if code["blob"] is not None and run_record.head_blob(code["path"]) != code["blob"]:
+        raise UserError(f"the train.py that ran is not the one in HEAD ({short}): commit the code that ran first "
+                        "(`git commit -am \"<idea>\"`), then record; if you reset or edited since, run again")
+
+
+def branch_start():
+    """The commit this branch left main (or master) at: where a night's fixed files come from before its baseline
+    is recorded; None where neither branch exists."""
+    for name in ("main", "master"):
+        if run_record.git(".", "rev-parse", "--verify", "-q", f"refs/heads/{name}"):
+            return run_record.git(".", "merge-base", "HEAD", name)
+    return None
+
+
+def committed_fixed(commit):
+    """{path: blob id} of the fixed files' Python sources in a commit (as record.fixed_blobs lists them)."""
+    out = run_record.git(".", "ls-tree", "-r", commit, "--", *run_record.FIXED_FILES) or ""
+    blobs = {}
+    for line in out.splitlines():
+        meta, _, path = line.partition("\t")
+        if path.endswith(".py") and path.count("/") <= 1:
+            blobs[path] = meta.split()[2]
+    return blobs
+
+
+def check_fixed(data, base):
+    """Refuse, in one line naming the file, a run whose fixed files (prepare.py, constants.py, autoresearch/) are not
+    those of commit `base` (the baseline's, or the branch's start): its val_bpb would not be the same metric."""
+    ran = data.get("fixed") or committed_fixed(data["code"].get("commit") or "HEAD")  # (records before the hashes)
+    expected = committed_fixed(base)
+    if not expected:
+        return
+    changed = sorted(p for p in set(ran) | set(expected) if ran.get(p) != expected.get(p))
+    if changed:
+        raise UserError(f"{changed[0]} is not the baseline's (commit {base[:7]})"
+                        + (f", nor are {', '.join(changed[1:])}" if changed[1:] else "")
+                        + ": the fixed files never change, so this run's val_bpb is another metric; not recorded. "
+                        f"Put them back (`git checkout {base[:7]} -- {' '.join(run_record.FIXED_FILES)}`), commit, "
+                        "run again")
+
+
+def settings_env(settings, keep=()):
+    """This shell's environment with the metric's settings of a record (`standard`, or the preset and overrides,
+    NAME=value) in place of its own AUTORESEARCH_* variables (those in `keep` stay); None where they do not parse."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_") or k in keep}
+    if settings != "standard":
+        for item in str(settings).split():
+            name, sep, value = item.partition("=")
+            if not (sep and name.startswith("AUTORESEARCH_")):
+                return None
+            env[name] = value
+    return env
+
+
+@functools.lru_cache(maxsize=None)
+def expected_constants(settings, commit=None):
+    """The metric's constants (constants.RESOLVED) that a run under `settings` (the `settings:` line: `standard`, or
+    the preset and overrides, NAME=value) reads at start, computed afresh in a clean process from the constants.py
+    of `commit` (the baseline's; else this checkout's); None if they cannot be (settings that do not parse, or that
+    constants.py refuses)."""
+    env = settings_env(settings)
+    if env is None:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory(prefix="autoresearch-constants-") as tmp:
+        if commit is not None:  # the commit's constants.py and what it imports, not this checkout's
+            archive = run_record.git_archive(commit, "constants.py", "autoresearch/__init__.py",
+                                             "autoresearch/errors.py")
+            if archive is not None:  # (a commit without them: this project's)
+                run_record.untar(archive, tmp)
+                root = tmp
+        env["PYTHONPATH"] = root
+        try:
+            out = subprocess.run([sys.executable, "-c",
+                                  "import json, constants; print(json.dumps(constants.RESOLVED))"],
+                                 cwd=root, env=env, capture_output=True, text=True, timeout=60)
+            return json.loads(out.stdout) if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+
+
+def check_run(data, text):
+    """Refuse, in one line, a run from another checkout (it belongs to that checkout's results) or one recorded
+    already (in any results file)."""
+    if data is None:
+        return
+    where = data["code"].get("path")
+    if where:
+        here = run_record.git(".", "rev-parse", "--show-toplevel")
+        there = run_record.git(os.path.dirname(where), "rev-parse", "--show-toplevel")
+        if here and there and os.path.realpath(here) != os.path.realpath(there):
+            raise UserError(f"this run ran in another checkout ({there}): record it there (`cd {there}`), under the "
+                            "commit it ran on")
+    done = data.get("recorded_in")
+    if isinstance(done, dict):
+        raise UserError(f"this run ({data['run_id']}) is already recorded, as row {done.get('row')} of "
+                        f"{done.get('file')}: run the next experiment first")
+
+
+def check_rules(data, base):
+    """Refuse a finished run whose fixed files are not those of commit `base` (check_fixed), or whose constants and
+    budget are not the ones its settings give under base's constants.py (changed by train.py while it ran)."""
+    if base is not None:
+        check_fixed(data, base)
+    expected = expected_constants(data["settings"], base)
+    kind = data.get("budget_kind", "time")
+    if expected is not None:
+        active = "FLOP_BUDGET" if expected["BUDGET"] == "flops" else "TIME_BUDGET"  # (the other is no setting)
+        changed = [f"{k} {data['constants'].get(k)!r} (its settings give {expected[k]!r})"
+                   for k in ("MAX_SEQ_LEN", "EVAL_TOKENS", "BUDGET", active) if data["constants"].get(k) != expected[k]]
+        if kind != expected["BUDGET"] or data.get("budget") != expected[active]:
+            changed.append(f"the budget {kind} {data.get('budget')!r} (its settings give {expected['BUDGET']} "
+                           f"{expected[active]!r})")
+        if changed:
+            raise UserError(f"this run did not run under the fixed rules of its settings ({data['settings']}): "
+                            f"{'; '.join(changed)}: train.py changed them; it compares with no run; not recorded")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The row
+
+def mark_recorded(log_dir, data, real, number):
+    """Say in the run's own record (run.json beside its log) which results file and row hold it, so that no other
+    results file takes it too. A record that cannot be written is said, and the row stands."""
+    marked = dict(data, recorded_in={"file": real, "row": number})
+    path = os.path.join(log_dir, run_record.RECORD_NAME)
+    try:
+        run_record.write_atomically(path, json.dumps(marked, indent=1).encode("utf-8"))
+    except OSError as e:
+        return [f"cannot mark {path} as recorded ({e.strerror or e})"]
+    return []
+
+
+@contextlib.contextmanager
+def locked(path):
+    """Hold results.tsv's lock (results.tsv.lock beside the file, filelock's, as the cache's): one `record` at a
+    time, agents and fleet waves included. A folder where the lock cannot be made is one `error:` line."""
+    import filelock
+    lock = filelock.FileLock(path + ".lock", is_singleton=False)
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise UserError(f"cannot write in {os.path.dirname(path) or '.'} ({e.strerror or e}): record needs a "
+                        "writable folder for results.tsv and runs/") from None
+    try:
+        yield
+    finally:
+        lock.release(force=True)
+
+
+def append_row(path, row):
+    """Append the row to the results file at path (through a link, to its target) as one whole-line write; a new
+    file gets the header first. Line ends follow the file's own; every byte already there stays."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        old = run_record.read_regular(path)
+        end = b"\r\n" if b"\r\n" in old else b"\n"
+        line = "\t".join(row[c] for c in COLUMNS).encode("utf-8") + end
+        if not old.strip():
+            line = "\t".join(COLUMNS).encode("utf-8") + end + line
+        elif not old.endswith((b"\n", b"\r")):
+            line = end + line
+        f.write(line)
+
+
+def record(status, description, log="run.log", path="results.tsv", runs_dir=None, overrule=False, run=None):
+    """Append the row of the run in `log` (or of the fleet's run `run`, filed under its own commit) to the results
+    file at `path` (see the module's docstring); prints the row, the verdict the rules give it and what it needs
+    to be read with; returns the row. A status that contradicts the verdict (discard for a clear win, keep for a
+    loss) is refused unless `overrule`."""
+    meta = fleet.brought(run) if run is not None else None
+    if meta is not None:
+        log = os.path.join(fleet.local_folder(run), "run.log")
+    if status not in STATUSES:
+        raise UserError(f"status {status!r}: use one of {', '.join(STATUSES)}")
+    description = printable(" ".join(description.split()))
+    if not description:
+        raise UserError("give a short description of what the run tried")
+    try:
+        text = run_record.read_regular(log).decode("utf-8", "replace")
+    except OSError as e:
+        raise UserError(f"cannot read the run's log {log} ({e.strerror or e}): run "
+                        "`timeout 600 uv run train.py > run.log 2>&1` first")
+    log_dir = os.path.dirname(os.path.abspath(log))
+    run_id, data, kind, reason = identify(text, log_dir)
+    if meta is not None and data is None:  # (a fleet run that stopped before its record: the fleet's run id)
+        run_id = f"fleet-{run}"
+    if meta is not None and kind != "finished" and meta.get("error"):  # (the fleet's word on why it ended)
+        reason = str(meta["error"])
+    check_run(data, text)
+    notes = []
+    if kind == "finished":
+        if status == "crash":
+            raise UserError(f"{log} is a finished run (val_bpb {data['val_bpb']:.6f}): a finished run is keep or "
+                            "discard")
+        if data["violations"] and status == "keep":
+            raise UserError(f"this run compares with no other ({'; '.join(data['violations'])}): it cannot be kept; "
+                            "record it as discard and undo the cause")
+        val_bpb, memory = f"{data['val_bpb']:.6f}", f"{data['peak_vram_mb'] / 1024:.1f}"
+    else:
+        if status != "crash":
+            notes.append(f"{log} has no finished run ({reason}): recorded as a crash")
+        status, val_bpb, memory = "crash", "0.000000", "0.0"
+        description = printable(f"{description} ({' '.join(reason.split())})" if reason not in description
+                                else description)
+    short = meta["short"] if meta else head_commit()
+    check_code(data, short, meta and meta["commit"])
+    log_digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    gpu = printable(run_record.gpu_of(data))
+    real = os.path.realpath(path)
+    runs_dir = runs_dir or runs_folder(path)
+    with locked(real):
+        problems = []
+        archived = archived_records(runs_dir)
+        rows = prove(read_rows(real, problems), archived, real, problems) if os.path.lexists(real) else []
+        notes += [f"reading {path}: {p}" for p in problems]
+        for earlier in archived:  # a run is recorded once; a log without a run, once per commit
+            said = earlier["recorded"]
+            if (run_id and said.get("identity") == run_id) or (not run_id and said.get("log") == log_digest
+                                                               and said.get("row", [""])[0] == short):
+                raise UserError(f"this run ({run_id or 'its log'}) is already recorded, as row {said.get('number')} "
+                                f"({' '.join(map(str, said.get('row', [])[:1] + said.get('row', [])[3:]))}): run "
+                                "the next experiment first")
+        groups = gpu_groups(rows + [dict(gpu=gpu, status=status)])  # (this run's model is the last)
+        same = [r for r, g in zip(rows, groups) if g == groups[-1]]
+        baseline = next((r["record"] for r in same if r.get("record") and r["record"].get("status") == "finished"),
+                        None)
+        if kind == "finished":  # the fixed files and constants of the baseline's commit (or the branch's start)
+            check_rules(data, (baseline or {}).get("code", {}).get("commit") or branch_start())
+        if kind == "finished" and baseline is not None and baseline.get("settings") != data["settings"]:
+            raise UserError(f"this run's settings ({data['settings']}) differ from the baseline's "
+                            f"({baseline.get('settings')}): its val_bpb does not compare; not recorded. Run it again "
+                            "with the baseline's settings")
+        if kind == "finished" and any(r["commit"] == short and r["status"].lower() != "crash" for r in same):
+            if not description.endswith(RERUN):
+                description += RERUN
+        row = dict(commit=short, val_bpb=val_bpb, memory_gb=memory, status=status, description=description, gpu=gpu)
+        speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
+        judged = judge(same, dict(row, speed=speed))
+        if judged["contradiction"] and not overrule:
+            raise UserError(f"{judged['line']}: `{status}` contradicts it; not recorded. Record "
+                            f"{'keep' if status == 'discard' else 'discard'}, or add --overrule if you mean it")
+        number = len(rows) + 1
+        run_id = run_id or f"log-{run_record.new_run_id()}"
+        stem = os.path.join(runs_dir, run_id)
+        saved = dict(data or {"run_id": run_id, "status": "crashed before its record began"})
+        saved["recorded"] = dict(identity=run_id, number=number, row=[row[c] for c in COLUMNS], file=real,
+                                 log=log_digest)
+        try:
+            os.makedirs(runs_dir, exist_ok=True)
+            run_record.write_atomically(stem + ".log", text.encode("utf-8"))
+            run_record.write_atomically(stem + ".json", json.dumps(saved, indent=1).encode("utf-8"))
+        except OSError as e:
+            for suffix in (".log", ".json"):
+                with contextlib.suppress(OSError):
+                    os.remove(stem + suffix)
+            raise UserError(f"cannot keep the run's log in {runs_dir} ({e.strerror or e}): nothing recorded")
+        try:
+            append_row(real, row)
+        except BaseException as e:  # (whatever stopped the row, the run's files go too: both or neither)
+            for suffix in (".log", ".json"):
+                with contextlib.suppress(OSError):
+                    os.remove(stem + suffix)
+            if isinstance(e, OSError):
+                raise UserError(f"cannot write {path} ({e.strerror or e}): nothing recorded")
+            raise
+        if data is not None:
+            notes += mark_recorded(log_dir, data, real, number)
+    print("\t".join(row[c] for c in COLUMNS).rstrip("\t"))
+    if judged["line"]:
+        print(judged["line"] + (" (overruled)" if judged["contradiction"] else ""))
+    for note in notes + judged["notes"]:
+        print(printable(f"note: {note}"))
+    return row
+
+
+def judge(rows, row):
+    """The verdict on `row` before it is written (rows: those already there, proven; row with its `speed`):
+    {line: the verdict in words or None, contradiction: True when row's status is discard for a clear win or keep
+    for a loss, notes: the experiment's runs, the noise floor, its speed}. A re-run is judged on its experiment's
+    mean, against the best of the other experiments."""
+    speed = row["speed"]
+    exps = experiments([dict(r) for r in rows] + [row])
+    floor, why = noise_floor(exps)
+    exp = next(e for e in reversed(exps) if e["commit"] == row["commit"])
+    out = dict(line=None, contradiction=False, notes=[])
+    if exp["rows"] > 1 and row["status"] != "crash":
+        out["notes"].append(f"a re-run of experiment #{exp['number']} ({exp['description']}): {len(exp['runs'])} "
+                            f"runs, mean {exp['value']:.6f}")
+    out["notes"].append(f"noise floor: {floor:.6f} ({why})" if floor is not None else f"noise floor: not set: {why}")
+    best = best_experiment(exps, leave_out=exp)
+    base = next((e for e in exps if e["finished"]), None)
+    if row["status"] == "crash" or exp is base or best is None:
+        return out
+    said = verdict(exp["value"], best["value"], floor)
+    if said is not None:
+        rerun = len(exp["runs"]) > 1  # (a marginal win confirmed: its mean beats the best by more than F)
+        value = f"{'mean ' if rerun else ''}{exp['value']:.6f}"
+        deterministic = base["pair"] and base["pair"][0] == base["pair"][1]
+        advice = {"better": "", "marginal": ": its mean beats the best by more than the floor: keep" if rerun else
+                  ": identical runs repeat their value, so a re-run would tell nothing: keep it only if it makes "
+                  "train.py simpler" if deterministic else ": keep it for now and run it again",
+                  "equal": ": keep only if it makes train.py simpler", "worse": ""}[said]
+        out["line"] = (f"verdict: {said} ({value} against the best {best['value']:.6f}, #{best['number']}; floor "
+                       f"{floor:.6f}){advice}")
+        wins = ("better", "marginal") if rerun and not deterministic else ("better",)
+        out["contradiction"] = (said in wins and row["status"] == "discard") or (said == "worse" and
+                                                                               row["status"] == "keep")
+    ratio = speed_ratio(speed, experiment_speed(best))
+    if off_speed(ratio):
+        out["notes"].append(f"this run trained at {ratio:.2f}x the model FLOP/s of the best's runs: under a time "
+                            "budget val_bpb follows speed, so if the change was not meant to change speed the machine "
+                            "did: run it again before trusting the verdict (or use AUTORESEARCH_BUDGET=flops)")
+    return out
