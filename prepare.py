@@ -386,8 +386,8 @@ def make_build(source, shards=None, docs=None):
                 path = os.path.join(root, n)
                 files[os.path.relpath(path, folder).replace(os.sep, "/")] = {"size": os.path.getsize(path),
                                                                              "sha256": file_sha256(path)}
-        build = publish(folder, {"format": BUILD_FORMAT, "id": name, "source": source, "shards": {"val": val, "train": train},
-                                 "files": files, "tokens": tokens})
+        build = publish(folder, {"format": BUILD_FORMAT, "id": name, "source": source, "files": files,
+                                 "shards": {"val": val, "train": train}, "tokens": tokens})
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # (gone already when published)
     print(f"build: {name} made in {BUILDS_DIR}", flush=True)

@@ -137,6 +137,9 @@ def make_cache_folder():
                         "to a writable folder")
     if not os.access(CACHE_DIR, os.W_OK | os.X_OK):
         raise UserError(f"the cache {CACHE_DIR} is not writable: fix its permissions or set AUTORESEARCH_CACHE_DIR")
+    if os.path.exists(os.path.join(CACHE_DIR, "manifest.json")):  # (before builds: data/ may be a corpus's)
+        raise UserError(f"{CACHE_DIR} was made by an older version (manifest.json): delete its tokenizer/, tokens/, "
+                        "manifest.json and cache.lock, and data/ too if it was made with --source, then run again")
 
 
 def build_id(source):

@@ -76,8 +76,9 @@ def _pid_alive(pid):
 
 def identify(text, log_dir):
     """What run the log is: (run id or None, record or None, kind, reason). kind is 'finished', or 'crash' with a
-    reason in a few words; a log without a run (train.py stopped before the fixed code started) has no run id. Refuses, in one line, a log and a record of different runs, a finished-looking log without a
-    record, and a run still going."""
+    reason in a few words; a log without a run (train.py stopped before the fixed code started) has no run id.
+    Refuses, in one line, a log and a record of different runs, a finished-looking log without a record, and a run
+    still going."""
     data = run_record.read(os.path.join(log_dir, run_record.RECORD_NAME))
     started = re.findall(r"^run: (\S+)$", text, flags=re.M)
     if data is not None and started and started[-1] == data["run_id"]:

@@ -149,7 +149,8 @@ def prove(rows, records, path, problems):
             said = dict(zip(COLUMNS, map(str, data["recorded"]["row"])))
             changed = [c for c in ("val_bpb", "status") if row[c] != said[c]]
             if changed:
-                differ.append(f"#{n} {row['commit']} ({', '.join(f'{c} {row[c]!r}, its run {said[c]!r}' for c in changed)})")
+                said_both = ", ".join(f"{c} {row[c]!r}, its run {said[c]!r}" for c in changed)
+                differ.append(f"#{n} {row['commit']} ({said_both})")
                 row["differs"] = True
             row.update({c: printable(said.get(c, row[c])) for c in ("val_bpb", "memory_gb", "status", "gpu")})
         speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None

@@ -457,10 +457,10 @@ def _with_kernels(train):
 
 
 def main(train, knobs):
-    """Run train() under the fixed settings, as one run with its record (run.json): the CUDA allocator's expandable segments, SDPA's backend order
-    (_with_kernels). Running out of memory (GPU or CPU) ends in one line naming `knobs` (the knobs that set memory
-    use, e.g. "DEVICE_BATCH_SIZE=128, DEPTH=8"); SIGTERM in one line too; any stop before the summary marks the
-    record failed, with the reason."""
+    """Run train() under the fixed settings, as one run with its record (run.json): the CUDA allocator's
+    expandable segments, SDPA's backend order (_with_kernels). Running out of memory (GPU or CPU) ends in one
+    line naming `knobs` (the knobs that set memory use, e.g. "DEVICE_BATCH_SIZE=128, DEPTH=8"); SIGTERM in one
+    line too; any stop before the summary marks the record failed, with the reason."""
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])  # torch 2.9 renamed the variable
     os.environ.setdefault("PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF",
                           "expandable_segments:True")  # read at the first CUDA allocation

@@ -102,7 +102,8 @@ def verify(count=3, path="results.tsv"):
         data = rerun(exp["commit"], base["commit"], settings, log_path)
         ok, words = judge(exp, runs, floor, data)
         if exp["unmatched"]:
-            ok, words = False, words + f"; {exp['unmatched']} of its rows differ from their runs in runs/ (changed by hand?)"
+            ok, words = False, (words + f"; {exp['unmatched']} of its rows differ from their runs in runs/ "
+                                "(changed by hand?)")
         failed += not ok
         lines.append(results.printable(f"#{exp['number']} {exp['commit']} {exp['description']}: "
                                        f"{'reproduces' if ok else 'does NOT reproduce'}: {words}"))

@@ -341,6 +341,15 @@ def test_build_json_is_plain_json_naming_the_source_and_every_file(prepared, sou
     assert on_disk == set(data["files"]) | {"build.json"}
 
 
+def test_a_cache_of_the_version_before_builds_is_refused_in_one_line(tmp_path, source_dir):
+    (tmp_path / "cache" / "data").mkdir(parents=True)
+    (tmp_path / "cache" / "manifest.json").write_text('{"format": 1, "source": {"kind": "local"}}')
+    proc = run_script(["prepare.py"], env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    line = proc.stderr.strip()
+    assert proc.returncode == 1 and "\n" not in line and "made by an older version" in line and "data/ too" in line
+    assert sorted(os.listdir(tmp_path / "cache")) == ["data", "manifest.json"]
+
+
 def test_a_cache_path_that_is_a_file_is_one_line(tmp_path, source_dir):
     (tmp_path / "cache").write_text("not a folder")
     proc = run_script(["prepare.py", "--source", source_dir], env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
