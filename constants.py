@@ -12,7 +12,6 @@ A few environment overrides exist for tests and small machines only; a run that 
   AUTORESEARCH_EVAL_TOKENS   validation tokens scored by evaluate_bpb (default 40 * 524288)
   AUTORESEARCH_MAX_SEQ_LEN   context length (default 2048)
   AUTORESEARCH_GPU_MEMORY_GB the GPU memory train.py fits DEVICE_BATCH_SIZE to (default: what is free)
-  AUTORESEARCH_PROFILE_STEP  the CUDA step whose kernels the run profiles and prints (default 1)
   HF_ENDPOINT                the dataset hub, for mirrors (default https://huggingface.co)
   HF_HUB_OFFLINE, HF_TOKEN   the hub's conventions: 1 = never download; a token sent with every download
   AUTORESEARCH_DEVICE        cpu, cuda or mps: the training device (default: CUDA if torch can use it, else MPS,
@@ -99,9 +98,6 @@ FORCE = _env("AUTORESEARCH_FORCE", False, lambda v: v in ("1", "true", "yes"), l
 # The GPU memory train.py may plan for, in GB (default: what the GPU has free), e.g. to try a 24 GB card's batch.
 GPU_MEMORY_GB = _env("AUTORESEARCH_GPU_MEMORY_GB", 0.0, float, lambda v: math.isfinite(v) and v > 0,
                      "a positive number of GB", "the memory the GPU has free")
-# The CUDA step whose kernels the run profiles: the attention kernels and the time by kind, in two lines. Step 1 is
-# the first compiled one; `bench profile` asks for a later, steady step.
-PROFILE_STEP = _env("AUTORESEARCH_PROFILE_STEP", 1, int, lambda v: v >= 1, "a step number, at least 1")
 VOCAB_SIZE = 8192  # 8188 learned BPE tokens + 4 special tokens
 
 DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda", "mps"), "cpu, cuda or mps",

@@ -14,6 +14,7 @@
 an independent reference for the tests: prepare.make_dataloader must produce the very same rows.
 """
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -127,10 +128,11 @@ def bench_attention(B=32, H=4, T=MAX_SEQ_LEN, D=128, iters=20):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_train(source=None, budget=None, log=None, timeout=None, env=None):
+def run_train(source=None, budget=None, log=None, timeout=None, env=None, profile_step=None):
     """Run train.py (or `source`, an edited copy of it) as `uv run train.py` does, in a temporary folder (its
     run.json never replaces an agent's), with AUTORESEARCH_TIME_BUDGET=budget when given and the variables in
-    `env`; the output goes to the file `log` when given. Returns (exit status, {summary key: value}, the output)."""
+    `env`, profiling step `profile_step` when given (run_profiled); the output goes to the file `log` when given.
+    Returns (exit status, {summary key: value}, the output)."""
     import tempfile
     env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     if budget is not None:
@@ -141,7 +143,9 @@ def run_train(source=None, budget=None, log=None, timeout=None, env=None):
             path = os.path.join(folder, "train.py")
             with open(path, "w", encoding="utf-8") as f:
                 f.write(source)
-        status, out = run_logged([sys.executable, path], folder, env, timeout, log)
+        command = [sys.executable, path] if profile_step is None else [
+            sys.executable, "-c", f"from autoresearch.bench import run_profiled; run_profiled({path!r}, {profile_step})"]
+        status, out = run_logged(command, folder, env, timeout, log)
     return status, run_summary(out) if status == 0 else {}, out
 
 
@@ -199,13 +203,109 @@ def bench_startup(budget=20, log_dir=None, warm=False):
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Profile: kernels (and profiler events) by category, the first that matches a lowered name wins, so that a profile
+# names the attention that ran (a silent fallback to a slower kernel shows) and sums kernel time per category.
+# Mem-efficient before cuDNN: its kernels are "fmha_cutlass...".
+KERNEL_CATEGORIES = [
+    ("attention: FlexAttention", ("flex_attention",)),
+    ("attention: mem-efficient SDPA", ("_scaled_dot_product_efficient_attention", "fmha_cutlass",
+                                       "efficient_attention")),
+    ("attention: cuDNN SDPA", ("_scaled_dot_product_cudnn_attention", "cudnn", "fort_native_sdpa", "fmha")),
+    ("attention: flash SDPA", ("_scaled_dot_product_flash_attention", "flash_fwd", "flash_bwd")),
+    ("attention: math SDPA (slow)", ("_scaled_dot_product_attention_math",)),
+    ("matmul (GEMM)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "splitk")),
+    ("cross-entropy / softmax", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
+    ("RMSNorm", ("rms_norm", "rsqrt")),
+    ("ReLU^2", ("relu", "threshold_backward")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat_")),
+    ("other fused elementwise (Triton)", ("triton_",)),
+]
+
+
+def kernel_category(name):
+    """The category of a kernel or profiler event name, "other" where none matches."""
+    lowered = name.lower()
+    return next((category for category, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)), "other")
+
+
+def kernel_categories(kernels):
+    """{category: seconds} from (kernel name, seconds) pairs, in KERNEL_CATEGORIES' order, "other" last."""
+    totals = dict.fromkeys([name for name, _ in KERNEL_CATEGORIES] + ["other"], 0.0)
+    for kernel, seconds in kernels:
+        totals[kernel_category(kernel)] += seconds
+    return {name: t for name, t in totals.items() if t > 0}
+
+
+def attention_kernels(event_names):
+    """{implementation: count} of the attention that ran, from (profiler event or kernel name, count) pairs."""
+    found = {}
+    for name, count in event_names:
+        category = kernel_category(name)
+        if category.startswith("attention: "):
+            label = category[len("attention: "):]
+            found[label] = found.get(label, 0) + count
+    return found
+
+
+def profile_lines(events, step):
+    """The two lines of a profiled step from the profiler's events (key_averages): the attention kernels that ran
+    and the GPU time by kind of kernel. Only device-side events (the kernels) count: a CPU op's device time holds
+    the kernels of every op under it, so counting ops too would count each kernel once per enclosing op."""
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).split(".")[-1] not in ("CPU", "")]
+    used = attention_kernels((e.key, e.count) for e in kernels)
+    times = kernel_categories((e.key, e.device_time_total / 1e6) for e in kernels)
+    total = sum(times.values()) or 1.0
+    return [f"attention (profiled step {step}): " + (", ".join(f"{label} x{n}" for label, n in used.items())
+                                                     or "no attention kernel recognized"),
+            f"kernels (profiled step {step}): " + "; ".join(
+                f"{name} {1000 * t:.1f} ms ({100 * t / total:.0f}%)"
+                for name, t in sorted(times.items(), key=lambda kv: -kv[1]))]
+
+
+@contextlib.contextmanager
+def profiling(step):
+    """Within it, a run's step `step` is profiled and profile_lines printed after it (kernels on CUDA only)."""
+    import torch
+    from autoresearch.runtime import Run
+    begin, end, profiler = Run.begin_step, Run.end_step, []
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+    def begin_step(run):
+        begin(run)
+        if run.step == step:
+            profiler.append(torch.profiler.profile(activities=activities, acc_events=True))
+            profiler[0].start()
+
+    def end_step(run, *args):
+        end(run, *args)
+        if profiler and run.step == step + 1:
+            profiler[0].stop()
+            print("\n".join(profile_lines(profiler[0].key_averages(), step)), flush=True)
+
+    Run.begin_step, Run.end_step = begin_step, end_step
+    try:
+        yield
+    finally:
+        Run.begin_step, Run.end_step = begin, end
+
+
+def run_profiled(path, step):
+    """Run the train.py at `path` as `uv run train.py` does, with its step `step` profiled (profiling)."""
+    import runpy
+    sys.argv = [path]
+    with profiling(step):
+        runpy.run_path(path, run_name="__main__")
+
+
 def bench_profile(step=15, budget=20, log=None):
     """Where a steady training step of train.py spends its GPU time: a short run of train.py that profiles step
-    `step` (AUTORESEARCH_PROFILE_STEP; the first 11 compile), kernel time by category as the run prints it (CUDA)."""
+    `step` (the first 11 compile), kernel time by category (CUDA)."""
     import torch
     if not torch.cuda.is_available():
         return [("profile", "needs a CUDA GPU")]
-    status, _, out = run_train(budget=budget, log=log, env={"AUTORESEARCH_PROFILE_STEP": str(step)})
+    status, _, out = run_train(budget=budget, log=log, profile_step=step)
     found = re.search(r"^kernels \(profiled step \d+\): (.*)$", out, flags=re.M)
     if not found:
         return [("profile", f"no profile (exit {status}; CUDA only): {out.strip()[-300:]}")]

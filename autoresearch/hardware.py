@@ -347,7 +347,7 @@ def window_kernel(device, n_head, n_kv_head, head_dim):
         # writes itself: FlexAttention's is one of those, so the windowed layers take SDPA with the explicit mask.
         if kernel == "flex" and constants.BUDGET == "flops":
             kernel, why = "sdpa", f"the compute budget cannot count FlexAttention's own kernel; {why}"
-        if device.type == "cuda":  # (elsewhere runtime.Run says what runs)
+        if device.type == "cuda":  # (elsewhere there is one way: SDPA, eager)
             name = {"cudnn": "cuDNN's sliding window", "flex": "FlexAttention",
                     "sdpa": "SDPA, an explicit mask"}[kernel]
             print(f"attention: windowed layers on {name} ({why}); full layers on SDPA, cuDNN first", flush=True)
@@ -387,65 +387,3 @@ def peak_flops(device):
     name = torch.cuda.get_device_name(device)
     flops = lookup_peak_flops(name)
     return flops, name, "" if flops else f"{name} is not in runtime.py's PEAK_BF16_FLOPS table: MFU reported as 0"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# What ran, and whether the run compares with standard ones
-
-# Kernels (and profiler events) by category, the first that matches a lowered name wins: the attention line names
-# the attention that ran (so a silent fallback to a slower kernel shows in run.log), and a profile sums kernel time
-# per category (bench profile). Mem-efficient before cuDNN: its kernels are "fmha_cutlass...".
-KERNEL_CATEGORIES = [
-    ("attention: FlexAttention", ("flex_attention",)),
-    ("attention: mem-efficient SDPA", ("_scaled_dot_product_efficient_attention", "fmha_cutlass",
-                                       "efficient_attention")),
-    ("attention: cuDNN SDPA", ("_scaled_dot_product_cudnn_attention", "cudnn", "fort_native_sdpa", "fmha")),
-    ("attention: flash SDPA", ("_scaled_dot_product_flash_attention", "flash_fwd", "flash_bwd")),
-    ("attention: math SDPA (slow)", ("_scaled_dot_product_attention_math",)),
-    ("matmul (GEMM)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "splitk")),
-    ("cross-entropy / softmax", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
-    ("RMSNorm", ("rms_norm", "rsqrt")),
-    ("ReLU^2", ("relu", "threshold_backward")),
-    ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat_")),
-    ("other fused elementwise (Triton)", ("triton_",)),
-]
-
-
-def kernel_category(name):
-    """The category of a kernel or profiler event name, "other" where none matches."""
-    lowered = name.lower()
-    return next((category for category, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)), "other")
-
-
-def kernel_categories(kernels):
-    """{category: seconds} from (kernel name, seconds) pairs, in KERNEL_CATEGORIES' order, "other" last."""
-    totals = dict.fromkeys([name for name, _ in KERNEL_CATEGORIES] + ["other"], 0.0)
-    for kernel, seconds in kernels:
-        totals[kernel_category(kernel)] += seconds
-    return {name: t for name, t in totals.items() if t > 0}
-
-
-def attention_kernels(event_names):
-    """{implementation: count} of the attention that ran, from (profiler event or kernel name, count) pairs."""
-    found = {}
-    for name, count in event_names:
-        category = kernel_category(name)
-        if category.startswith("attention: "):
-            label = category[len("attention: "):]
-            found[label] = found.get(label, 0) + count
-    return found
-
-
-def profile_lines(events, step):
-    """The two lines of a profiled step from the profiler's events (key_averages): the attention kernels that ran
-    and the GPU time by kind of kernel. Only device-side events (the kernels) count: a CPU op's device time holds
-    the kernels of every op under it, so counting ops too would count each kernel once per enclosing op."""
-    kernels = [e for e in events if str(getattr(e, "device_type", "")).split(".")[-1] not in ("CPU", "")]
-    used = attention_kernels((e.key, e.count) for e in kernels)
-    times = kernel_categories((e.key, e.device_time_total / 1e6) for e in kernels)
-    total = sum(times.values()) or 1.0
-    return [f"attention (profiled step {step}): " + (", ".join(f"{label} x{n}" for label, n in used.items())
-                                                     or "no attention kernel recognized"),
-            f"kernels (profiled step {step}): " + "; ".join(
-                f"{name} {1000 * t:.1f} ms ({100 * t / total:.0f}%)"
-                for name, t in sorted(times.items(), key=lambda kv: -kv[1]))]

@@ -29,7 +29,7 @@ import torch
 import constants
 from autoresearch import flops, record
 from autoresearch.errors import UserError, Watchdog, sigterm_as_error
-from autoresearch.hardware import can_compile, peak_flops, profile_lines, synchronize
+from autoresearch.hardware import can_compile, peak_flops, synchronize
 
 _clock = time.perf_counter  # every time this module counts (bound here: see the module's docstring)
 # The metric's constants as this process read them at import: what every check compares with.
@@ -101,9 +101,8 @@ class Run:
     `flops` (BUDGET): every step counts the FLOPs the fixed counter (flops.py) saw since the last step ended, in
     every thread, work before the loop included; training ends with the step that reaches FLOP_BUDGET, so the same
     code takes the same steps on any machine. `time`: the reference's wall clock; training ends with the step that
-    reaches TIME_BUDGET. Where the model compiles (CUDA), the first 11 steps are start-up under both. CUDA step
-    PROFILE_STEP is profiled to name the attention kernels that ran. The counts are read-only properties, so
-    train.py cannot move them by accident. t_start: time.perf_counter() when train() began."""
+    reaches TIME_BUDGET. Where the model compiles (CUDA), the first 11 steps are start-up under both. The counts are
+    read-only properties, so train.py cannot move them by accident. t_start: time.perf_counter() when train() began."""
 
     def __init__(self, device, flops_per_token, tokens_per_step, t_start, train_globals=None):
         self.device, self.flops_per_token, self.tokens_per_step = device, flops_per_token, tokens_per_step
@@ -133,7 +132,7 @@ class Run:
         self.startup_seconds, self.smooth_loss, self.train_loss = 0.0, 0.0, float("nan")
         self.phase_seconds = {"forward_backward": 0.0, "optimizer": 0.0, "data_wait": 0.0}  # counted steps
         self.unaccounted_seconds, self._unaccounted_said = 0.0, False
-        self.tty, self._last_log, self._profiler, self._t_trained = sys.stdout.isatty(), 0.0, None, None
+        self.tty, self._last_log, self._t_trained = sys.stdout.isatty(), 0.0, None
         self._data_wait, self._marks, self._t0, self._epoch_said = 0.0, [], None, False
         self._after_eval, self._flops_before = False, 0.0
         print(f"device: {device} ({self.gpu_name}), torch {torch.__version__}; settings: {constants.SETTINGS}")
@@ -143,8 +142,6 @@ class Run:
                   "recording this run, or results.py will refuse it", flush=True)
         if mfu_note:
             print(f"note: {mfu_note}")
-        if not self.cuda:  # (the CUDA build of torch prints an error when profiling without a GPU)
-            print(f"attention: SDPA in eager mode on {device.type} (kernels are profiled on CUDA only)", flush=True)
 
     # -- the counts (read-only) --
 
@@ -221,11 +218,6 @@ class Run:
             self._after_eval = True
             self._violations.append("a training step ran after the evaluation began (evaluate_bpb), where no FLOP "
                                     "is counted")
-        if self.step == constants.PROFILE_STEP and self.cuda:  # compiled by now: record the kernels that run
-            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                                torch.profiler.ProfilerActivity.CUDA],
-                                                    acc_events=True)
-            self._profiler.start()
 
     def begin_optimizer(self):
         """Call between the forward/backward passes and the optimizer step (splits the step's time)."""
@@ -243,11 +235,6 @@ class Run:
             if not self._step_flops and self.step == 0:  # (nothing counted would never end the run)
                 raise UserError(f"torch's FLOP counter saw no matmul in step {self.step}: the compute budget cannot "
                                 "count it (run the model between run.begin_step() and run.end_step())")
-        if self._profiler is not None:
-            self._profiler.stop()
-            lines = profile_lines(self._profiler.key_averages(), self.step)
-            self._profiler = None
-            print(("\n" if self.tty else "") + "\n".join(lines), flush=True)
         if not math.isfinite(loss_f) or loss_f > 100:
             print(f"\nFAIL: loss is {loss_f} at step {self.step}", flush=True)
             raise UserError(f"the training loss is {loss_f} at step {self.step}: the run diverged; lower the learning "

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from autoresearch import bench, hardware
-from conftest import ROOT
+from autoresearch import bench
+from conftest import ROOT, run_script
 
 
 def test_kernels_are_sorted_into_the_profiles_categories():
@@ -15,10 +15,53 @@ def test_kernels_are_sorted_into_the_profiles_categories():
                ("triton_red_fused__to_copy_mul_rsqrt_0", 0.25), ("triton_poi_fused_relu_pow_1", 0.25),
                ("triton_per_fused__log_softmax_backward_2", 0.125), ("Memcpy HtoD (Pageable -> Device)", 0.0625),
                ("triton_poi_fused_add_mul_3", 0.03125), ("void at::native::vectorized_elementwise_kernel", 1.0)]
-    got = hardware.kernel_categories(kernels)
+    got = bench.kernel_categories(kernels)
     assert got == {"matmul (GEMM)": 4.0, "attention: FlexAttention": 2.0, "attention: cuDNN SDPA": 0.5, "RMSNorm": 0.25,
                    "ReLU^2": 0.25, "cross-entropy / softmax": 0.125, "copy / fill": 0.0625,
                    "other fused elementwise (Triton)": 0.03125, "other": 1.0}
+
+
+@pytest.mark.parametrize("names, expected", [
+    ([("aten::_scaled_dot_product_cudnn_attention", 4), ("aten::_scaled_dot_product_cudnn_attention_backward", 4),
+      ("triton_tem_fused_flex_attention_0", 12), ("aten::mm", 90)], {"cuDNN SDPA": 8, "FlexAttention": 12}),
+    ([("aten::_scaled_dot_product_flash_attention", 2), ("void flash_fwd_kernel<...>", 2)], {"flash SDPA": 4}),
+    ([("aten::_scaled_dot_product_attention_math", 3)], {"math SDPA (slow)": 3}),
+    ([("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", 2)], {"mem-efficient SDPA": 2}),  # (not cuDNN's "fmha")
+    ([("aten::mm", 5)], {}),
+])
+def test_attention_kernels_are_named_from_profiler_events(names, expected):
+    assert bench.attention_kernels(names) == expected
+
+
+def test_a_profiled_steps_kernel_time_counts_each_kernel_once():
+    """The profiler's events hold CPU ops whose device time includes every kernel under them (aten::mm, the
+    compiled region, the optimizer step) and the kernels themselves: only the kernels add up to the GPU time."""
+    from types import SimpleNamespace as Event
+    cpu, cuda = "DeviceType.CPU", "DeviceType.CUDA"
+    events = [
+        Event(key="CompiledFunction", count=1, device_type=cpu, device_time_total=9000.0),  # all below
+        Event(key="aten::mm", count=2, device_type=cpu, device_time_total=6000.0),
+        Event(key="aten::_scaled_dot_product_cudnn_attention", count=1, device_type=cpu, device_time_total=2000.0),
+        Event(key="nvjet_tst_128x256_gemm", count=2, device_type=cuda, device_time_total=6000.0),
+        Event(key="cudnn_generated_fort_native_sdpa_sm90", count=1, device_type=cuda, device_time_total=2000.0),
+        Event(key="triton_poi_fused_add_0", count=1, device_type=cuda, device_time_total=1000.0),
+        Event(key="Optimizer.step#MuonAdamW.step", count=1, device_type=cpu, device_time_total=1000.0),
+    ]
+    attention, kernels = bench.profile_lines(events, 1)
+    assert attention == "attention (profiled step 1): cuDNN SDPA x1"
+    assert kernels == ("kernels (profiled step 1): matmul (GEMM) 6.0 ms (67%); attention: cuDNN SDPA 2.0 ms (22%); "
+                       "other fused elementwise (Triton) 1.0 ms (11%)")
+
+
+def test_a_profiled_run_is_train_py_as_users_run_it_with_the_profile_after_its_step(prepared):
+    """run_profiled runs train.py itself, to its summary, and prints the profile's two lines after the
+    step asked for; off CUDA they name no kernel."""
+    proc = run_script(["-c", f"from autoresearch.bench import run_profiled; run_profiled({ROOT!r} + '/train.py', 0)"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    at = lines.index("attention (profiled step 0): no attention kernel recognized")
+    assert lines[at + 1] == "kernels (profiled step 0): " and any(line.startswith("step 00000 ") for line in lines[:at])
+    assert "\n---\n" in proc.stdout and "val_bpb:" in proc.stdout.split("\n---\n")[1]
 
 
 def test_table_rows_are_read_back_from_a_table():
@@ -103,7 +146,7 @@ def test_the_profile_benchmark_reads_the_runs_kernel_line(monkeypatch):
     monkeypatch.setattr(bench, "run_train", lambda **kw: asked.update(kw) or (0, {}, out))
     assert bench.bench_profile() == [("profile: matmul (GEMM)", "41.0 ms (62%)"),
                                      ("profile: attention: FlexAttention", "9.5 ms (14%)")]
-    assert asked["env"] == {"AUTORESEARCH_PROFILE_STEP": "15"}
+    assert asked["profile_step"] == 15
     monkeypatch.setattr(bench, "run_train", lambda **kw: (1, {}, "error: out of memory"))
     assert bench.bench_profile()[0][1].startswith("no profile (exit 1")
 

@@ -186,23 +186,3 @@ def test_where_the_model_compiles_every_flop_counts_but_the_compiling_steps_are_
     run = loop.run
     assert len(ends) == steps and run.training_flops == steps * Loop.STEP and run.warmup == 0
     assert run.startup_seconds > 0 and run.training_seconds < ends[-1] - ends[runtime.CUDA_WARMUP_STEPS - 2]
-
-
-def test_a_profiled_steps_kernel_time_counts_each_kernel_once():
-    """The profiler's events hold CPU ops whose device time includes every kernel under them (aten::mm, the
-    compiled region, the optimizer step) and the kernels themselves: only the kernels add up to the GPU time."""
-    from types import SimpleNamespace as Event
-    cpu, cuda = "DeviceType.CPU", "DeviceType.CUDA"
-    events = [
-        Event(key="CompiledFunction", count=1, device_type=cpu, device_time_total=9000.0),  # all below
-        Event(key="aten::mm", count=2, device_type=cpu, device_time_total=6000.0),
-        Event(key="aten::_scaled_dot_product_cudnn_attention", count=1, device_type=cpu, device_time_total=2000.0),
-        Event(key="nvjet_tst_128x256_gemm", count=2, device_type=cuda, device_time_total=6000.0),
-        Event(key="cudnn_generated_fort_native_sdpa_sm90", count=1, device_type=cuda, device_time_total=2000.0),
-        Event(key="triton_poi_fused_add_0", count=1, device_type=cuda, device_time_total=1000.0),
-        Event(key="Optimizer.step#MuonAdamW.step", count=1, device_type=cpu, device_time_total=1000.0),
-    ]
-    attention, kernels = hardware.profile_lines(events, 1)
-    assert attention == "attention (profiled step 1): cuDNN SDPA x1"
-    assert kernels == ("kernels (profiled step 1): matmul (GEMM) 6.0 ms (67%); attention: cuDNN SDPA 2.0 ms (22%); "
-                       "other fused elementwise (Triton) 1.0 ms (11%)")

@@ -138,8 +138,9 @@ def test_compiled_optimizer_matches_eager():
 
 
 def test_tiny_training_run_on_cuda_names_its_attention_kernels(prepared):
-    script = ("import train; train.DEPTH = 2; train.DEVICE_BATCH_SIZE = 8; train.TOTAL_BATCH_SIZE = 8 * 128; "
-              "train.WINDOW_PATTERN = 'SL'; train.main()")  # one windowed layer, one full (cuDNN SDPA)
+    script = ("import train; from autoresearch import bench; train.DEPTH = 2; train.DEVICE_BATCH_SIZE = 8; "
+              "train.TOTAL_BATCH_SIZE = 8 * 128; train.WINDOW_PATTERN = 'SL'\n"  # one windowed layer, one full
+              "with bench.profiling(1):\n    train.main()")
     proc = run_script(["-c", script], env={"AUTORESEARCH_DEVICE": "cuda", "AUTORESEARCH_BUDGET": "time",
                                            "AUTORESEARCH_TIME_BUDGET": "20"})  # (the small preset counts FLOPs)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -171,7 +171,6 @@ def test_tiny_run_log_is_fit_for_a_file(tiny_run):
     assert progress[:2] == ["00000", "00001"] and progress[-1] == f"{int(values['num_steps']) - 1:05d}"
     assert len(progress) <= 3 + 1 + float(values["total_seconds"]) / runtime.LOG_EVERY_SECONDS + 1
     assert abs(float(values["train_loss"]) - float(re.findall(r"\| loss: (\S+) \|", stdout)[-1])) < 1e-6
-    assert "attention: SDPA in eager mode on cpu" in stdout
     # the test corpus's training shard is smaller than the loader's look-ahead: a second pass from step 0, said once
     assert len(re.findall(r"^note: epoch \d+ from step 0: the loader has read every training document once",
                           stdout, flags=re.M)) == 1
@@ -394,15 +393,3 @@ def test_constants_changed_at_run_time_make_a_run_comparable_with_none(monkeypat
     notes = runtime.modified_constants({**standard, "TIME_BUDGET": 600})
     assert sorted(notes) == [f"EVAL_TOKENS = 1000 set in constants.py at run time (the fixed value is {EVAL})",
                              f"TIME_BUDGET = 600 set in train.py at run time (the fixed value is {BUDGET})"]
-
-
-@pytest.mark.parametrize("names, expected", [
-    ([("aten::_scaled_dot_product_cudnn_attention", 4), ("aten::_scaled_dot_product_cudnn_attention_backward", 4),
-      ("triton_tem_fused_flex_attention_0", 12), ("aten::mm", 90)], {"cuDNN SDPA": 8, "FlexAttention": 12}),
-    ([("aten::_scaled_dot_product_flash_attention", 2), ("void flash_fwd_kernel<...>", 2)], {"flash SDPA": 4}),
-    ([("aten::_scaled_dot_product_attention_math", 3)], {"math SDPA (slow)": 3}),
-    ([("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", 2)], {"mem-efficient SDPA": 2}),  # (not cuDNN's "fmha")
-    ([("aten::mm", 5)], {}),
-])
-def test_attention_kernels_are_named_from_profiler_events(names, expected):
-    assert hardware.attention_kernels(names) == expected
