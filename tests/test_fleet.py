@@ -180,8 +180,11 @@ def test_without_ray_installed_the_fleet_says_how_to_get_it(monkeypatch):
 # The fleet as users start it: a fresh copy of the project, `uv run`, a Ray cluster started by hand
 
 def user_env(**extra):
-    """The user's shell: this test run's settings, no virtual environment of the test runner's own, no Ray exports."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS", "PYTHONPATH")}
+    """The user's shell: this test run's settings, no virtual environment of the test runner's own, no Ray exports,
+    and Python caching the bytecode it compiles (a CI machine's PYTHONDONTWRITEBYTECODE would have every process
+    compile torch's sources again, ~4 s each, in the fresh environment)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "RAY_ADDRESS", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
     return {**env, **TEST_ENV, "RAY_AUTH_MODE": "disabled", **extra}
 
 
