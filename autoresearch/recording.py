@@ -192,22 +192,15 @@ def expected_constants(settings, commit=None):
             return None
 
 
-def check_run(data, text):
-    """Refuse, in one line, a run from another checkout (it belongs to that checkout's results) or one recorded
-    already (in any results file)."""
-    if data is None:
-        return
-    where = data["code"].get("path")
+def check_checkout(data):
+    """Refuse, in one line, a run from another checkout: it belongs to that checkout's results."""
+    where = data["code"].get("path") if data is not None else None
     if where:
         here = run_record.git(".", "rev-parse", "--show-toplevel")
         there = run_record.git(os.path.dirname(where), "rev-parse", "--show-toplevel")
         if here and there and os.path.realpath(here) != os.path.realpath(there):
             raise UserError(f"this run ran in another checkout ({there}): record it there (`cd {there}`), under the "
                             "commit it ran on")
-    done = data.get("recorded_in")
-    if isinstance(done, dict):
-        raise UserError(f"this run ({data['run_id']}) is already recorded, as row {done.get('row')} of "
-                        f"{done.get('file')}: run the next experiment first")
 
 
 def check_rules(data, base):
@@ -231,18 +224,6 @@ def check_rules(data, base):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The row
-
-def mark_recorded(log_dir, data, real, number):
-    """Say in the run's own record (run.json beside its log) which results file and row hold it, so that no other
-    results file takes it too. A record that cannot be written is said, and the row stands."""
-    marked = dict(data, recorded_in={"file": real, "row": number})
-    path = os.path.join(log_dir, run_record.RECORD_NAME)
-    try:
-        run_record.write_atomically(path, json.dumps(marked, indent=1).encode("utf-8"))
-    except OSError as e:
-        return [f"cannot mark {path} as recorded ({e.strerror or e})"]
-    return []
-
 
 @contextlib.contextmanager
 def locked(path):
@@ -302,7 +283,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
         run_id = f"fleet-{run}"
     if meta is not None and kind != "finished" and meta.get("error"):  # (the fleet's word on why it ended)
         reason = str(meta["error"])
-    check_run(data, text)
+    check_checkout(data)
     notes = []
     if kind == "finished":
         if status == "crash":
@@ -320,22 +301,26 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
                                 else description)
     short = meta["short"] if meta else head_commit()
     check_code(data, short, meta and meta["commit"])
+    # A run's files are runs/<its id>.*, so a run is recorded once by construction; a log without a run (train.py
+    # stopped before the fixed code started) is named by its commit and text: once per commit.
     log_digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    run_id = run_id or f"log-{short}-{log_digest[:16]}"
     gpu = printable(run_record.gpu_of(data))
     real = os.path.realpath(path)
     runs_dir = runs_dir or runs_folder(path)
     with locked(real):
         problems = []
-        archived = archived_records(runs_dir)
-        rows = prove(read_rows(real, problems), archived, real, problems) if os.path.lexists(real) else []
+        stem = os.path.join(runs_dir, run_id)
+        if os.path.lexists(stem + ".json"):
+            try:
+                said = json.loads(run_record.read_regular(stem + ".json"))["recorded"]
+            except (OSError, ValueError, KeyError, TypeError):
+                said = {}
+            raise UserError(f"this run ({run_id}) is already recorded, as row {said.get('number', '?')} of "
+                            f"{said.get('file', runs_dir)}: run the next experiment first")
+        rows = (prove(read_rows(real, problems), archived_records(runs_dir), real, problems)
+                if os.path.lexists(real) else [])
         notes += [f"reading {path}: {p}" for p in problems]
-        for earlier in archived:  # a run is recorded once; a log without a run, once per commit
-            said = earlier["recorded"]
-            if (run_id and said.get("identity") == run_id) or (not run_id and said.get("log") == log_digest
-                                                               and said.get("row", [""])[0] == short):
-                raise UserError(f"this run ({run_id or 'its log'}) is already recorded, as row {said.get('number')} "
-                                f"({' '.join(map(str, said.get('row', [])[:1] + said.get('row', [])[3:]))}): run "
-                                "the next experiment first")
         groups = gpu_groups(rows + [dict(gpu=gpu, status=status)])  # (this run's model is the last)
         same = [r for r, g in zip(rows, groups) if g == groups[-1]]
         baseline = next((r["record"] for r in same if r.get("record") and r["record"].get("status") == "finished"),
@@ -356,11 +341,8 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
             raise UserError(f"{judged['line']}: `{status}` contradicts it; not recorded. Record "
                             f"{'keep' if status == 'discard' else 'discard'}, or add --overrule if you mean it")
         number = len(rows) + 1
-        run_id = run_id or f"log-{run_record.new_run_id()}"
-        stem = os.path.join(runs_dir, run_id)
         saved = dict(data or {"run_id": run_id, "status": "crashed before its record began"})
-        saved["recorded"] = dict(identity=run_id, number=number, row=[row[c] for c in COLUMNS], file=real,
-                                 log=log_digest)
+        saved["recorded"] = dict(identity=run_id, number=number, row=[row[c] for c in COLUMNS], file=real)
         try:
             os.makedirs(runs_dir, exist_ok=True)
             run_record.write_atomically(stem + ".log", text.encode("utf-8"))
@@ -379,8 +361,6 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
             if isinstance(e, OSError):
                 raise UserError(f"cannot write {path} ({e.strerror or e}): nothing recorded")
             raise
-        if data is not None:
-            notes += mark_recorded(log_dir, data, real, number)
     print("\t".join(row[c] for c in COLUMNS).rstrip("\t"))
     if judged["line"]:
         print(judged["line"] + (" (overruled)" if judged["contradiction"] else ""))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoresearch import flops, hardware, runtime
+from autoresearch import flops, runtime
 
 
 def counted(fn):
