@@ -10,7 +10,6 @@ import errno
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import stat
@@ -25,14 +24,6 @@ from autoresearch.record import printable
 from autoresearch.results import (COLUMNS, RERUN, STATUSES, archived_records, best_experiment, experiment_speed,
                                   experiments, gpu_groups, noise_floor, off_speed, prove, read_rows, runs_folder,
                                   speed_ratio, verdict)
-
-
-def _number(text):
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return math.nan
-    return value
 
 
 def summary_blocks(text):
