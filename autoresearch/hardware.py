@@ -127,10 +127,9 @@ def can_compile(device):
 
 
 def compile_model(model, device):
-    """torch.compile where can_compile(device), eager elsewhere; returns the model to call. A model with a
-    compiled_regions() method is compiled region by region (PyTorch's regional compilation: a graph per kind of
-    region, reused by every region of that kind, so compile time does not grow with depth); any other model
-    whole. On CUDA nothing else is ever called, so an uncompiled FlexAttention (full score matrices) never runs."""
+    """The model to call: compiled where can_compile(device), region by region when it has compiled_regions() (a
+    graph per kind of region, so compile time does not grow with depth), else whole; eager elsewhere. On CUDA only
+    the compiled model runs, so FlexAttention never runs uncompiled (full score matrices)."""
     if device.type == "cuda" and not can_compile(device):
         print("note: Triton is not installed (native Windows?): running eagerly, several times slower; WSL2 "
               "compiles (docs/PLATFORMS.md, 'Windows')", flush=True)
@@ -240,9 +239,7 @@ def block_masks(T, windows, device):
 
 
 def attention_masks(T, windows, device, kernel):
-    """What attention() needs besides q, k, v for a forward pass over T positions: {window: BlockMask} on the
-    FlexAttention path, else {}. Call it outside the compiled regions (the model's forward runs eagerly): the masks
-    are data for the blocks."""
+    """{window: BlockMask} for attention() on the FlexAttention path, else {}; made outside the compiled regions."""
     return block_masks(T, tuple(windows), device) if device.type == "cuda" and kernel == "flex" else {}
 
 

@@ -158,10 +158,8 @@ def settings_env(settings, keep=()):
 
 @functools.lru_cache(maxsize=None)
 def expected_constants(settings, commit=None):
-    """The metric's constants (constants.RESOLVED) that a run under `settings` (the `settings:` line: `standard`, or
-    the preset and overrides, NAME=value) reads at start, computed afresh in a clean process from the constants.py
-    of `commit` (the baseline's; else this checkout's); None if they cannot be (settings that do not parse, or that
-    constants.py refuses)."""
+    """constants.RESOLVED as a run under `settings` reads it, computed in a clean process from the constants.py of
+    `commit` (else this checkout's); None where the settings do not parse or constants.py refuses them."""
     env = settings_env(settings)
     if env is None:
         return None
@@ -251,10 +249,8 @@ def append_row(path, row):
 
 
 def record(status, description, log="run.log", path="results.tsv", runs_dir=None, overrule=False, run=None):
-    """Append the row of the run in `log` (or of the fleet's run `run`, filed under its own commit) to the results
-    file at `path` (see the module's docstring); prints the row, the verdict the rules give it and what it needs
-    to be read with; returns the row. A status that contradicts the verdict (discard for a clear win, keep for a
-    loss) is refused unless `overrule`."""
+    """Append the row of the run in `log` (or of the fleet's run `run`) to the results file at `path`, print it
+    with its verdict and notes, and return it. A status the verdict contradicts is refused unless `overrule`."""
     meta = fleet.brought(run) if run is not None else None
     if meta is not None:
         log = os.path.join(fleet.local_folder(run), "run.log")

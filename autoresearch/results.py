@@ -209,9 +209,8 @@ def experiments(rows, agent="", problems=None):
 
 
 def baseline_pair(base):
-    """The baseline's latest two runs that ran at the same speed (within SPEED_TOLERANCE; runs of unknown speed,
-    and runs under the compute budget, agree with any): the runs its value and the noise floor come from, so that
-    a baseline run again later (the machine changed) renews both. None until two such runs exist."""
+    """The baseline's latest two runs at the same speed (within SPEED_TOLERANCE; an unknown speed agrees with any),
+    which its value and the noise floor come from; None until two such runs exist."""
     runs = list(zip(base["runs"], base["speeds"]))
     for i in range(len(runs) - 1, 0, -1):
         value, speed = runs[i]
@@ -319,9 +318,7 @@ def gpu_groups(rows):
 # The summary
 
 def agent_lines(exps):
-    """(lines, table row parts) of one agent's summary: counts, the noise floor, the kept changes, the baseline,
-    the best, the tip the next experiment starts from, gains, and the runs whose speed makes their verdict
-    unreliable."""
+    """(lines, table row parts) of one agent's summary."""
     counts = {s: sum(e["status"] == s for e in exps) for s in STATUSES}
     decided = counts["keep"] + counts["discard"]
     runs = sum(e["rows"] for e in exps)
