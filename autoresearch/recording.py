@@ -298,15 +298,12 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
     with locked(real):
         problems = []
         stem = os.path.join(runs_dir, run_id)
+        archived = archived_records(runs_dir)
         if os.path.lexists(stem + ".json"):
-            try:
-                said = json.loads(run_record.read_regular(stem + ".json"))["recorded"]
-            except (OSError, ValueError, KeyError, TypeError):
-                said = {}
+            said = next((d["recorded"] for d in archived if d.get("run_id") == run_id), {})
             raise UserError(f"this run ({run_id}) is already recorded, as row {said.get('number', '?')} of "
                             f"{said.get('file', runs_dir)}: run the next experiment first")
-        rows = (prove(read_rows(real, problems), archived_records(runs_dir), real, problems)
-                if os.path.lexists(real) else [])
+        rows = prove(read_rows(real, problems), archived, real, problems) if os.path.lexists(real) else []
         notes += [f"reading {path}: {p}" for p in problems]
         groups = gpu_groups(rows + [dict(gpu=gpu, status=status)])  # (this run's model is the last)
         same = [r for r, g in zip(rows, groups) if g == groups[-1]]
@@ -329,7 +326,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
                             f"{'keep' if status == 'discard' else 'discard'}, or add --overrule if you mean it")
         number = len(rows) + 1
         saved = dict(data or {"run_id": run_id, "status": "crashed before its record began"})
-        saved["recorded"] = dict(identity=run_id, number=number, row=[row[c] for c in COLUMNS], file=real)
+        saved["recorded"] = dict(number=number, row=[row[c] for c in COLUMNS], file=real)
         try:
             os.makedirs(runs_dir, exist_ok=True)
             run_record.write_atomically(stem + ".log", text.encode("utf-8"))
