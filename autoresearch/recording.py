@@ -1,21 +1,17 @@
 """Recording a run in the results log: `uv run -m autoresearch.results record STATUS DESCRIPTION`.
 
 Which run a log is, whether it may be recorded, and its row. The run's train.py must be the commit's; its fixed files
-(prepare.py, constants.py, autoresearch/) those of the baseline's commit; its constants and budget the ones its
-settings give; its record the one its log names, written by the fixed code and not changed since. Each refusal is
+(prepare.py, constants.py, autoresearch/) those of the baseline's commit; its settings the baseline's; its record
+the one its log names, written by the fixed code and not changed since. Each refusal is
 one `error:` line that says what to do, and writes nothing. Standard library only.
 """
 import contextlib
 import errno
-import functools
 import hashlib
 import json
 import os
 import re
 import stat
-import subprocess
-import sys
-import tempfile
 
 from autoresearch import fleet
 from autoresearch import record as run_record
@@ -107,6 +103,17 @@ def check_code(data, short, commit=None):
                         "(`git commit -am \"<idea>\"`), then record; if you reset or edited since, run again")
 
 
+def check_checkout(data):
+    """Refuse, in one line, a run from another checkout: it belongs to that checkout's results."""
+    where = data["code"].get("path") if data is not None else None
+    if where:
+        here = run_record.git(".", "rev-parse", "--show-toplevel")
+        there = run_record.git(os.path.dirname(where), "rev-parse", "--show-toplevel")
+        if here and there and os.path.realpath(here) != os.path.realpath(there):
+            raise UserError(f"this run ran in another checkout ({there}): record it there (`cd {there}`), under the "
+                            "commit it ran on")
+
+
 def branch_start():
     """The commit this branch left main (or master) at: where a night's fixed files come from before its baseline
     is recorded; None where neither branch exists."""
@@ -130,8 +137,8 @@ def committed_fixed(commit):
 def check_fixed(data, base):
     """Refuse, in one line naming the file, a run whose fixed files (prepare.py, constants.py, autoresearch/) are not
     those of commit `base` (the baseline's, or the branch's start): its val_bpb would not be the same metric."""
+    expected = committed_fixed(base) if base else {}
     ran = data.get("fixed") or committed_fixed(data["code"].get("commit") or "HEAD")  # (records before the hashes)
-    expected = committed_fixed(base)
     if not expected:
         return
     changed = sorted(p for p in set(ran) | set(expected) if ran.get(p) != expected.get(p))
@@ -141,74 +148,6 @@ def check_fixed(data, base):
                         + ": the fixed files never change, so this run's val_bpb is another metric; not recorded. "
                         f"Put them back (`git checkout {base[:7]} -- {' '.join(run_record.FIXED_FILES)}`), commit, "
                         "run again")
-
-
-def settings_env(settings, keep=()):
-    """This shell's environment with the metric's settings of a record (`standard`, or the preset and overrides,
-    NAME=value) in place of its own AUTORESEARCH_* variables (those in `keep` stay); None where they do not parse."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_") or k in keep}
-    if settings != "standard":
-        for item in str(settings).split():
-            name, sep, value = item.partition("=")
-            if not (sep and name.startswith("AUTORESEARCH_")):
-                return None
-            env[name] = value
-    return env
-
-
-@functools.lru_cache(maxsize=None)
-def expected_constants(settings, commit=None):
-    """constants.RESOLVED as a run under `settings` reads it, computed in a clean process from the constants.py of
-    `commit` (else this checkout's); None where the settings do not parse or constants.py refuses them."""
-    env = settings_env(settings)
-    if env is None:
-        return None
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory(prefix="autoresearch-constants-") as tmp:
-        if commit is not None:  # the commit's constants.py and what it imports, not this checkout's
-            archive = run_record.git_archive(commit, "constants.py", "autoresearch/__init__.py",
-                                             "autoresearch/errors.py")
-            if archive is not None:  # (a commit without them: this project's)
-                run_record.untar(archive, tmp)
-                root = tmp
-        env["PYTHONPATH"] = root
-        try:
-            out = subprocess.run([sys.executable, "-c",
-                                  "import json, constants; print(json.dumps(constants.RESOLVED))"],
-                                 cwd=root, env=env, capture_output=True, text=True, timeout=60)
-            return json.loads(out.stdout) if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError, ValueError):
-            return None
-
-
-def check_checkout(data):
-    """Refuse, in one line, a run from another checkout: it belongs to that checkout's results."""
-    where = data["code"].get("path") if data is not None else None
-    if where:
-        here = run_record.git(".", "rev-parse", "--show-toplevel")
-        there = run_record.git(os.path.dirname(where), "rev-parse", "--show-toplevel")
-        if here and there and os.path.realpath(here) != os.path.realpath(there):
-            raise UserError(f"this run ran in another checkout ({there}): record it there (`cd {there}`), under the "
-                            "commit it ran on")
-
-
-def check_rules(data, base):
-    """Refuse a finished run whose fixed files are not those of commit `base` (check_fixed), or whose constants and
-    budget are not the ones its settings give under base's constants.py (changed by train.py while it ran)."""
-    if base is not None:
-        check_fixed(data, base)
-    expected = expected_constants(data["settings"], base)
-    kind = data.get("budget_kind", "time")
-    if expected is not None:
-        active = "FLOP_BUDGET" if expected["BUDGET"] == "flops" else "TIME_BUDGET"  # (the other is no setting)
-        changed = [f"{k} {data['constants'].get(k)!r} (its settings give {expected[k]!r})"
-                   for k in ("MAX_SEQ_LEN", "EVAL_TOKENS", "BUDGET", active) if data["constants"].get(k) != expected[k]]
-        if kind != expected["BUDGET"] or data.get("budget") != expected[active]:
-            changed.append(f"the budget {kind} {data.get('budget')!r} (its settings give {expected['BUDGET']} "
-                           f"{expected[active]!r})")
-        if changed:
-            raise UserError(f"this run did not run under the fixed rules of its settings ({data['settings']}): "
-                            f"{'; '.join(changed)}: train.py changed them; it compares with no run; not recorded")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,8 +248,8 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
         same = [r for r, g in zip(rows, groups) if g == groups[-1]]
         baseline = next((r["record"] for r in same if r.get("record") and r["record"].get("status") == "finished"),
                         None)
-        if kind == "finished":  # the fixed files and constants of the baseline's commit (or the branch's start)
-            check_rules(data, (baseline or {}).get("code", {}).get("commit") or branch_start())
+        if kind == "finished":  # the fixed files of the baseline's commit (or the branch's start)
+            check_fixed(data, (baseline or {}).get("code", {}).get("commit") or branch_start())
         if kind == "finished" and baseline is not None and baseline.get("settings") != data["settings"]:
             raise UserError(f"this run's settings ({data['settings']}) differ from the baseline's "
                             f"({baseline.get('settings')}): its val_bpb does not compare; not recorded. Run it again "

@@ -22,6 +22,19 @@ from autoresearch.errors import UserError
 KEPT_SETTINGS = ("AUTORESEARCH_CACHE_DIR", "AUTORESEARCH_DEVICE", "AUTORESEARCH_GPU_MEMORY_GB", "AUTORESEARCH_FORCE")
 
 
+def settings_env(settings, keep=()):
+    """This shell's environment with the metric's settings of a record (`standard`, or the preset and overrides,
+    NAME=value) in place of its own AUTORESEARCH_* variables (those in `keep` stay); None where they do not parse."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_") or k in keep}
+    if settings != "standard":
+        for item in str(settings).split():
+            name, sep, value = item.partition("=")
+            if not (sep and name.startswith("AUTORESEARCH_")):
+                return None
+            env[name] = value
+    return env
+
+
 def clean_tree(folder, commit, base):
     """folder gets train.py of `commit` and the fixed files of `base` (git archive: what the commits hold)."""
     for rev, paths in ((commit, ["train.py"]), (base, list(run_record.FIXED_FILES))):
@@ -34,7 +47,6 @@ def clean_tree(folder, commit, base):
 def rerun(commit, base, settings, log_path):
     """Run train.py of `commit` with base's fixed files under `settings` in a fresh interpreter; returns its record
     (None if it wrote none); its log goes to log_path."""
-    from autoresearch.recording import settings_env
     env = settings_env(settings, keep=KEPT_SETTINGS)
     if env is None:
         raise UserError(f"the record's settings {settings!r} do not parse: cannot run them again")

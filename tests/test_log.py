@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-import constants
 import train
 from autoresearch import record, recording, results, runtime
 from conftest import ROOT, TEST_ENV, agent_repo, edit_train, git, record_cli, run_train
@@ -158,25 +157,6 @@ def test_a_step_begun_after_the_budget_ran_out_is_said(prepared, monkeypatch, ca
     error, out, run = run_in_process(monkeypatch, capsys)
     assert error is None and "1 step(s) begun after the budget ran out" in out
     assert run["late_steps"] == 1 and "compares with no other" in refused_keep(run)
-
-
-def test_eval_tokens_lowered_during_the_evaluation_is_said(prepared, monkeypatch, capsys):
-    evaluate = train.evaluate_bpb
-
-    def fewer_rows(model, tokenizer, batch_size):  # the metric's constant changed only while it runs
-        saved = constants.EVAL_TOKENS
-        constants.EVAL_TOKENS = 2 * constants.MAX_SEQ_LEN
-        try:
-            return evaluate(model, tokenizer, batch_size)
-        finally:
-            constants.EVAL_TOKENS = saved
-
-    monkeypatch.setattr(train, "evaluate_bpb", fewer_rows)
-    error, out, run = run_in_process(monkeypatch, capsys)
-    rows_fixed = constants.EVAL_TOKENS // constants.MAX_SEQ_LEN
-    assert error is None
-    assert f"the metric scored 2 rows of {constants.MAX_SEQ_LEN} tokens, not the fixed {rows_fixed} rows" in out
-    assert "compares with no other" in refused_keep(run)
 
 
 def test_a_forward_that_ignores_reduction_none_is_one_line(prepared, monkeypatch, capsys):
