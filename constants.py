@@ -25,9 +25,7 @@ from autoresearch.errors import UserError
 
 
 def _env(name, default, parse, ok, allowed, unset_means=None):
-    """An override read from the environment and checked here, where it is read: a value that does not parse or
-    is out of range stops the program with one line naming the variable, what it may be and what unsetting it
-    gives (unset_means, else the default's value)."""
+    """An override from the environment: a bad value stops the program with one line saying what it may be."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default

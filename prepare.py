@@ -5,13 +5,9 @@
     uv run prepare.py --source DIR         # offline: a local corpus (.parquet/.jsonl, text and source code)
     uv run prepare.py --remove-old         # ... and remove the builds other than this one
 
-The ground truth, first in this file: the tokenizer (Tokenizer), the cache check train.py starts with
-(check_cache), the packing loader (make_dataloader) and the metric (evaluate_bpb). Then what the command does:
-1. data: parquet shards with one `text` column, downloaded from the hub (HF_ENDPOINT), or read from --source;
-2. a build (autoresearch/cache.py), unless the same one is made already: byte-level BPE trained with rustbpe and
-   stored as plain text + JSON (no pickle, run by tiktoken), and every shard tokenized once into a flat uint16
-   array + document offsets, so the training loader only packs rows and never tokenizes on the hot path.
-torch is imported only by the functions that need it.
+The ground truth comes first in this file: the tokenizer, the cache check train.py starts with (check_cache), the
+packing loader (make_dataloader) and the metric (evaluate_bpb). Then the command: the data (the hub's shards, or a
+--source corpus) and a build of it (autoresearch/cache.py, docs/DATA.md). torch is imported only where needed.
 """
 import argparse
 import base64
@@ -47,9 +43,7 @@ from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM
 
 
 class Tokenizer:
-    """The runtime tokenizer: a tiktoken Encoding of the trained BPE ranks. On disk (a build's tokenizer/): ranks.txt,
-    a `base64(token bytes) rank` line per learned token, and tokenizer.json (split pattern, special tokens): plain
-    data, no pickle, so a tampered cache file cannot run code."""
+    """The runtime tokenizer: tiktoken on the trained ranks, stored as plain text + JSON (no pickle to run code)."""
 
     def __init__(self, enc, build=None):
         self.enc, self.build = enc, build  # build: the cache build it came with, whose token files the loader reads
@@ -57,8 +51,7 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
-        """The tokenizer saved in tokenizer_dir (default: the current build's, with that build); a UserError naming
-        the fix when it is missing or corrupt."""
+        """The tokenizer in tokenizer_dir (default: the current build's); one line naming the fix when it is bad."""
         build = None
         if tokenizer_dir is None:
             build = current_build()
@@ -104,8 +97,7 @@ class Tokenizer:
         return self.bos_token_id
 
     def encode(self, text, prepend=None, num_threads=8):
-        """Encode a str (-> list of ids) or a list of str (-> list of lists). `prepend`: a token id or a special
-        token string put in front of each result. Special-token text inside documents is encoded as plain text."""
+        """Encode a str or a list of str; `prepend` (an id or special token) goes first; special text stays plain."""
         if isinstance(prepend, str):
             prepend = self.enc.encode_single_token(prepend)
         head = [] if prepend is None else [prepend]
@@ -135,9 +127,7 @@ class Tokenizer:
 # The cache check, the loader and the metric: what every run reads
 
 def check_cache():
-    """train.py's first step: the current build's files match its build.json (the tokenizer and what the metric
-    reads by full checksum, the training tokens by size: nothing writes a build once made) and returns its
-    tokenizer; anything else ends in one line naming the file and the command that makes the build again."""
+    """train.py's first step: the current build matches its build.json (docs/DATA.md); returns its tokenizer."""
     t0 = time.time()
     build = current_build()
     for rel in TOKENIZER_RELS:
@@ -155,16 +145,14 @@ def check_cache():
 
 
 def get_token_bytes(device, tokenizer):
-    """int64 tensor [2, vocab] on device: the bytes each token id stands for as the reference counts them (row 0)
-    and exactly (row 1); 0 for special tokens (Tokenizer.token_byte_lengths)."""
+    """int64 [2, vocab] on device: each token's bytes as the reference counts them (row 0) and exactly (row 1)."""
     import torch
     return torch.tensor([tokenizer.token_byte_lengths(as_reference=True), tokenizer.token_byte_lengths()],
                         dtype=torch.int64, device=device)
 
 
 def _document_chunks(split, tokenizer):
-    """Yield (list of 1-D token arrays, epoch) forever: the split's documents in file order, in the refill
-    chunks of the parquet row groups. epoch counts passes over the split, starting at 1."""
+    """Yield (token arrays of a refill chunk, epoch) forever: the split's documents in file order."""
     build = tokenizer.build or current_build()
     # (the metric's data by full checksum: still exactly what was verified at start)
     shards = [build.open_tokens(name, full=split == "val") for name in build.shards(split)]
@@ -212,10 +200,7 @@ def pack_rows(tokenizer, B, T, split):
 
 
 def make_dataloader(tokenizer, B, T, split, device):
-    """Yield (inputs, targets, epoch) forever: int64 tensors [B, T] on `device`, targets = inputs shifted by one
-    (on CUDA through a fresh pinned tensor per batch and an asynchronous copy: the pinned allocator never reuses a
-    block a copy still reads). During a run only the metric reads the val split: a loader of it made anywhere else
-    makes the run comparable with none."""
+    """Yield (inputs, targets, epoch) forever: int64 [B, T] on device; a val loader outside the metric is noted."""
     if split == "val" and record.current() is not None and not record.called_from_the_metric():
         record.note_violation("train.py made a loader of the validation split (make_dataloader(..., 'val', ...))")
     return _batches(tokenizer, B, T, split, device)
@@ -313,8 +298,7 @@ def train_tokenizer(tokenizer_dir, paths):
 
 
 def tokenize_shard(parquet_path, tokenizer, folder):
-    """Tokenize one shard into its token files in the build folder (documents in LOADER_REFILL_DOCS chunks within
-    each row group, as the loader reads them). Returns build.json's entry: {"n_tokens", "n_docs", "dtype"}."""
+    """Tokenize one shard into the build's token files; returns build.json's {n_tokens, n_docs, dtype}."""
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
     parts, lengths, chunk_ends = [], [], []
     for texts in read_parquet_texts(parquet_path):
@@ -337,9 +321,7 @@ def tokenize_shard(parquet_path, tokenizer, folder):
 
 
 def make_build(source, shards=None, docs=None):
-    """The build of `source`: the one already made when it verifies, else a new one, made in a temporary folder
-    from the hub's `shards` (names in DATA_DIR) or a corpus's `docs` and published whole. Either way the cache's
-    pointer names it."""
+    """The build of `source` (the hub's `shards` or a corpus's `docs`): the made one if it verifies, else a new one."""
     name = build_id(source)
     final = os.path.join(BUILDS_DIR, name)
     if os.path.isdir(final):
@@ -395,8 +377,7 @@ def make_build(source, shards=None, docs=None):
 
 
 def eval_coverage(tokenizer, eval_tokens, seq_len):
-    """(rows the metric scores, passes over the validation documents they take, validation documents): the
-    metric's rows are packed as evaluate_bpb packs them; more than one pass means documents repeat in its rows."""
+    """(the metric's rows, passes over the validation documents they take, validation documents)."""
     rows = eval_tokens // seq_len
     packer = pack_rows(tokenizer, 1, seq_len, "val")  # (the rows come out the same whatever B is)
     epoch = 1
@@ -407,8 +388,7 @@ def eval_coverage(tokenizer, eval_tokens, seq_len):
 
 
 def report_eval_coverage(tokenizer):
-    """Say whether the validation shard fills the metric's rows without repeating documents, under these settings
-    and, where they are the standard ones, under the small preset too."""
+    """Say whether the metric's rows repeat validation documents (these settings, and the small preset's)."""
     local = tokenizer.build.source.get("kind") == "local"
     why = ("the corpus is too small for them (give --source more text)" if local else
            "this validation shard is too small for them (the hub's is not: was it placed by hand?)")

@@ -4,10 +4,8 @@
     CACHE_DIR/builds/<build id>/         one build: build.json, tokenizer/, tokens/ (and data/ for --source)
     CACHE_DIR/current                    the id of the build train.py reads
 
-A build is made in a temporary folder and renamed, complete, to a name hashed from what it was built from (the
-shards or the corpus, the tokenizer's settings, the format): no file of a build is written again, so a running
-train.py never shares a file with a writer and two prepare.py side by side do no harm. build.json gives every file's
-size and checksum; train.py refuses a build whose files do not match it. Imports no torch.
+A build is made in a temporary folder and renamed, complete; nothing writes it again, and train.py refuses one whose
+files do not match its build.json (docs/DATA.md). Imports no torch.
 """
 import hashlib
 import json
@@ -84,8 +82,7 @@ def _text_column_problem(schema):
 
 
 def read_parquet_texts(path):
-    """Yield the `text` column of a parquet file as one list of str per row group (null -> ""); a file that is not
-    such a parquet file is a FileProblem naming it."""
+    """Yield a parquet file's `text` column, a list of str per row group; a bad file is a FileProblem."""
     try:
         pf = pq.ParquetFile(path)
         problem = _text_column_problem(pf.schema_arrow)
@@ -143,8 +140,7 @@ def make_cache_folder():
 
 
 def build_id(source):
-    """The name of the build made from `source` under this version's settings: everything that changes its files,
-    hashed (where a corpus lies and which mirror served the hub's shards do not)."""
+    """The build's name: a hash of everything that changes its files (not where a corpus lies, nor the mirror)."""
     made_by = [BUILD_FORMAT, VOCAB_SIZE, SPLIT_PATTERN, SPECIAL_TOKENS, TOKENIZER_MAX_DOC_CHARS, TOKENIZER_MAX_CHARS,
                LOADER_REFILL_DOCS, VAL_SHARD]
     what = {k: v for k, v in source.items() if k not in ("path", "endpoint")}
@@ -158,8 +154,7 @@ def token_rels(name):
 
 
 class Build:
-    """A finished build: its folder and build.json, {"format", "id", "source", "shards": {"train": [..], "val": [..]},
-    "files": {path in the build: {"size", "sha256"}}, "tokens": {shard: {"n_tokens", "n_docs", "dtype"}}}."""
+    """A finished build: its folder and build.json (source, shards, files with size and sha256, tokens per shard)."""
 
     def __init__(self, folder, data):
         self.folder, self.data = folder, data
@@ -211,8 +206,7 @@ class Build:
             raise FileProblem(self.path(rel), problem, f"run `{prepare_command(self.source)}` to make the build again")
 
     def verify(self):
-        """The first file of the build that does not match build.json (checksums in full) or whose token files are
-        not sound, as a FileProblem; None when the build is whole."""
+        """The first file that does not match build.json or whose token files are unsound, or None."""
         try:
             for rel in sorted(self.data["files"]):
                 self.require(rel)
@@ -223,8 +217,7 @@ class Build:
         return None
 
     def open_tokens(self, name, full=False):
-        """(tokens, offsets, chunk_ends) of one shard, after checking its files against build.json (the tokens by size
-        or, with `full`, checksum; the small index in full) and their structure: never a stale or cut file read."""
+        """(tokens, offsets, chunk_ends) of a shard, checked against build.json (`full`: tokens by sha256)."""
         tok_rel, idx_rel = token_rels(name)
         self.require(tok_rel, full)
         self.require(idx_rel)
@@ -274,8 +267,7 @@ def new_build_folder(name):
 
 
 def publish(folder, data):
-    """Give a complete build its name (build.json written last, then the folder renamed whole) and point the cache at
-    it. Where another prepare.py published the same build first, its copy is used and this one removed."""
+    """Write build.json, rename the folder to its name (or keep another's same build) and point the cache at it."""
     write_atomically(os.path.join(folder, "build.json"), json.dumps(data, indent=1, sort_keys=True).encode())
     final = os.path.join(BUILDS_DIR, data["id"])
     try:

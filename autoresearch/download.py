@@ -25,8 +25,7 @@ class HubUnreachable(Exception):
 
 @dataclasses.dataclass
 class Fetched:
-    """What became of one shard: status 'downloaded', 'present' (a whole copy was already there) or 'failed';
-    detail in words."""
+    """What became of one shard: 'downloaded', 'present' or 'failed', with detail in words."""
     status: str
     detail: str
     missing: bool = False  # the hub answered that the file is not there (HTTP 404, 410): asking again cannot help
@@ -34,11 +33,7 @@ class Fetched:
 
 @dataclasses.dataclass
 class Downloader:
-    """How shards are fetched: from `endpoint`, `attempts` tries each with exponential back-off (`backoff` s,
-    doubling), a connection that cannot be made within `connect_timeout` s raising HubUnreachable, a body that
-    sends nothing for `stall` s or under `min_rate` bytes/s over `window` s abandoned, and so is an answer whose
-    status line and headers take over `headers_deadline` s, or whose body grows past its Content-Length (without
-    one: past `max_bytes`); on_bytes(n) is told of every piece received (for progress lines)."""
+    """How shards are fetched: attempts with back-off, and limits on connecting, stalls, trickles and size."""
     endpoint: str = HF_ENDPOINT
     attempts: int = 5
     backoff: float = 1.0
@@ -54,8 +49,7 @@ class Downloader:
     token: str = HF_TOKEN  # sent as a bearer token (HF_TOKEN), for gated datasets and private mirrors
 
     def fetch(self, index, data_dir=DATA_DIR):
-        """Fetch one shard into data_dir unless it is there already (a file gets the shard's name only whole: its
-        byte count matched Content-Length and every row group decoded); returns a Fetched."""
+        """Fetch one shard unless it is here; it gets its name only whole (size and every row group checked)."""
         final = os.path.join(data_dir, shard_name(index))
         if os.path.exists(final):
             return Fetched("present", "already present")
@@ -110,9 +104,7 @@ class Downloader:
         return size
 
     def _get_headers(self, url):
-        """requests.get(url, stream=True), given at most headers_deadline s for the status line and headers (the
-        socket's read timeout alone lets a server that sends a byte now and then hold us forever). An abandoned
-        request finishes, and is closed, in its own daemon thread."""
+        """requests.get(stream=True) with a deadline for the headers (a byte now and then would hold us forever)."""
         result, abandoned = {}, threading.Event()
 
         def get():
@@ -138,9 +130,7 @@ class Downloader:
         return result["response"]
 
     def _stream(self, r, f, limit):
-        """Copy a streamed body into file f; returns its size. read1 returns as soon as any bytes arrive, so a
-        body that stops (the socket's read timeout) or trickles (under min_rate over a window) is abandoned, and
-        so is one that grows past `limit` bytes."""
+        """Copy a body into f, abandoning one that stops, trickles or grows past `limit`; returns its size."""
         size, window_start, window_bytes = 0, time.monotonic(), 0
         while chunk := r.raw.read1(1 << 20):
             f.write(chunk)
@@ -169,10 +159,7 @@ class PermanentHTTPError(Exception):
 
 
 def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, progress_every=30.0):
-    """Download shards in parallel: one line per shard as it ends, a progress line at least every
-    `progress_every` seconds. Returns {name: Fetched} of the shards that failed; a
-    connection that cannot be made (refused, unknown host) stops the remaining shards and ends in a UserError.
-    When this call ends early (an exception, SIGTERM), the downloads in progress stop at their next piece."""
+    """Download shards in parallel, with progress lines; returns {name: Fetched} of those that failed."""
     downloader = downloader or Downloader()
     os.makedirs(data_dir, exist_ok=True)
     for name in os.listdir(data_dir):  # what an interrupted prepare.py left (not another one's, still going)
@@ -233,8 +220,7 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, prog
 
 
 def fetch_hub_shards(num_shards, workers):
-    """Download training shards 0..num_shards-1 (-1: all) and the validation shard, keeping any other training
-    shard already here; returns the names of all of them."""
+    """Download training shards 0..num_shards-1 (-1: all) and the validation shard; returns all names."""
     n = MAX_SHARD if num_shards == -1 else min(num_shards, MAX_SHARD)
     have = {int(os.path.basename(p)[6:11]) for p in list_shards("train")}
     indices = sorted(set(range(n)) | have) + [VAL_SHARD]

@@ -12,8 +12,7 @@ import time
 
 
 class UserError(SystemExit):
-    """A problem the user must act on (missing data, a bad setting, a damaged cache, a knob that cannot work).
-    `message` holds the line without its `error: ` prefix."""
+    """A problem the user must act on; `message` is the line without its `error: ` prefix."""
 
     def __init__(self, message):
         self.message = message
@@ -22,8 +21,7 @@ class UserError(SystemExit):
 
 @contextlib.contextmanager
 def sigterm_as_error(message):
-    """Within the block, SIGTERM (`timeout` running out, a kill) raises UserError(message): the program stops as on
-    any other error, its cleanup runs and one line is said. Only on the main thread, where signals arrive."""
+    """Within the block, SIGTERM raises UserError(message) (on the main thread, where signals arrive)."""
     said = []
 
     def stopped(signum, frame):
@@ -43,8 +41,7 @@ def sigterm_as_error(message):
 
 
 class Watchdog:
-    """Stops a run, from a thread of its own, when no training step has ended (`last`) for `seconds` before
-    `over()` (the evaluation began): SIGTERM to the main thread (which wakes a sleep), said as a hang."""
+    """SIGTERM to the main thread, said as a hang, when no step ended (`last`) for `seconds` before `over()`."""
 
     def __init__(self, seconds, over=lambda: False):
         self.over, self.seconds, self.last, self.said = over, seconds, time.monotonic(), None

@@ -26,8 +26,7 @@ aten = torch.ops.aten
 
 
 def _sdpa(q, k, v, *args, out_shape=None, **kwargs):
-    """Attention forward from the shapes q: [B, H, Tq, D], k: [B, KV, Tk, D], v: [B, KV, Tk, Dv]: the scores and
-    the weighted sum, every key counted (as torch's own formulas count the CUDA kernels)."""
+    """Attention forward, q: [B, H, Tq, D], k: [B, KV, Tk, D], v: [.., Dv]: scores and weighted sum, every key."""
     b, h, tq, d = q
     return 2 * b * h * tq * k[-2] * (d + v[-1])
 
@@ -59,8 +58,7 @@ def _int_mm(a, b, *args, out_shape=None, **kwargs):
 
 
 def _trilinear(i1, i2, i3, expand1, expand2, expand3, sumdim, *args, out_shape=None, **kwargs):
-    """F.bilinear's op: the product of three tensors broadcast over one space (each with size-1 dims inserted at
-    its `expand` positions), summed over `sumdim`: 2 FLOPs per point of the space."""
+    """F.bilinear's op: 2 FLOPs per point of the three inputs' broadcast space (size-1 dims at `expand`)."""
     spaces = []
     for shape, expand in ((i1, expand1), (i2, expand2), (i3, expand3)):
         shape = list(shape)
@@ -100,8 +98,7 @@ def _fft(x, dim, *args, out_shape=None, **kwargs):
 
 
 def _linalg(cost):
-    """A formula from cost(m, n, k): the FLOPs of one m x n matrix (k: the columns of a right-hand side), times the
-    batch: the textbook counts of LAPACK's algorithms."""
+    """A formula from cost(m, n, k) per m x n matrix (k: a right-hand side's columns), times the batch."""
     def formula(a, *args, out_shape=None, **kwargs):
         m, n = a[-2], a[-1]
         rhs = next((s for s in args if isinstance(s, (list, tuple, torch.Size)) and len(s) >= 2), None)
@@ -195,8 +192,7 @@ SPARSE_MATMULS = {"mm", "addmm", "_sparse_mm", "_sparse_addmm", "sspaddmm", "bmm
 
 
 def formulas():
-    """{op packet: formula(*args, out_val=...) -> FLOPs}: torch's registry, with the attention ops of
-    FlexAttention and cuDNN's window, and this module's formulas."""
+    """{op packet: formula}: torch's registry, with FlexAttention's, cuDNN's attention and this module's."""
     from torch.utils.flop_counter import flop_registry, shape_wrapper
     table = dict(flop_registry)
     for name, formula in _EXTRA.items():
@@ -213,8 +209,7 @@ def formulas():
 
 
 def costs_nothing(func):
-    """True for an op that costs nothing next to the matmuls: elementwise, a reduction, a view, one of FREE, or the
-    profiler's marks."""
+    """True for an elementwise op, a reduction, a view, one of FREE, or the profiler's marks."""
     if getattr(func, "namespace", "") == "profiler":
         return True
     tags = getattr(func, "tags", ())
@@ -232,8 +227,7 @@ def _distinct(t):
 
 
 def broadcast_flops(args, out):
-    """FLOPs of an elementwise op that broadcasts its inputs into more elements than any of them holds (an outer
-    product, kron): one per output element; 0 for the ordinary case."""
+    """One FLOP per output element of an elementwise op that broadcasts into more than any input holds."""
     inputs = [t for t in tree_leaves(args) if isinstance(t, torch.Tensor)]
     outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     if len(inputs) < 2 or not outputs:
@@ -281,8 +275,7 @@ class Meter:
 
 
 class FlopCount(TorchDispatchMode):
-    """Counts into a Meter the FLOPs of every op this thread runs under it; notes the ops it cannot count.
-    Compiled code stays compiled (ignore_compile_internals): at its run time the counter sees its library calls."""
+    """Counts into a Meter the FLOPs of this thread's ops; compiled code stays compiled (its library calls count)."""
 
     supports_higher_order_operators = True  # (FlexAttention reaches __torch_dispatch__ as one op)
 
@@ -348,8 +341,7 @@ def _outside(name, original):
 
 @contextlib.contextmanager
 def counting():
-    """Count the FLOPs of what runs inside, in this thread and every thread started inside; yields the Meter.
-    meter.on = False (stop()) ends the counting early: the evaluation computes for free."""
+    """Count the FLOPs of the block, in this thread and every thread started in it; yields the Meter."""
     global _active, _mode
     meter = Meter()
     previous_hook = threading.getprofile() if hasattr(threading, "getprofile") else None
@@ -377,8 +369,7 @@ def counting():
 
 
 def stop():
-    """End the counting in progress (evaluate_bpb calls it as the evaluation starts). The counter leaves this
-    thread's mode stack where it is on top (else it stays, counting nothing, until counting() exits)."""
+    """End the counting in progress (the metric calls it as the evaluation starts)."""
     global _active, _mode
     if _active is not None:
         _active.on = False

@@ -29,8 +29,7 @@ DRIVER_HELP = "see docs/PLATFORMS.md, 'Older NVIDIA drivers' (or set AUTORESEARC
 
 
 def nvidia_driver_version(proc_file="/proc/driver/nvidia/version"):
-    """The loaded NVIDIA kernel driver's version ('550.54.14'), or None where there is none: from
-    /proc/driver/nvidia/version on Linux, else from nvidia-smi."""
+    """The loaded NVIDIA driver's version ('550.54.14'), or None: from /proc, else nvidia-smi."""
     try:
         with open(proc_file, encoding="utf-8", errors="replace") as f:
             found = re.search(r"Kernel Module(?: for [\w-]+)?\s+(\d+(?:\.\d+)+)", f.read())
@@ -67,9 +66,7 @@ def unusable_gpu_problem(cuda_available, driver_version, torch_cuda_version, tor
 
 
 def get_device():
-    """The training device, detected at run time: AUTORESEARCH_DEVICE if set, else cuda, then mps, then cpu. An
-    NVIDIA GPU that torch cannot use (an old driver, a CPU-only torch) is an error, not a silent CPU run; so is
-    the standard configuration off CUDA (hours per step) unless AUTORESEARCH_PRESET=small or AUTORESEARCH_FORCE=1."""
+    """The training device (detect_device); off CUDA only the small preset, unless AUTORESEARCH_FORCE=1."""
     device = detect_device()
     if device.type != "cuda" and not constants.SMALL and not constants.FORCE:
         raise UserError(f"no CUDA GPU: on {device.type} the standard configuration would take hours per step; run "
@@ -109,8 +106,7 @@ def describe_device():
 
 
 def low_precision(device):
-    """The dtype for what the reference keeps in bf16 (embedding and rotary tables, Muon's orthogonalization):
-    bf16 on CUDA, fp32 elsewhere (CPUs without bf16 instructions run bf16 matmuls 7-9x slower than fp32)."""
+    """bf16 on CUDA, fp32 elsewhere (CPUs without bf16 instructions run bf16 matmuls 7-9x slower)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -127,9 +123,7 @@ def can_compile(device):
 
 
 def compile_model(model, device):
-    """The model to call: compiled where can_compile(device), region by region when it has compiled_regions() (a
-    graph per kind of region, so compile time does not grow with depth), else whole; eager elsewhere. On CUDA only
-    the compiled model runs, so FlexAttention never runs uncompiled (full score matrices)."""
+    """The model to call: compiled on CUDA with Triton (by compiled_regions() when it has them), else eager."""
     if device.type == "cuda" and not can_compile(device):
         print("note: Triton is not installed (native Windows?): running eagerly, several times slower; WSL2 "
               "compiles (docs/PLATFORMS.md, 'Windows')", flush=True)
@@ -141,9 +135,7 @@ def compile_model(model, device):
 
 
 def compile_regions(model, backend="inductor"):
-    """Compile each of model.compiled_regions() in place (nn.Module.compile) and return the model. Graphs are
-    cached per region kind and grad mode (training, evaluation), so the recompile limit is raised above the
-    few kinds a model has."""
+    """Compile each of model.compiled_regions() in place: a graph per kind of region, whatever the depth."""
     import torch._dynamo
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     regions = model.compiled_regions()
@@ -157,8 +149,7 @@ def compile_regions(model, backend="inductor"):
 
 
 def uncompiled_modules(model, regions):
-    """The modules of model that hold matrices (anything 2-D or more but an embedding table, which is a lookup)
-    outside every region: what regional compilation would leave eager without a word."""
+    """The modules holding matrices (not embeddings) outside every region: they would run eagerly."""
     inside = {id(p) for region in regions for p in region.parameters()}
     outside = set()
     for name, param in model.named_parameters():
@@ -183,8 +174,7 @@ def estimate_memory(num_params, n_layer, n_embd, vocab_size, seq_len):
 
 
 def largest_fitting_rows(rows, total_rows, fixed_bytes, row_bytes, budget_bytes):
-    """The largest power of two <= rows that divides total_rows and whose estimated peak fits in budget_bytes
-    (rows itself when it fits), or 0 when not even one row fits."""
+    """The largest power of two <= rows that divides total_rows and fits budget_bytes, or 0."""
     fits = lambda r: fixed_bytes + r * row_bytes <= budget_bytes and total_rows % r == 0  # noqa: E731
     if fits(rows):
         return rows
@@ -195,9 +185,7 @@ def largest_fitting_rows(rows, total_rows, fixed_bytes, row_bytes, budget_bytes)
 
 
 def fit_device_batch(device, rows, total_rows, fixed_bytes, row_bytes):
-    """DEVICE_BATCH_SIZE as it fits this GPU: `rows` when its estimated peak fits in 90% of the free memory
-    (AUTORESEARCH_GPU_MEMORY_GB overrides what is free), else the largest power of two that does, said in one
-    line (gradient accumulation keeps TOTAL_BATCH_SIZE, so results stay comparable). Off CUDA: `rows`."""
+    """DEVICE_BATCH_SIZE as it fits 90% of the GPU's free memory, said when smaller; `rows` off CUDA."""
     if device.type != "cuda":
         return rows
     budget = constants.GPU_MEMORY_GB * 1e9 if constants.GPU_MEMORY_GB else torch.cuda.mem_get_info(device)[0]
@@ -232,8 +220,7 @@ def sliding_window_mask(window):
 
 @functools.lru_cache(maxsize=None)
 def block_masks(T, windows, device):
-    """FlexAttention block masks {window: BlockMask} for the windows shorter than the sequence length T actually
-    seen, built once per (T, windows, device), so a shorter sequence or another window pattern just works."""
+    """FlexAttention block masks {window: BlockMask} for the windows shorter than T, built once."""
     return {w: create_block_mask(sliding_window_mask(w), None, None, T, T, device=device)
             for w in sorted(set(windows)) if w < T}
 
@@ -244,11 +231,7 @@ def attention_masks(T, windows, device, kernel):
 
 
 def attention(q, k, v, window, block_mask=None, kernel="flex"):
-    """Causal attention; a query sees at most `window` keys back. q: [B, T, H, D], k, v: [B, T, KV, D] ->
-    [B, T, H, D]. Full-window layers use SDPA (on CUDA cuDNN first, see runtime.main). Windowed layers use the
-    kernel window_kernel() picked: cuDNN's sliding window, or FlexAttention with a block mask from
-    attention_masks() (no T x T mask is ever materialized) on CUDA; SDPA with an explicit boolean mask elsewhere
-    (CPU, MPS: simple and correct for small runs)."""
+    """Causal attention seeing at most `window` keys back; q: [B, T, H, D], k, v: [B, T, KV, D] -> [B, T, H, D]."""
     T = q.size(1)
     gqa = q.size(2) != k.size(2)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -271,17 +254,14 @@ def window_mask(T, window, device):
 
 
 def cudnn_window_attention(q, k, v, window):
-    """Causal attention in which a query at i sees the keys i-window..i, on cuDNN. q: [B, H, T, D]; k, v:
-    [B, KV, T, D] -> [B, H, T, D]. cuDNN's left bound counts the diagonal: window + 1."""
+    """cuDNN's causal attention with a left bound of window + 1 (it counts the diagonal); BHSD."""
     from cudnn.experimental.ops import scaled_dot_product_attention
     return scaled_dot_product_attention(q, k, v, is_causal=True, left_bound=window + 1,
                                         enable_gqa=q.size(1) != k.size(1))
 
 
 def window_kernel_for(device_type, capability, cudnn_version, frontend):
-    """(kernel, why) for the sliding-window layers, from the figures: "sdpa" (an explicit mask) off CUDA; on CUDA
-    "cudnn" where the GPU is one cuDNN runs windows on, cuDNN is recent enough and the frontend is installed (the
-    frontend's version, or None); else "flex"."""
+    """(kernel, why) of the windowed layers from the device, GPU, cuDNN and frontend versions."""
     if device_type != "cuda":
         return "sdpa", f"SDPA with an explicit mask on {device_type}"
     if frontend is None:
@@ -294,9 +274,7 @@ def window_kernel_for(device_type, capability, cudnn_version, frontend):
 
 
 def _probe_cudnn_window(device, n_head, n_kv_head, head_dim, T=64, window=8):
-    """None when cuDNN's window runs forward and backward at these head sizes and agrees with SDPA under the
-    explicit mask (fp32), else why not. A short window, so that a key too many or too few moves the result by far
-    more than bf16's rounding."""
+    """None when cuDNN's window runs forward and backward here and agrees with the mask, else why not."""
     gen = torch.Generator(device).manual_seed(0)
     shapes = [(2, n_head, T, head_dim), (2, n_kv_head, T, head_dim), (2, n_kv_head, T, head_dim)]
     base = [torch.randn(shape, generator=gen, device=device) for shape in shapes]
@@ -321,9 +299,7 @@ _window_kernels = {}
 
 
 def window_kernel(device, n_head, n_kv_head, head_dim):
-    """The kernel of the sliding-window layers on this device ("cudnn", "flex" or "sdpa"), decided once per head
-    shape and said in one `attention:` line: cuDNN where window_kernel_for allows it and a probe of its forward and
-    backward agrees with the explicit mask, else FlexAttention (the line says why)."""
+    """The windowed layers' kernel ('cudnn', 'flex', 'sdpa'), decided once per head shape and said in one line."""
     key = (str(device), n_head, n_kv_head, head_dim)
     if key not in _window_kernels:
         capability, version, frontend = (0, 0), None, None

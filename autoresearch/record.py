@@ -1,16 +1,8 @@
-"""The run's record of itself, run.json: written by the fixed code only, read by results.py. DO NOT CHANGE.
+"""The run's record of itself, run.json: written by the fixed code only, read by `record`. DO NOT CHANGE.
 
-    running   written when the run starts (runtime.main): a unique run id, train.py's content hash as it runs, the
-              git commit and whether train.py matched it, the fixed files' hashes (prepare.py, constants.py,
-              autoresearch/), the settings and the metric's constants as read
-    finished  written at the summary: its values, the budget counted, the uncounted steps, the steps begun after
-              the budget ran out, what the metric scored, and `violations`: why the run compares with no other
-    failed    written when the run stops on an error: a knob, the cache, out of memory, a diverged loss, a metric
-              that is not finite, SIGTERM (`timeout`), Ctrl-C, a traceback; with the reason in one line
-A run killed outright (SIGKILL, a power cut) stays `running`, and results.py records it as a crash. The record
-lands in the folder train.py runs in (beside run.log), written atomically: a temporary file, then a rename. The
-summary block that train.py prints is for people and agents to read; results.py trusts this file, not the log.
-Standard library only.
+`running` from the start (runtime.main), then `finished` with the summary or `failed` with the reason in one line;
+a run killed outright stays `running`, and is recorded as a crash (docs/RUN.md, 'The run's record'). Written
+atomically beside run.log; `record` trusts this file, never the log's text. Standard library only.
 """
 import contextlib
 import datetime
@@ -33,9 +25,7 @@ FORMAT = 1
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; when the block succeeds it becomes `path` (replacing a file, or a
-    folder, under that name: the name is the cache's), when it fails it is removed. A file under its final name
-    is therefore always whole."""
+    """Yield a temporary path that becomes `path` (a file or a folder) when the block succeeds, else goes."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         yield tmp
@@ -70,9 +60,7 @@ def git(folder, *args):
 
 
 def code_identity(path):
-    """What ran: {"path", "sha256", "blob"} of the file's bytes, and the checkout's HEAD: "commit" (full hash, or
-    None outside git) and "committed" (True when the file is exactly HEAD's, False when it differs, None outside
-    git). A file that cannot be read (code run from `python -c`) has no hashes."""
+    """What ran: the file's path, sha256 and git blob, HEAD's commit and whether the file is HEAD's."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -89,8 +77,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the projec
 
 
 def fixed_blobs(root=ROOT):
-    """{path: git blob id} of the fixed files' Python sources under root (prepare.py, constants.py,
-    autoresearch/*.py), as they are on disk: what a run's fixed code was."""
+    """{path: git blob id} of the fixed files' Python sources on disk under root: what a run's fixed code was."""
     paths = [name for name in FIXED_FILES if name.endswith(".py")]
     folder = os.path.join(root, "autoresearch")
     paths += sorted(f"autoresearch/{n}" for n in os.listdir(folder) if n.endswith(".py"))
@@ -120,9 +107,7 @@ def untar(data, folder):
 
 
 def printable(text):
-    """text as it can be stored and shown safely: bytes that were not UTF-8 (a Latin-1 terminal's, passed on as
-    surrogate escapes) become U+FFFD, and control characters (escape codes, a bell, a newline) are shown escaped
-    (\\x1b), so no description, reason or file a run left can drive a terminal."""
+    """text safe to store and show: non-UTF-8 bytes become U+FFFD, control characters are escaped (\\x1b)."""
     text = str(text)
     try:
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -132,14 +117,12 @@ def printable(text):
 
 
 def head_blob(path, rev="HEAD"):
-    """The blob id of the file at path as its checkout's HEAD (or commit `rev`) has it, or None (outside git, not
-    in that commit)."""
+    """The blob id of the file at path in its checkout's HEAD (or `rev`), or None."""
     return git(os.path.dirname(os.path.abspath(path)), "rev-parse", f"{rev}:./{os.path.basename(path)}")
 
 
 def gpu_of(data):
-    """The GPU model a run's record names ("" when the run stopped before it saw its device). Records from before
-    the model was written at the start have it in their summary only."""
+    """The GPU model a record names ("" before the run saw its device; older records: in their summary)."""
     data = data or {}
     return " ".join(str(data.get("gpu") or (data.get("summary") or {}).get("gpu") or "").split())
 
@@ -150,8 +133,7 @@ def new_run_id():
 
 
 def read_regular(path):
-    """The bytes of the regular file at path; an OSError for anything else (a folder, a FIFO, a link to a device),
-    which is never opened for a blocking read."""
+    """The bytes of the regular file at path; an OSError for anything else (never a blocking read)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
@@ -162,8 +144,7 @@ def read_regular(path):
 
 
 def read(path):
-    """The record at path as a dict, or None when there is none; a record that does not parse is None too (the
-    caller says what that means)."""
+    """The record at path as a dict, or None when there is none or it does not parse."""
     try:
         data = json.loads(read_regular(path))
     except (OSError, ValueError):
@@ -188,8 +169,7 @@ class RunRecord:
         return self.data["run_id"]
 
     def save(self):
-        """Write the record atomically; a record that cannot be written is said once on stderr, and the run goes
-        on (results.py will then refuse to record it as finished)."""
+        """Write the record atomically; when it cannot be written, say so on stderr and go on."""
         try:
             write_atomically(self.path, json.dumps(self.data, indent=1).encode("utf-8"))
         except OSError as e:
@@ -238,8 +218,7 @@ def stop():
 
 
 def called_from_the_metric(depth=2):
-    """True when the function `depth` frames up is prepare.evaluate_bpb, the fixed metric (this repository's
-    prepare.py): what the fixed code accepts as the metric's own call."""
+    """True when the function `depth` frames up is this repository's prepare.evaluate_bpb."""
     code = sys._getframe(depth).f_code
     return code.co_name == "evaluate_bpb" and os.path.abspath(code.co_filename) == _METRIC
 

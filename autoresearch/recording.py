@@ -1,9 +1,7 @@
 """Recording a run in the results log: `uv run -m autoresearch.results record STATUS DESCRIPTION`.
 
-Which run a log is, whether it may be recorded, and its row. The run's train.py must be the commit's; its fixed files
-(prepare.py, constants.py, autoresearch/) those of the baseline's commit; its settings the baseline's; its record
-the one its log names, written by the fixed code and not changed since. Each refusal is
-one `error:` line that says what to do, and writes nothing. Standard library only.
+Which run a log is, whether it may be recorded (each refusal one `error:` line that writes nothing), and its row.
+Standard library only.
 """
 import contextlib
 import errno
@@ -29,8 +27,7 @@ def summary_blocks(text):
 
 
 def run_summary(text):
-    """{key: value} of a run log's last summary block (after its last `---` line); empty when there is none.
-    For people and benchmarks: `record` trusts the run's record, and reads the log only to check it against it."""
+    """{key: value} of a run log's last summary block, for people and benchmarks (`record` trusts run.json)."""
     blocks = summary_blocks(text)
     return blocks[-1] if blocks else {}
 
@@ -62,10 +59,7 @@ def _pid_alive(pid):
 
 
 def identify(text, log_dir):
-    """What run the log is: (run id or None, record or None, kind, reason). kind is 'finished', or 'crash' with a
-    reason in a few words; a log without a run (train.py stopped before the fixed code started) has no run id.
-    Refuses, in one line, a log and a record of different runs, a finished-looking log without a record, and a run
-    still going."""
+    """(run id or None, record or None, 'finished' or 'crash', reason) of a log; refuses a mismatch or a live run."""
     data = run_record.read(os.path.join(log_dir, run_record.RECORD_NAME))
     started = re.findall(r"^run: (\S+)$", text, flags=re.M)
     if data is not None and started and started[-1] == data["run_id"]:
@@ -89,9 +83,7 @@ def identify(text, log_dir):
 
 
 def check_code(data, short, commit=None):
-    """Refuse a run whose train.py is not, by content, the one committed at HEAD now (or at `commit`, a fleet
-    run's), saying what to do. A run that stopped before its record began is judged by the train.py here, the best
-    witness of what ran (a fleet run's by its commit alone: its tree was the commit's)."""
+    """Refuse a run whose train.py is not the one committed at HEAD (a fleet run's: at its `commit`)."""
     if commit is not None:
         blob = data["code"]["blob"] if data is not None else None
         if blob and run_record.head_blob("train.py", commit) != blob:
@@ -115,8 +107,7 @@ def check_checkout(data):
 
 
 def branch_start():
-    """The commit this branch left main (or master) at: where a night's fixed files come from before its baseline
-    is recorded; None where neither branch exists."""
+    """The commit this branch left main (or master) at, or None: the fixed files before a baseline exists."""
     for name in ("main", "master"):
         if run_record.git(".", "rev-parse", "--verify", "-q", f"refs/heads/{name}"):
             return run_record.git(".", "merge-base", "HEAD", name)
@@ -135,8 +126,7 @@ def committed_fixed(commit):
 
 
 def check_fixed(data, base):
-    """Refuse, in one line naming the file, a run whose fixed files (prepare.py, constants.py, autoresearch/) are not
-    those of commit `base` (the baseline's, or the branch's start): its val_bpb would not be the same metric."""
+    """Refuse, naming the file, a run whose prepare.py, constants.py or autoresearch/ are not commit `base`'s."""
     expected = committed_fixed(base) if base else {}
     ran = data.get("fixed") or committed_fixed(data["code"].get("commit") or "HEAD")  # (records before the hashes)
     if not expected:
@@ -155,8 +145,7 @@ def check_fixed(data, base):
 
 @contextlib.contextmanager
 def locked(path):
-    """Hold results.tsv's lock (results.tsv.lock beside the file, filelock's, as the cache's): one `record` at a
-    time, agents and fleet waves included. A folder where the lock cannot be made is one `error:` line."""
+    """Hold results.tsv's lock (filelock's, beside it): one `record` at a time, agents and fleet waves included."""
     import filelock
     lock = filelock.FileLock(path + ".lock", is_singleton=False)
     try:
@@ -171,8 +160,7 @@ def locked(path):
 
 
 def append_row(path, row):
-    """Append the row to the results file at path (through a link, to its target) as one whole-line write; a new
-    file gets the header first. Line ends follow the file's own; every byte already there stays."""
+    """Append the row to the results file as one whole-line write (a new file gets the header first)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o644)
     with os.fdopen(fd, "wb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -188,8 +176,7 @@ def append_row(path, row):
 
 
 def record(status, description, log="run.log", path="results.tsv", runs_dir=None, overrule=False, run=None):
-    """Append the row of the run in `log` (or of the fleet's run `run`) to the results file at `path`, print it
-    with its verdict and notes, and return it. A status the verdict contradicts is refused unless `overrule`."""
+    """Append the run's row (of `log`, or the fleet's run `run`) to `path` and print it with its verdict and notes."""
     meta = fleet.brought(run) if run is not None else None
     if meta is not None:
         log = os.path.join(fleet.local_folder(run), "run.log")
@@ -293,10 +280,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
 
 
 def judge(rows, row):
-    """The verdict on `row` before it is written (rows: those already there, proven; row with its `speed`):
-    {line: the verdict in words or None, contradiction: True when row's status is discard for a clear win or keep
-    for a loss, notes: the experiment's runs, the noise floor, its speed}. A re-run is judged on its experiment's
-    mean, against the best of the other experiments."""
+    """{line: the verdict or None, contradiction: the status goes against it, notes} of `row` against `rows`."""
     speed = row["speed"]
     exps = experiments([dict(r) for r in rows] + [row])
     floor, why = noise_floor(exps)

@@ -5,15 +5,9 @@
     uv run -m autoresearch.results                                       # the summary of every agent's results
     uv run -m autoresearch.results verify 4                              # the 4 best kept commits run again
 
-A row is the reference's five columns (commit, val_bpb, memory_gb, status, description), then the GPU model,
-tab-separated. `record` takes it from the run's record (run.json, written by the fixed code; record.py) and git,
-never from text the agent's code printed; it keeps the run's log and record as runs/<run id>.log/.json and then
-appends the row as one whole line: no byte already in results.tsv is ever rewritten. The rows are the runs':
-the summary and the verdicts read each row as its run's record in runs/ says it was, and name the rows that say
-otherwise (edited by hand) or that no run proves. `record` refuses, in one line and writing nothing, a run recorded
-already, a run still going, a log and a record of different runs, a train.py that is not the commit's, fixed files
-that are not the baseline's, constants that are not the settings', and a status the verdict contradicts. A run
-without a finished record is a crash, whatever was asked. Standard library only.
+A row is the reference's five columns, then the GPU model. `record` (recording.py) keeps the run's log and record
+as runs/<run id>.* and appends the row as one whole line; the summary and the verdicts read each row as its run in
+runs/ says it was (docs/RUN.md, 'The results log'). Standard library only.
 """
 import argparse
 import contextlib
@@ -51,9 +45,7 @@ def _lines(numbers):
 
 
 def read_rows(path, problems):
-    """The rows of one results file as dicts of COLUMNS (missing values ""), in order. Takes what editors leave (a
-    byte-order mark, CRLF, no header line, a 5-column header over 6-column rows, a tab inside a description, a short
-    row) and says in one line of `problems` what it made of them; a path that is not a regular file is skipped."""
+    """The rows of one results file as dicts of COLUMNS; what it made of an editor's leavings goes to `problems`."""
     try:
         text = run_record.read_regular(path).decode("utf-8", "replace").lstrip("\ufeff")
     except OSError as e:
@@ -127,11 +119,7 @@ def archived_records(runs_dir):
 
 
 def prove(rows, records, path, problems):
-    """Each row as the run it was recorded from says it was: the rows of a commit take, in order, the records in
-    runs/ of that commit (those recorded into this file first), and their values, status and GPU come from the
-    record. A row whose own text differs is named in `problems`; where runs/ holds records, a finished row that none
-    proves (added by hand) is named and not counted. Each row gets `record` (or None) and `speed` (model FLOP/s of
-    a run under the time budget, else None)."""
+    """Each row as the run in runs/ it was recorded from says it was; rows that differ or no run proves are said."""
     real, queues = os.path.realpath(path), {}
     for data in sorted(records, key=lambda d: (d["recorded"].get("file") != real, d["recorded"].get("number", 0))):
         recorded = data["recorded"].get("row")
@@ -164,12 +152,7 @@ def prove(rows, records, path, problems):
 
 
 def experiments(rows, agent="", problems=None):
-    """One agent's experiments from its rows. A row whose description ends in " (rerun)" joins the latest
-    experiment of its commit (the rows of one experiment need not be adjacent: the baseline may be run again
-    later); every other row starts an experiment. An experiment is worth the mean val_bpb of its finished runs.
-    Each experiment is a dict: number (1, 2, ...), commit, description, status (its last row's), rows, runs
-    (val_bpb of each finished run), speeds (model FLOP/s of each, None where unknown), value (their mean, nan if
-    none finished), finished (a value and not a crash)."""
+    """One agent's experiments: a ` (rerun)` row joins its commit's latest; each worth its finished runs' mean."""
     problems = [] if problems is None else problems
     out, latest = [], {}
     for row in rows:
@@ -209,8 +192,7 @@ def experiments(rows, agent="", problems=None):
 
 
 def baseline_pair(base):
-    """The baseline's latest two runs at the same speed (within SPEED_TOLERANCE; an unknown speed agrees with any),
-    which its value and the noise floor come from; None until two such runs exist."""
+    """The baseline's latest two runs at the same speed (the floor's), or None until two such runs exist."""
     runs = list(zip(base["runs"], base["speeds"]))
     for i in range(len(runs) - 1, 0, -1):
         value, speed = runs[i]
@@ -227,8 +209,7 @@ def _median(values):
 
 
 def experiment_speed(exp):
-    """An experiment's model FLOP/s (median over its runs with a known speed), or None (none known, or the compute
-    budget)."""
+    """An experiment's median model FLOP/s over its runs of known speed, or None."""
     speeds = [s for s in (exp["speeds"] if exp else []) if s]
     return _median(speeds) if speeds else None
 
@@ -250,8 +231,7 @@ def off_speed(ratio):
 
 
 def noise_floor(exps):
-    """(floor, why): the spread of the baseline's latest pair of same-speed runs (baseline_pair), at least
-    MIN_FLOOR. floor is None, and why says what to do, until such a pair exists."""
+    """(floor, why): the spread of the baseline's pair, at least MIN_FLOOR; None (why says why) until then."""
     base = next((e for e in exps if e["finished"]), None)
     if base is None:
         return None, "no finished baseline run yet"
@@ -269,8 +249,7 @@ def noise_floor(exps):
 
 
 def verdict(value, best, floor):
-    """What the rules make of a value against the best B and the floor F: better (v < B - 2F), marginal
-    (B - 2F <= v < B - F: run it again), equal (within F), worse (v > B + F); None without a best and a floor."""
+    """better (v < B - 2F), marginal (v < B - F), equal (v <= B + F), worse; None without a best and a floor."""
     if best is None or floor is None or math.isnan(value):
         return None
     if value < best - 2 * floor:
@@ -288,8 +267,7 @@ def agent_name(path):
 
 
 def load(patterns=RESULTS):
-    """(paths, {agent: experiments}, problems) for every results file the patterns find, each row as its run in
-    runs/ proves it (prove); a file's runs on several GPU models are one group each ("<file> on <model>")."""
+    """(paths, {agent: experiments}, problems) of every results file found: one group per file and GPU model."""
     paths = sorted({os.path.abspath(p) for pattern in patterns for p in glob.glob(pattern)})
     agents, problems = {}, []
     for path in paths:
@@ -303,9 +281,7 @@ def load(patterns=RESULTS):
 
 
 def gpu_groups(rows):
-    """The GPU model each row is judged with: its own; a crash without one (it stopped before it saw its device)
-    takes the latest model above it, else the first below; a finished row without one (a file from before the gpu
-    column) is an unknown model's, never compared with a known one."""
+    """The GPU model each row is judged with: its own; a crash's without one, its neighbour's; else unknown."""
     known = [r["gpu"] for r in rows if r["gpu"]]
     current, out = (known[0] if known else ""), []
     for r in rows:
@@ -366,8 +342,7 @@ def agent_lines(exps):
 
 
 def summary_lines(paths, agents, problems):
-    """The summary as text lines: per agent its counts, noise floor, baseline, best, tip, and kept changes ranked
-    by what each gained over the best before it; then each agent's best in one table."""
+    """The summary: each agent's counts, floor, baseline, best, tip and ranked gains; then a table of bests."""
     lines = [f"{len(paths)} results file(s): " + (", ".join(f"{agent_name(p)} ({p})" for p in paths) or "none")]
     lines += [f"note: {p}" for p in problems]
     table = []

@@ -11,10 +11,8 @@
         run.end_step(loss, lrm, epoch)     # waits for the step, counts its FLOPs and time, prints progress
     run.summary(val_bpb, num_params, depth)
 
-and runs train() through main(), which starts the run's record (record.py) and turns running out of memory, a
-hang, SIGTERM and any other stop into one line and a `failed` record. At the end it checks what an agent's slip
-leaves behind: a metric constant changed, steps uncounted or begun after the budget, a val_bpb
-the metric did not return. Every time here comes from one clock, time.perf_counter as this module is imported.
+and runs train() through main(): the run's record (record.py), and every stop as one line. At the end it checks
+what an agent's slip leaves behind (docs/RUN.md). Every time here comes from one clock, time.perf_counter.
 """
 import contextlib
 import gc
@@ -48,8 +46,7 @@ STALL_SECONDS = 600.0
 
 
 def modified_constants(train_globals):
-    """The metric's constants that differ now from what this process read at start, in constants.py, train.py,
-    prepare.py (if imported) or this module, as notes: such a run compares with no other. Empty for an honest run."""
+    """The metric's constants that differ now from what this process read at start, as notes."""
     notes = []
     places = [("constants.py", vars(constants)), ("train.py", train_globals),
               ("prepare.py", vars(sys.modules["prepare"]) if "prepare" in sys.modules else {}),
@@ -95,14 +92,9 @@ def summary_line(key, value):
 
 
 class Run:
-    """One training run's bookkeeping: which steps count toward the budget, their FLOPs or time and where it goes,
-    progress lines, the end of training, and the summary.
-
-    `flops` (BUDGET): every step counts the FLOPs the fixed counter (flops.py) saw since the last step ended, in
-    every thread, work before the loop included; training ends with the step that reaches FLOP_BUDGET, so the same
-    code takes the same steps on any machine. `time`: the reference's wall clock; training ends with the step that
-    reaches TIME_BUDGET. Where the model compiles (CUDA), the first 11 steps are start-up under both. The counts are
-    read-only properties, so train.py cannot move them by accident. t_start: time.perf_counter() when train() began."""
+    """One run's bookkeeping: the steps that count, their FLOPs or time, progress lines, the end, the summary.
+    Under the compute budget every FLOP from train()'s start counts; under the time budget, the wall clock; where the
+    model compiles (CUDA) the first 11 steps are start-up. t_start: time.perf_counter() when train() began."""
 
     def __init__(self, device, flops_per_token, tokens_per_step, t_start, train_globals=None):
         self.device, self.flops_per_token, self.tokens_per_step = device, flops_per_token, tokens_per_step
@@ -167,8 +159,7 @@ class Run:
 
     @property
     def warmup(self):
-        """The uncounted first steps: 11 on CUDA under the time budget (they compile), none elsewhere. Fixed:
-        setting it is noted, and ignored."""
+        """The uncounted first steps (11 on CUDA under the time budget: they compile); setting it is noted."""
         return self._warmup
 
     @warmup.setter
@@ -224,9 +215,7 @@ class Run:
         self._marks.append(self._mark())
 
     def end_step(self, loss, lrm, epoch):
-        """Call at the end of every step with its last micro-batch's loss (a tensor), the lr multiplier and the
-        loader's epoch: waits for the step, stops the program with FAIL on a NaN or exploding loss, counts the
-        step's time, prints progress, and sets `done` when the budget is spent."""
+        """Wait for the step, stop on a NaN or exploding loss, count its FLOPs and time, print progress."""
         self._marks.append(self._mark())
         loss_f = loss.item()  # waits for the step
         if self._meter is not None:  # this step's FLOPs: all counted since the last step ended (or since start)
@@ -271,8 +260,7 @@ class Run:
                 print()
 
     def _notes(self, step, dt, phases, epoch):
-        """The notes a step may call for, each said once: a budget that holds few steps, time the step's parts do
-        not account for, the first pass over the training data ending."""
+        """The notes a step may call for, each said once."""
         cost = self._step_flops if self.kind == "flops" else dt
         if step == 0 and self._flops_before > 0.01 * cost:
             print(f"note: {self._flops_before:.3g} FLOPs were computed before the first step (train.py's work before "
@@ -354,10 +342,7 @@ class Run:
         return f"flops {self._budget:.4g}" if self.kind == "flops" else f"time {self._budget:g}s"
 
     def summary(self, val_bpb, num_params, depth):
-        """Print the run's notes (settings, a budget overshot, what makes it comparable with no other), then `---`
-        and the summary: the reference's nine keys in its order and format, then this project's (docs/RUN.md lists
-        them); write the run's record. A run that counted no step, or whose metric is not finite, ends instead in
-        one `error:` line (and a `failed` record)."""
+        """Print the notes, `---` and the summary keys (docs/RUN.md); write the record, or end in one `error:` line."""
         t_end = _clock()
         if self._owns_counting:
             _stop_counting()
@@ -439,10 +424,7 @@ def _with_kernels(train):
 
 
 def main(train, knobs):
-    """Run train() under the fixed settings, as one run with its record (run.json): the CUDA allocator's
-    expandable segments, SDPA's backend order (_with_kernels). Running out of memory (GPU or CPU) ends in one
-    line naming `knobs` (the knobs that set memory use, e.g. "DEVICE_BATCH_SIZE=128, DEPTH=8"); SIGTERM in one
-    line too; any stop before the summary marks the record failed, with the reason."""
+    """Run train() as one run with its record: out of memory (naming `knobs`), SIGTERM, any stop is one line."""
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])  # torch 2.9 renamed the variable
     os.environ.setdefault("PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF",
                           "expandable_segments:True")  # read at the first CUDA allocation

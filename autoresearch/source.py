@@ -28,8 +28,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_extensions(text):
-    """The --extensions value ('.py,.txt' or 'py txt') as a tuple of lower-case extensions with their dot; one
-    `error:` line for an empty list or one of the data formats (always read)."""
+    """The --extensions value ('.py,.txt' or 'py txt') as lower-case extensions with their dot."""
     names = tuple(sorted({("." + e.strip().lstrip(".")).lower() for e in re.split(r"[,\s]+", text) if e.strip()}))
     if not names or any(n == "." or n in DATA_EXTENSIONS for n in names):
         raise UserError(f"--extensions {text!r}: give plain-text extensions such as .py,.md (.parquet and .jsonl "
@@ -38,10 +37,7 @@ def parse_extensions(text):
 
 
 def split_document(text, max_chars=DOC_CHARS):
-    """A long text as documents of at most max_chars characters: cut at blank lines (paragraphs, functions), a
-    paragraph longer than that at line ends, a line longer than that every max_chars characters; the pieces of one
-    document keep the separators between them. The loader crops a document longer than a row, so a whole file as
-    one document would be seen only from its start."""
+    """A text as documents of at most max_chars (cut at blank lines, else line ends): a row sees them all."""
     pieces = []  # (separator before the piece, piece)
     for para in text.split("\n\n"):
         sep = "\n\n"
@@ -73,8 +69,7 @@ def replace_lone_surrogates(text):
 
 
 def check_source_folder(source, cache_dir=CACHE_DIR):
-    """The --source folder as an absolute path, or a UserError: it must be an existing folder that neither holds
-    the cache nor lies inside it (the cache's own shards would be read back, or deleted)."""
+    """The --source folder as an absolute path: an existing folder that does not overlap the cache."""
     if not source or not source.strip():
         raise UserError("--source needs a folder (got an empty string)")
     if not os.path.exists(source):
@@ -104,10 +99,7 @@ def _jsonl_documents(path):
 
 
 def iter_source_documents(source, skipped=None, extensions=TEXT_EXTENSIONS):
-    """Documents of a local corpus, files in sorted path order: .parquet (`text` column) and .jsonl (`text` field)
-    as they are, and plain-text files with one of `extensions` (prose and source code by default) split into
-    documents (split_document). Opens files for reading only. Entries that are not readable regular files (FIFOs,
-    sockets, broken links, no permission) and files of other types are skipped and counted in `skipped` (a dict)."""
+    """A corpus's documents in path order (docs/DATA.md); what is skipped is counted in `skipped`."""
     skipped = {} if skipped is None else skipped
 
     def unreadable(error):
@@ -167,15 +159,7 @@ SourceSplit = collections.namedtuple("SourceSplit", "train_shards val_docs val_b
 
 
 def write_source_shards(docs, data_dir=DATA_DIR, val_fraction=0.1, max_val_bytes=80e6, shard_bytes=40e6):
-    """Write documents as shards in the cache layout, replacing the shards already in data_dir; returns a
-    SourceSplit. Exact duplicates are dropped first (a document in both splits would be scored after being
-    trained on). The validation shard takes documents in the order of their content hashes, each one that still
-    fits in about val_fraction of the bytes (at most max_val_bytes), so that no single huge document becomes the
-    whole validation set; the split depends only on the documents, not on how files are named or ordered.
-    Then, up to a quarter of the documents, more of the small ones (each under a tenth of that byte target) until
-    it holds 2 x LOADER_BUFFER_DOCS: the loader looks that far ahead, and with fewer documents its look-ahead
-    wraps around the shard and the metric's rows can repeat documents. The rest become training shards, in
-    order."""
+    """Write documents as deduplicated validation and training shards (docs/DATA.md); a SourceSplit."""
     hashes, unique = {}, []
     for doc in docs:
         h = hashlib.sha1(doc.encode("utf-8")).digest()

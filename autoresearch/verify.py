@@ -2,12 +2,8 @@
 
     uv run -m autoresearch.results verify [N]      # the N best kept experiments of results.tsv (default 3)
 
-Each one's train.py, as its commit has it, beside the fixed files of the baseline's commit (prepare.py, constants.py,
-autoresearch/), in a new folder, in a fresh interpreter, under the settings its record names: nothing the agent's
-process did, no file it changed since, can move the number. Under the compute budget on a CPU a run is
-deterministic: it reproduces when it takes the same steps to the same val_bpb (to the six places a row keeps).
-Elsewhere it reproduces within twice the noise floor of the experiment's value. One that does not shows a lucky
-run, a row or record changed after the fact, or fixed files changed since. Each run's log lands in runs/verify/.
+Each one's train.py beside the baseline's fixed files, in a new folder and a fresh interpreter, under the settings
+its record names; what it must match to reproduce: docs/RUN.md, 'The results log'. Logs land in runs/verify/.
 """
 import os
 import subprocess
@@ -23,8 +19,7 @@ KEPT_SETTINGS = ("AUTORESEARCH_CACHE_DIR", "AUTORESEARCH_DEVICE", "AUTORESEARCH_
 
 
 def settings_env(settings, keep=()):
-    """This shell's environment with the metric's settings of a record (`standard`, or the preset and overrides,
-    NAME=value) in place of its own AUTORESEARCH_* variables (those in `keep` stay); None where they do not parse."""
+    """This shell's environment with a record's settings for its AUTORESEARCH_* (`keep` stay); None if bad."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_") or k in keep}
     if settings != "standard":
         for item in str(settings).split():
@@ -45,8 +40,7 @@ def clean_tree(folder, commit, base):
 
 
 def rerun(commit, base, settings, log_path):
-    """Run train.py of `commit` with base's fixed files under `settings` in a fresh interpreter; returns its record
-    (None if it wrote none); its log goes to log_path."""
+    """Run train.py of `commit` with base's fixed files in a fresh interpreter; returns its record (or None)."""
     env = settings_env(settings, keep=KEPT_SETTINGS)
     if env is None:
         raise UserError(f"the record's settings {settings!r} do not parse: cannot run them again")
@@ -79,8 +73,7 @@ def judge(exp, records, floor, data):
 
 
 def verify(count=3, path="results.tsv"):
-    """Run the `count` best kept experiments of the results file at path again (see the module's docstring);
-    print a line for each; one `error:` line at the end when any did not reproduce. Returns the lines."""
+    """Run the `count` best kept experiments again; a line each; one `error:` line if any did not reproduce."""
     from autoresearch import results
     if count < 1:
         raise UserError(f"verify {count}: give a number of kept experiments, at least 1")
