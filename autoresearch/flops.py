@@ -134,46 +134,38 @@ LINALG = {
     "linalg_ldl_solve": lambda m, n, k: 2 * n * n * k,
 }
 
-# Ops that cost nothing next to the matmuls, beyond what their tags say (torch.Tag.pointwise, reduction, views):
-# creation, copies, fills, indexing and lookups, random draws, softmax and losses (per-element work), norms, the
-# optimizer's foreach ops, and bookkeeping.
+# Ops that cost nothing next to the matmuls, beyond what their tags say (torch.Tag.pointwise, reduction, views), what
+# makes a tensor from no tensor (zeros, arange, randn) and the optimizer's _foreach_ ops: creation from a tensor,
+# copies, fills, indexing and lookups, random draws, softmax and losses (per-element work), norms, bookkeeping.
 FREE = {
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like", "new_zeros",
-    "ones", "ones_like", "new_ones", "full", "full_like", "new_full", "scalar_tensor", "arange", "linspace",
-    "logspace", "eye", "tril", "triu", "tril_indices", "triu_indices", "copy_", "_to_copy", "clone", "contiguous",
-    "_copy_from", "_copy_from_and_resize", "copy", "fill_", "zero_", "fill", "lift_fresh", "lift_fresh_copy",
-    "detach", "alias", "set_", "resize_", "resize_as_", "_local_scalar_dense", "item", "cat", "stack", "split",
-    "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "chunk", "unbind", "index", "index_put_",
-    "index_put", "_index_put_impl_", "index_select", "index_add_", "index_add", "index_copy_", "index_fill_",
-    "gather", "scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce", "masked_fill",
-    "masked_fill_", "masked_scatter", "masked_select", "embedding", "embedding_dense_backward",
-    "embedding_backward", "_embedding_bag", "one_hot", "flip", "roll", "repeat", "repeat_interleave", "tile",
-    "constant_pad_nd", "pad", "narrow_copy", "slice_scatter", "select_scatter", "diagonal_scatter",
-    "as_strided_scatter", "select_backward", "slice_backward", "index_select_backward", "sort", "argsort", "topk",
-    "kthvalue", "unique", "_unique2", "nonzero", "searchsorted", "bucketize", "histc", "bincount", "normal_",
-    "uniform_", "bernoulli_", "bernoulli", "random_", "exponential_", "multinomial", "randn", "rand", "randint",
-    "randperm", "randn_like", "rand_like", "randint_like", "native_dropout", "native_dropout_backward",
-    "_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data", "_safe_softmax",
-    "nll_loss_forward", "nll_loss_backward", "nll_loss2d_forward", "nll_loss2d_backward", "cross_entropy_loss",
-    "mse_loss", "mse_loss_backward", "binary_cross_entropy", "binary_cross_entropy_backward",
-    "binary_cross_entropy_with_logits", "smooth_l1_loss", "smooth_l1_loss_backward", "huber_loss",
-    "huber_loss_backward", "_fused_rms_norm", "_fused_rms_norm_backward", "native_layer_norm",
-    "native_layer_norm_backward", "native_group_norm", "native_group_norm_backward", "native_batch_norm",
-    "native_batch_norm_backward", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
-    "_native_batch_norm_legit_functional", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "_cummax_helper",
-    "_cummin_helper", "linalg_vector_norm", "norm", "_foreach_copy_", "_linalg_check_errors", "_unsafe_index",
-    "_unsafe_index_put", "_assert_async", "_assert_scalar", "sym_constrain_range_for_size", "_fused_sdp_choice",
-    "is_nonzero", "equal", "allclose", "isclose", "_has_compatible_shallow_copy_type", "record_stream",
-    "_pin_memory", "pin_memory", "_to_sparse_csr", "_to_dense", "to_sparse", "_to_sparse", "_coalesce",
-    "coalesce", "_nested_tensor_from_mask", "view_as_real", "view_as_complex", "_conj", "_neg_view",
+    "empty_like", "new_empty", "new_empty_strided", "zeros_like", "new_zeros", "ones_like", "new_ones", "full_like",
+    "new_full", "tril", "triu", "copy_", "_to_copy", "clone", "contiguous", "_copy_from", "_copy_from_and_resize",
+    "copy", "fill_", "zero_", "fill", "lift_fresh", "lift_fresh_copy", "detach", "alias", "set_", "resize_",
+    "resize_as_", "_local_scalar_dense", "item", "cat", "stack", "split", "split_with_sizes", "unsafe_split",
+    "unsafe_split_with_sizes", "chunk", "unbind", "index", "index_put_", "index_put", "_index_put_impl_",
+    "index_select", "index_add_", "index_add", "index_copy_", "index_fill_", "gather", "scatter", "scatter_",
+    "scatter_add", "scatter_add_", "scatter_reduce", "masked_fill", "masked_fill_", "masked_scatter", "masked_select",
+    "embedding", "embedding_dense_backward", "embedding_backward", "_embedding_bag", "one_hot", "flip", "roll",
+    "repeat", "repeat_interleave", "tile", "constant_pad_nd", "pad", "narrow_copy", "slice_scatter", "select_scatter",
+    "diagonal_scatter", "as_strided_scatter", "select_backward", "slice_backward", "index_select_backward", "sort",
+    "argsort", "topk", "kthvalue", "unique", "_unique2", "nonzero", "searchsorted", "bucketize", "histc", "bincount",
+    "normal_", "uniform_", "bernoulli_", "bernoulli", "random_", "exponential_", "multinomial", "randn_like",
+    "rand_like", "randint_like", "native_dropout", "native_dropout_backward", "_softmax", "_log_softmax",
+    "_softmax_backward_data", "_log_softmax_backward_data", "_safe_softmax", "nll_loss_forward", "nll_loss_backward",
+    "nll_loss2d_forward", "nll_loss2d_backward", "cross_entropy_loss", "mse_loss", "mse_loss_backward",
+    "binary_cross_entropy", "binary_cross_entropy_backward", "binary_cross_entropy_with_logits", "smooth_l1_loss",
+    "smooth_l1_loss_backward", "huber_loss", "huber_loss_backward", "_fused_rms_norm", "_fused_rms_norm_backward",
+    "native_layer_norm", "native_layer_norm_backward", "native_group_norm", "native_group_norm_backward",
+    "native_batch_norm", "native_batch_norm_backward", "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional", "cumsum", "cumprod", "logcumsumexp",
+    "cummax", "cummin", "_cummax_helper", "_cummin_helper", "linalg_vector_norm", "norm", "_linalg_check_errors",
+    "_unsafe_index", "_unsafe_index_put", "_assert_async", "_assert_scalar", "sym_constrain_range_for_size",
+    "_fused_sdp_choice", "is_nonzero", "equal", "allclose", "isclose", "_has_compatible_shallow_copy_type",
+    "record_stream", "_pin_memory", "pin_memory", "_to_sparse_csr", "_to_dense", "to_sparse", "_to_sparse",
+    "_coalesce", "coalesce", "_nested_tensor_from_mask", "view_as_real", "view_as_complex", "_conj", "_neg_view",
     "_conj_physical", "resolve_conj", "resolve_neg", "_reshape_alias", "_unsafe_view", "as_strided",
     "_nested_view_from_buffer", "dropout", "_fused_dropout", "_masked_scale",
-    "_amp_foreach_non_finite_check_and_unscale_",
-    "_amp_update_scale_", "_foreach_zero_", "_foreach_add_", "_foreach_add", "_foreach_mul_", "_foreach_mul",
-    "_foreach_lerp_", "_foreach_addcmul_", "_foreach_addcdiv_", "_foreach_sqrt", "_foreach_sqrt_", "_foreach_div_",
-    "_foreach_div", "_foreach_sub_", "_foreach_neg", "_foreach_norm", "_foreach_maximum_", "_foreach_pow",
-    "_foreach_sign", "_foreach_abs", "_foreach_clamp_min_", "_foreach_clamp_max_", "_foreach_addcmul",
-    "_foreach_addcdiv", "_foreach_lerp", "_foreach_reciprocal_", "_foreach_exp", "_foreach_tanh",
+    "_amp_foreach_non_finite_check_and_unscale_", "_amp_update_scale_",
 }
 
 # Ops with a formula here (shapes in, FLOPs out), beside torch's own registry (mm, addmm, bmm, baddbmm, convolutions,
@@ -208,17 +200,18 @@ def formulas():
     return table
 
 
-def costs_nothing(func):
-    """True for an elementwise op, a reduction, a view, one of FREE, or the profiler's marks."""
+def costs_nothing(func, args=()):
+    """True for an elementwise op, a reduction, a view, a _foreach_ op, one of FREE, one that makes a tensor from no
+    tensor, or the profiler's marks."""
     if getattr(func, "namespace", "") == "profiler":
         return True
     tags = getattr(func, "tags", ())
     if {torch.Tag.pointwise, torch.Tag.reduction, torch.Tag.view_copy, torch.Tag.inplace_view} & set(tags):
         return True
-    if getattr(func, "is_view", False):
+    if getattr(func, "is_view", False) or not any(isinstance(t, torch.Tensor) for t in tree_leaves(args)):
         return True
-    packet = getattr(func, "_overloadpacket", None)
-    return getattr(packet, "__name__", "") in FREE
+    name = getattr(getattr(func, "_overloadpacket", None), "__name__", "")
+    return name in FREE or name.startswith("_foreach_")
 
 
 def _distinct(t):
@@ -306,7 +299,7 @@ class FlopCount(TorchDispatchMode):
                 flops = formula(*args, **kwargs, out_val=out)
             elif torch.Tag.pointwise in getattr(func, "tags", ()):
                 flops = broadcast_flops(args, out)
-            elif costs_nothing(func):
+            elif costs_nothing(func, args):
                 flops = 0
         if flops is None:
             key = f"aten.{name}" if isinstance(func, torch._ops.OpOverload) and func.namespace == "aten" else str(func)

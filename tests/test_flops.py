@@ -69,6 +69,10 @@ def test_elementwise_work_views_and_reductions_cost_nothing_and_are_no_problem()
     x = torch.randn(64, 32, requires_grad=True)
     total, problems = counted(lambda: (F.rms_norm(x, (32,)).relu().square() * 2 + x.T.T).softmax(-1).sum().backward())
     assert total == 0 and problems == []
+    made = [torch.zeros(4), torch.arange(8.0), torch.eye(3), torch.randn(2, 2), torch.empty(3)]  # from no tensor
+    total, problems = counted(lambda: [torch._foreach_lerp_(made, made, 0.5), torch._foreach_sigmoid(made),
+                                       torch.full((2,), 3.0), torch.linspace(0, 1, 5)])
+    assert total == 0 and problems == []
 
 
 def test_tensors_handed_to_numpy_are_said_and_numpy_is_put_back():
