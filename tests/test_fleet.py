@@ -259,24 +259,25 @@ def test_the_fleet_as_readme_starts_it_from_a_fresh_copy(prepared, tmp_path, sho
 
 
 def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(agent, short_tmp, monkeypatch):
-    """No RAY_ADDRESS: `fleet run` starts a local Ray of its own (AUTORESEARCH_FLEET_GPUS slots on a CPU); `fleet
-    stop` stops it and no other Ray (the tests' cluster goes on); its processes killed outright, the next `status`
-    is one line and the next `run` starts a fresh one."""
+    """No RAY_ADDRESS: `fleet run` starts a local Ray of its own (AUTORESEARCH_FLEET_GPUS slots on a CPU); its
+    processes killed outright, the next `status` is one line and the next `run` starts a fresh one; `fleet stop`
+    stops it and no other Ray (the tests' cluster goes on)."""
     repo, sh = agent
     local = lambda command: sh(f"unset RAY_ADDRESS; TMPDIR={short_tmp} AUTORESEARCH_FLEET_GPUS=1 {command}")  # noqa
     started = local("uv run -m autoresearch.fleet run HEAD")
     assert started.returncode == 0, started.stderr
     assert " val_bpb " in local("uv run -m autoresearch.fleet wait").stdout
-    stopped = local("uv run -m autoresearch.fleet stop")
-    assert stopped.returncode == 0 and "stopped the fleet's local Ray" in stopped.stdout
-    assert ray.cluster_resources().get("GPU") == 2  # (the tests' own cluster answers still)
-    assert local("uv run -m autoresearch.fleet run HEAD").returncode == 0
     fleet.stop_ray(os.path.join(short_tmp, f"autoresearch-ray-{os.getuid()}"))  # killed, not stopped: a stale address
     status = local("uv run -m autoresearch.fleet status")
     assert status.returncode == 1 and status.stderr.startswith("error: no fleet Ray is running here")
     again = local("uv run -m autoresearch.fleet run HEAD")
     assert again.returncode == 0, again.stderr
     assert " val_bpb " in local("uv run -m autoresearch.fleet wait").stdout
+    stopped = local("uv run -m autoresearch.fleet stop")
+    assert stopped.returncode == 0 and "stopped the fleet's local Ray" in stopped.stdout
+    assert ray.cluster_resources().get("GPU") == 2  # (the tests' own cluster answers still)
+    status = local("uv run -m autoresearch.fleet status")
+    assert status.returncode == 1 and status.stderr.startswith("error: no fleet Ray is running here")
 
 
 def test_two_agents_on_one_cluster_see_and_record_only_their_own_runs(agent, tmp_path):
@@ -363,15 +364,17 @@ def test_ctrl_c_and_sigterm_end_a_command_in_one_line_and_the_runs_go_on(agent, 
     edit_train(repo, "    while not run.done:\n", "    time.sleep(600)\n    while not run.done:\n", "never ends")
     run_id = sh("uv run -m autoresearch.fleet run HEAD").stdout.split()[0]
     env = {**os.environ, **TEST_ENV, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": repo}
-    for sig, said in ((signal.SIGINT, "error: interrupted (Ctrl-C): the runs go on in the cluster"),
-                      (signal.SIGTERM, "error: stopped by SIGTERM: the runs go on in the cluster")):
-        waiting = subprocess.Popen(["uv", "run", "-m", "autoresearch.fleet", "wait"], cwd=repo, env=env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # (Ctrl-C reaches a terminal's
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # foreground)
-        time.sleep(4)
-        waiting.send_signal(sig)
-        out, err = waiting.communicate(timeout=60)
-        assert waiting.returncode == 1 and len(err.strip().splitlines()) == 1 and err.startswith(said), err
+    signals = ((signal.SIGINT, "error: interrupted (Ctrl-C): the runs go on in the cluster"),
+               (signal.SIGTERM, "error: stopped by SIGTERM: the runs go on in the cluster"))
+    waiting = [subprocess.Popen(["uv", "run", "-m", "autoresearch.fleet", "wait"], cwd=repo, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # (Ctrl-C reaches a terminal's
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # foreground)
+               for _ in signals]
+    time.sleep(4)  # (both waiting, connected to the cluster)
+    for process, (sig, said) in zip(waiting, signals):
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 1 and len(err.strip().splitlines()) == 1 and err.startswith(said), err
     assert book()[run_id]["state"] in ("queued", "running")
     assert sh(f"uv run -m autoresearch.fleet cancel {run_id}").returncode == 0
     assert "cancelled" in sh(f"uv run -m autoresearch.fleet wait {run_id}").stdout

@@ -223,21 +223,22 @@ def edit_file(repo, name, old, new, message):
 
 
 def test_fixed_files_that_are_not_the_baselines_are_refused(prepared, tmp_path):
-    """A committed edit of the metric (val_bpb x 0.9 in prepare.py) or of the budget (FLOP_BUDGET doubled in
-    constants.py) makes another metric: record refuses it, naming the file, against the baseline's commit."""
+    """A committed edit of the metric (val_bpb x 0.9 in prepare.py) and of the budget (FLOP_BUDGET doubled in
+    constants.py) makes another metric: record refuses it in one line naming both files, against the baseline's."""
     repo = agent_repo(tmp_path)
     assert run_train(repo)[0] == 0 and record_cli(repo, "keep", "baseline").returncode == 0
-    edit_file(repo, "prepare.py", "val_bpb, val_bpb_exact = (total_nats / (math.log(2) * n) for n in total_bytes)",
-              "val_bpb, val_bpb_exact = (0.9 * total_nats / (math.log(2) * n) for n in total_bytes)", "a better metric")
+    base = git(repo, "rev-parse", "--short", "HEAD").strip()
+    path = os.path.join(repo, "prepare.py")
+    text = open(path, encoding="utf-8").read()
+    old = "val_bpb, val_bpb_exact = (total_nats / (math.log(2) * n) for n in total_bytes)"
+    assert old in text
+    open(path, "w", encoding="utf-8").write(text.replace(old, old.replace("(total_nats", "(0.9 * total_nats")))
+    edit_file(repo, "constants.py", '"FLOP_BUDGET": 4e12}', '"FLOP_BUDGET": 8e12}', "a better metric, a bigger budget")
     assert run_train(repo)[0] == 0
     refused = record_cli(repo, "keep", "a better metric")
-    assert refused.returncode == 1 and refused.stderr.startswith("error: prepare.py is not the baseline's")
-    git(repo, "revert", "--no-edit", "HEAD")
-    edit_file(repo, "constants.py", '"FLOP_BUDGET": 4e12}', '"FLOP_BUDGET": 8e12}', "a bigger budget")
-    assert run_train(repo)[0] == 0
-    refused = record_cli(repo, "keep", "a bigger budget")
-    assert refused.returncode == 1 and refused.stderr.startswith("error: constants.py is not the baseline's")
-    assert "git checkout" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith(f"error: constants.py is not the baseline's (commit {base}), nor are prepare.py")
+    assert f"git checkout {base} -- prepare.py constants.py autoresearch" in refused.stderr
 
 
 def test_a_run_in_which_no_step_ends_stops_itself_as_a_hang(prepared, monkeypatch):
