@@ -171,11 +171,12 @@ def experiments(rows, agent="", problems=None):
             joined["runs"] += run
             joined["speeds"] += speed
             joined["rows"] += 1
+            joined["members"].append(row)
             if status != "crash":
                 joined["status"] = status
         else:
             exp = dict(number=len(out) + 1, commit=row["commit"], description=row["description"], status=status,
-                       runs=run, speeds=speed, rows=1)
+                       runs=run, speeds=speed, rows=1, members=[row])
             out.append(exp)
             if status != "crash":
                 latest[row["commit"]] = exp

@@ -5,6 +5,7 @@
 Each one's train.py beside the baseline's fixed files, in a new folder and a fresh interpreter, under the settings
 its record names; what it must match to reproduce: docs/RUN.md, 'The results log'. Logs land in runs/verify/.
 """
+import glob
 import os
 import subprocess
 import sys
@@ -77,24 +78,16 @@ def verify(count=3, path="results.tsv"):
     from autoresearch import results
     if count < 1:
         raise UserError(f"verify {count}: give a number of kept experiments, at least 1")
-    problems = []
     if not os.path.exists(path):
         raise UserError(f"no {path} here: verify runs in the experiment's checkout, after `record`")
-    rows = results.read_rows(path, problems)
-    runs_dir = results.runs_folder(path)
-    archived = results.archived_records(runs_dir)
-    results.prove(rows, archived, path, problems)
-    groups = results.gpu_groups(rows)
-    lines, failed, chosen = [], 0, []
-    for gpu in sorted(set(groups)):
-        group = [r for r, g in zip(rows, groups) if g == gpu]
-        exps = results.experiments(group)
+    runs_dir, chosen, lines, failed = results.runs_folder(path), [], [], 0
+    for exps in results.load([glob.escape(path)])[1].values():  # (one group per GPU model)
         base = next((e for e in exps if e["finished"]), None)
         floor, _ = results.noise_floor(exps)
         for exp in (e for e in exps if e["finished"] and e["status"] == "keep"):
-            mine = [r for r in group if r["commit"] == exp["commit"] and r["status"] != "crash"]
-            runs = [r["record"] for r in mine if r["record"] and r["record"].get("status") == "finished"]
-            exp["unmatched"] = sum(1 for r in mine if r.get("differs") or not r["record"])
+            mine = [r for r in exp["members"] if r["status"].lower() != "crash"]
+            runs = [r["record"] for r in mine if r.get("record") and r["record"].get("status") == "finished"]
+            exp["unmatched"] = sum(1 for r in mine if r.get("differs") or not r.get("record"))
             chosen.append((exp["value"], exp, runs, base, floor))
     chosen.sort(key=lambda c: c[0])
     if not chosen:
