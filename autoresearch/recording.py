@@ -16,8 +16,8 @@ from autoresearch import record as run_record
 from autoresearch.errors import UserError
 from autoresearch.record import printable
 from autoresearch.results import (COLUMNS, RERUN, STATUSES, archived_records, best_experiment, experiment_speed,
-                                  experiments, gpu_groups, noise_floor, off_speed, prove, read_rows, runs_folder,
-                                  speed_ratio, verdict)
+                                  experiments, gpu_groups, noise_floor, off_speed, prove, read_rows, run_speed,
+                                  runs_folder, speed_ratio, verdict)
 
 
 def summary_blocks(text):
@@ -245,8 +245,7 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
             if not description.endswith(RERUN):
                 description += RERUN
         row = dict(commit=short, val_bpb=val_bpb, memory_gb=memory, status=status, description=description, gpu=gpu)
-        speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
-        judged = judge(same, dict(row, speed=speed))
+        judged = judge(same, dict(row, speed=run_speed(data)))
         if judged["contradiction"] and not overrule:
             raise UserError(f"{judged['line']}: `{status}` contradicts it; not recorded. Record "
                             f"{'keep' if status == 'discard' else 'discard'}, or add --overrule if you mean it")

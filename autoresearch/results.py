@@ -118,6 +118,12 @@ def archived_records(runs_dir):
     return out
 
 
+def run_speed(data):
+    """The model FLOP/s of a run under the time budget, where its verdict follows speed; else None."""
+    speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
+    return speed if isinstance(speed, (int, float)) and speed > 0 else None
+
+
 def prove(rows, records, path, problems):
     """Each row as the run in runs/ it was recorded from says it was; rows that differ or no run proves are said."""
     real, queues = os.path.realpath(path), {}
@@ -141,8 +147,7 @@ def prove(rows, records, path, problems):
                 differ.append(f"#{n} {row['commit']} ({said_both})")
                 row["differs"] = True
             row.update({c: printable(said.get(c, row[c])) for c in ("val_bpb", "memory_gb", "status", "gpu")})
-        speed = data.get("model_flops_per_sec") if data and data.get("budget_kind", "time") == "time" else None
-        row["speed"] = speed if isinstance(speed, (int, float)) and speed > 0 else None
+        row["speed"] = run_speed(data)
     if differ:
         problems.append(f"{path}: row(s) {'; '.join(differ)} differ from the runs in runs/ they were recorded from "
                         "(edited by hand?): the runs' values are used")
