@@ -50,12 +50,8 @@ class Tokenizer:
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
 
     @classmethod
-    def from_directory(cls, tokenizer_dir=None):
-        """The tokenizer in tokenizer_dir (default: the current build's); one line naming the fix when it is bad."""
-        build = None
-        if tokenizer_dir is None:
-            build = current_build()
-            tokenizer_dir = build.path("tokenizer")
+    def from_directory(cls, tokenizer_dir, build=None):
+        """The tokenizer in tokenizer_dir (of `build`); one line naming the fix when it is missing or corrupt."""
         ranks_path = os.path.join(tokenizer_dir, "ranks.txt")
         meta_path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not (os.path.exists(ranks_path) and os.path.exists(meta_path)):
@@ -136,8 +132,7 @@ def check_cache():
         build.open_tokens(name, full=True)
     for name in build.shards("train"):
         build.require(token_rels(name)[0], full=False)
-    tokenizer = Tokenizer.from_directory(build.path("tokenizer"))
-    tokenizer.build = build
+    tokenizer = Tokenizer.from_directory(build.path("tokenizer"), build)
     print(f"cache: build {build.id} ({describe_source(build.source)}): tokenizer, {len(build.shards('train'))} "
           f"training shard(s) and the validation shard match its build.json (checked in {time.time() - t0:.1f}s)",
           flush=True)
@@ -446,8 +441,7 @@ def main(argv=None):
                 shards = fetch_hub_shards(args.num_shards, args.download_workers)
                 source = {"kind": "hub", "dataset": DATASET_REPO, "endpoint": HF_ENDPOINT, "shards": shards}
                 build = make_build(source, shards=shards)
-            tokenizer = Tokenizer.from_directory(build.path("tokenizer"))
-            tokenizer.build = build
+            tokenizer = Tokenizer.from_directory(build.path("tokenizer"), build)
             report_eval_coverage(tokenizer)
             if args.remove_old:
                 print(f"cache: {remove_old_builds(build.id)} old build(s) removed", flush=True)

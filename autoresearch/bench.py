@@ -24,7 +24,7 @@ import time
 from autoresearch.cache import current_build, read_parquet_texts
 from autoresearch.recording import run_summary
 from constants import LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
-from prepare import Tokenizer, make_dataloader
+from prepare import check_cache, make_dataloader
 
 
 def plain_batches(tokenizer, B, T, split):
@@ -65,7 +65,7 @@ def plain_batches(tokenizer, B, T, split):
 def bench_loader(B=32, T=MAX_SEQ_LEN, seconds=10.0):
     """Tokens per second of each loader; make_dataloader delivers to the training device (copies included)."""
     from autoresearch.hardware import detect_device, synchronize
-    tokenizer = Tokenizer.from_directory()
+    tokenizer = check_cache()
     device = detect_device()
     out = []
     for name, batches in [("plain single-threaded loader", plain_batches(tokenizer, B, T, "train")),

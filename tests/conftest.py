@@ -114,7 +114,7 @@ def damageable_cache(prepared, tmp_path):
 @pytest.fixture(scope="session")
 def tokenizer(prepared):
     import prepare
-    return prepare.Tokenizer.from_directory()
+    return prepare.check_cache()
 
 
 @pytest.fixture(autouse=True)
