@@ -12,7 +12,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import stat
 import subprocess
 import sys
@@ -25,12 +24,10 @@ FORMAT = 1
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path that becomes `path` (a file or a folder) when the block succeeds, else goes."""
+    """Yield a temporary path that becomes the file `path` when the block succeeds, else goes."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         yield tmp
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
