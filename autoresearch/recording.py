@@ -252,23 +252,19 @@ def record(status, description, log="run.log", path="results.tsv", runs_dir=None
         number = len(rows) + 1
         saved = dict(data or {"run_id": run_id, "status": "crashed before its record began"})
         saved["recorded"] = dict(number=number, row=[row[c] for c in COLUMNS], file=real)
-        try:
+        where = runs_dir  # (what an OSError is said of: runs/ first, then the results file)
+        try:  # the run's files first, then the row: both or neither, whatever stops them
             os.makedirs(runs_dir, exist_ok=True)
             run_record.write_atomically(stem + ".log", text.encode("utf-8"))
             run_record.write_atomically(stem + ".json", json.dumps(saved, indent=1).encode("utf-8"))
-        except OSError as e:
-            for suffix in (".log", ".json"):
-                with contextlib.suppress(OSError):
-                    os.remove(stem + suffix)
-            raise UserError(f"cannot keep the run's log in {runs_dir} ({e.strerror or e}): nothing recorded")
-        try:
+            where = path
             append_row(real, row)
-        except BaseException as e:  # (whatever stopped the row, the run's files go too: both or neither)
+        except BaseException as e:
             for suffix in (".log", ".json"):
                 with contextlib.suppress(OSError):
                     os.remove(stem + suffix)
             if isinstance(e, OSError):
-                raise UserError(f"cannot write {path} ({e.strerror or e}): nothing recorded")
+                raise UserError(f"cannot write {where} ({e.strerror or e}): nothing recorded") from None
             raise
     print("\t".join(row[c] for c in COLUMNS).rstrip("\t"))
     if judged["line"]:
