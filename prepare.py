@@ -27,7 +27,7 @@ import tiktoken
 import constants
 
 from autoresearch import record
-from autoresearch.cache import (BUILD_FORMAT, BUILDS_DIR, PREPARE_HINT, TOKENIZER_RELS, Build, FileProblem, atomic_path,
+from autoresearch.cache import (BUILD_FORMAT, BUILDS_DIR, PREPARE_HINT, TOKENIZER_RELS, Build, FileProblem,
                                 build_id, current_build, describe_source, file_sha256, list_shards, make_cache_folder,
                                 new_build_folder, point_at, publish, read_parquet_texts, remove_old_builds, token_rels)
 from autoresearch.download import fetch_hub_shards
@@ -72,17 +72,15 @@ class Tokenizer:
 
     @staticmethod
     def save(mergeable_ranks, tokenizer_dir, pattern=SPLIT_PATTERN):
-        """Write learned ranks [(bytes, rank), ...] with the special tokens appended after them."""
+        """Write learned ranks [(bytes, rank), ...] and the special tokens after them (in a build folder: whole)."""
         os.makedirs(tokenizer_dir, exist_ok=True)
         n = len(mergeable_ranks)
         meta = {"pattern": pattern, "special_tokens": {t: n + i for i, t in enumerate(SPECIAL_TOKENS)}}
-        with atomic_path(os.path.join(tokenizer_dir, "tokenizer.json")) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1)
-        with atomic_path(os.path.join(tokenizer_dir, "ranks.txt")) as tmp:  # last: its presence means "complete"
-            with open(tmp, "w", encoding="ascii") as f:
-                for token, rank in sorted(mergeable_ranks, key=lambda tr: tr[1]):
-                    f.write(f"{base64.b64encode(bytes(token)).decode('ascii')} {rank}\n")
+        with open(os.path.join(tokenizer_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        with open(os.path.join(tokenizer_dir, "ranks.txt"), "w", encoding="ascii") as f:
+            for token, rank in sorted(mergeable_ranks, key=lambda tr: tr[1]):
+                f.write(f"{base64.b64encode(bytes(token)).decode('ascii')} {rank}\n")
 
     def get_vocab_size(self):
         """Learned tokens + special tokens (8192 unless the training text was too small)."""

@@ -41,16 +41,9 @@ def _prod(sizes):
     return math.prod(int(s) for s in sizes)
 
 
-def _mv(mat, vec, *args, out_shape=None, **kwargs):
-    return 2 * _prod(mat)
-
-
-def _addmv(bias, mat, vec, *args, out_shape=None, **kwargs):
-    return 2 * _prod(mat)
-
-
-def _dot(a, b, *args, out_shape=None, **kwargs):
-    return 2 * _prod(a)
+def _operand(n):
+    """2 FLOPs per element of operand n: a matrix-vector (mv, addmv's second) or a vector-vector product (dot)."""
+    return lambda *shapes, out_shape=None, **kwargs: 2 * _prod(shapes[n])
 
 
 def _int_mm(a, b, *args, out_shape=None, **kwargs):
@@ -72,22 +65,6 @@ def _rnn(input, weights, *, tokens_dim=-1):
     """An RNN layer stack: each token meets every weight matrix once (input and recurrent, each direction)."""
     tokens = _prod(input) // input[tokens_dim]
     return 2 * tokens * sum(_prod(w) for w in weights if len(w) == 2)
-
-
-def _mkldnn_rnn(input, w0, w1, *args, out_shape=None, **kwargs):
-    return _rnn(input, [w0, w1])
-
-
-def _mkldnn_rnn_backward(input, w1, w2, *args, out_shape=None, **kwargs):
-    return 2 * _rnn(input, [w1, w2])  # the gradients of the input and of the weights
-
-
-def _cudnn_rnn(input, weights, *args, out_shape=None, **kwargs):
-    return _rnn(input, weights)
-
-
-def _cudnn_rnn_backward(input, weights, *args, out_shape=None, **kwargs):
-    return 2 * _rnn(input, weights)
 
 
 def _fft(x, dim, *args, out_shape=None, **kwargs):
@@ -173,9 +150,13 @@ FREE = {
 _EXTRA = {
     "_scaled_dot_product_flash_attention_for_cpu": _sdpa,
     "_scaled_dot_product_flash_attention_for_cpu_backward": _sdpa_backward,
-    "mv": _mv, "addmv": _addmv, "dot": _dot, "vdot": _dot, "_int_mm": _int_mm, "_trilinear": _trilinear,
-    "mkldnn_rnn_layer": _mkldnn_rnn, "mkldnn_rnn_layer_backward": _mkldnn_rnn_backward,
-    "_cudnn_rnn": _cudnn_rnn, "_cudnn_rnn_backward": _cudnn_rnn_backward,
+    "mv": _operand(0), "addmv": _operand(1), "dot": _operand(0), "vdot": _operand(0), "_int_mm": _int_mm,
+    "_trilinear": _trilinear,
+    # RNN layers (mkldnn's one at a time: input, w_ih, w_hh); backward: the gradients of the input and the weights
+    "mkldnn_rnn_layer": lambda input, w0, w1, *args, **kwargs: _rnn(input, [w0, w1]),
+    "mkldnn_rnn_layer_backward": lambda input, w1, w2, *args, **kwargs: 2 * _rnn(input, [w1, w2]),
+    "_cudnn_rnn": lambda input, weights, *args, **kwargs: _rnn(input, weights),
+    "_cudnn_rnn_backward": lambda input, weights, *args, **kwargs: 2 * _rnn(input, weights),
     "_fft_r2c": _fft, "_fft_c2r": _fft, "_fft_c2c": _fft,
     **{name: _linalg(cost) for name, cost in LINALG.items()},
 }

@@ -86,11 +86,6 @@ def start_record(train_file):
     return record.start(train_file, constants.SETTINGS, FIXED)
 
 
-def summary_line(key, value):
-    """`key:` padded to 18 characters, then the value: the reference's aligned summary format."""
-    return f"{key + ':':<18}{value}"
-
-
 class Run:
     """One run's bookkeeping: the steps that count, their FLOPs or time, progress lines, the end, the summary.
     Under the compute budget every FLOP from train()'s start counts; under the time budget, the wall clock; where the
@@ -390,7 +385,7 @@ class Run:
         ]
         print("---")
         for key, value in values:
-            print(summary_line(key, value))
+            print(f"{key + ':':<18}{value}")  # (the reference's aligned format)
         sys.stdout.flush()
         self._record.finish(dict(values), violations, val_bpb=metric, val_bpb_exact=exact,
                             training_seconds=self._counted_seconds, budget=self._budget, budget_kind=self.kind,
