@@ -32,8 +32,7 @@ from autoresearch.cache import (BUILD_FORMAT, BUILDS_DIR, PREPARE_HINT, TOKENIZE
                                 new_build_folder, point_at, publish, read_parquet_texts, remove_old_builds, token_rels)
 from autoresearch.download import fetch_hub_shards
 from autoresearch.errors import UserError, sigterm_as_error
-from autoresearch.source import (TEXT_EXTENSIONS, check_source_folder, parse_extensions, read_source,
-                                 write_source_shards)
+from autoresearch.source import TEXT_EXTENSIONS, check_source_folder, parse_extensions, read_source, split_source
 from constants import (BOS_TOKEN, CACHE_DIR, DATA_DIR, DATASET_REPO, DEFAULT_NUM_SHARDS, HF_ENDPOINT,
                        LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SHARD, POINTER_PATH, SPECIAL_TOKENS, SPLIT_PATTERN,
                        TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS, VAL_SHARD, VOCAB_SIZE, shard_name)
@@ -262,19 +261,18 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # ---------------------------------------------------------------------------------------------------------------
 # Building the cache: tokenizer training, tokenization, the command
 
-def train_tokenizer(tokenizer_dir, paths):
-    """Train byte-level BPE on the training shards at paths (each document cut to 10k chars, at most 1e9 chars)."""
+def train_tokenizer(tokenizer_dir, batches):
+    """Train byte-level BPE on the training documents (lists of str; each cut to 10k chars, at most 1e9 chars)."""
 
     def texts():
         total = 0
-        for path in paths:
-            for batch in read_parquet_texts(path):
-                for text in batch:
-                    text = text[:TOKENIZER_MAX_DOC_CHARS]
-                    yield text
-                    total += len(text)
-                    if total >= TOKENIZER_MAX_CHARS:
-                        return
+        for batch in batches:
+            for text in batch:
+                text = text[:TOKENIZER_MAX_DOC_CHARS]
+                yield text
+                total += len(text)
+                if total >= TOKENIZER_MAX_CHARS:
+                    return
 
     t0 = time.time()
     bpe = rustbpe.Tokenizer()
@@ -290,11 +288,12 @@ def train_tokenizer(tokenizer_dir, paths):
     return tok
 
 
-def tokenize_shard(parquet_path, tokenizer, folder):
-    """Tokenize one shard into the build's token files; returns build.json's {n_tokens, n_docs, dtype}."""
+def tokenize_shard(name, batches, tokenizer, folder):
+    """Tokenize one shard's documents (lists of str: its row groups) into the build's token files, in the loader's
+    chunks; returns build.json's {n_tokens, n_docs, dtype}."""
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
     parts, lengths, chunk_ends = [], [], []
-    for texts in read_parquet_texts(parquet_path):
+    for texts in batches:
         for i in range(0, len(texts), LOADER_REFILL_DOCS):
             docs = tokenizer.encode(texts[i:i + LOADER_REFILL_DOCS], prepend=tokenizer.get_bos_token_id(),
                                     num_threads=os.cpu_count() or 1)
@@ -302,7 +301,7 @@ def tokenize_shard(parquet_path, tokenizer, folder):
             parts.append(np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype,
                                      count=sum(len(d) for d in docs)))
             chunk_ends.append(len(lengths))
-    tok_path, idx_path = (os.path.join(folder, rel) for rel in token_rels(os.path.basename(parquet_path)))
+    tok_path, idx_path = (os.path.join(folder, rel) for rel in token_rels(name))
     os.makedirs(os.path.dirname(tok_path), exist_ok=True)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -332,23 +331,24 @@ def make_build(source, shards=None, docs=None):
         shutil.rmtree(aside, ignore_errors=True)
     folder = new_build_folder(name)
     try:
-        if docs is not None:
-            split = write_source_shards(docs, os.path.join(folder, "data"))
+        if docs is not None:  # (a corpus's documents are split here, and never written but as tokens)
+            split = split_source(docs)
             dropped = f" ({split.duplicates} exact duplicate(s) dropped)" if split.duplicates else ""
-            print(f"source: {len(docs)} documents{dropped}: {split.val_docs} documents ({split.val_bytes / 1e6:.1f} "
-                  f"MB) in the validation shard, {split.train_shards} training shard(s)", flush=True)
-            data_dir = os.path.join(folder, "data")
-            shards = [os.path.basename(p) for p in list_shards("val", data_dir) + list_shards("train", data_dir)]
+            print(f"source: {len(docs)} documents{dropped}: {len(split.val)} documents ({split.val_bytes / 1e6:.1f} "
+                  f"MB) in the validation shard, {len(split.train)} training shard(s)", flush=True)
+            texts = {shard_name(VAL_SHARD): split.val, **{shard_name(i): t for i, t in enumerate(split.train)}}
+            shards, batches = list(texts), lambda shard: [texts[shard]]
         else:
-            data_dir = DATA_DIR
+            batches = lambda shard: read_parquet_texts(os.path.join(DATA_DIR, shard))  # noqa: E731
         val = [n for n in shards if n == shard_name(VAL_SHARD)]
         train = sorted(n for n in shards if n not in val)
         try:
-            tokenizer = train_tokenizer(os.path.join(folder, "tokenizer"), [os.path.join(data_dir, n) for n in train])
+            tokenizer = train_tokenizer(os.path.join(folder, "tokenizer"),
+                                        (batch for shard in train for batch in batches(shard)))
             tokens = {}
             for shard in val + train:
                 t0 = time.time()
-                tokens[shard] = tokenize_shard(os.path.join(data_dir, shard), tokenizer, folder)
+                tokens[shard] = tokenize_shard(shard, batches(shard), tokenizer, folder)
                 print(f"tokens: {shard}: {tokens[shard]['n_docs']} documents, {tokens[shard]['n_tokens'] / 1e6:.1f}M "
                       f"tokens in {time.time() - t0:.1f}s", flush=True)
         except FileProblem as e:  # (a hub shard damaged by hand: whole when it got its name)

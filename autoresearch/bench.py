@@ -23,20 +23,27 @@ import time
 
 from autoresearch.cache import current_build, read_parquet_texts
 from autoresearch.recording import run_summary
-from constants import LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
+from constants import DATA_DIR, LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
 from prepare import check_cache, make_dataloader
 
 
 def plain_batches(tokenizer, B, T, split):
     """Yield (rows [B, T+1] as lists, epoch): best-fit packing with a linear scan, tokenizing on the fly."""
+    def shard_texts(build, name):  # the hub's parquet; a corpus is kept only as tokens: decoded, in its chunks
+        if build.source.get("kind") != "local":
+            for texts in read_parquet_texts(os.path.join(DATA_DIR, name)):
+                yield from (texts[i:i + LOADER_REFILL_DOCS] for i in range(0, len(texts), LOADER_REFILL_DOCS))
+            return
+        tokens, offsets, chunk_ends = build.open_tokens(name)
+        for start, end in zip([0] + chunk_ends.tolist(), chunk_ends.tolist()):
+            yield [tokenizer.decode(tokens[offsets[i] + 1:offsets[i + 1]].tolist()) for i in range(start, end)]
+
     def doc_batches():
         epoch = 1
         while True:
             build = tokenizer.build or current_build()
-            for path in map(build.parquet, build.shards(split)):
-                for texts in read_parquet_texts(path):
-                    for i in range(0, len(texts), LOADER_REFILL_DOCS):
-                        yield texts[i:i + LOADER_REFILL_DOCS], epoch
+            for name in build.shards(split):
+                yield from ((texts, epoch) for texts in shard_texts(build, name))
             epoch += 1
 
     batches, buffer, bos = doc_batches(), [], tokenizer.get_bos_token_id()

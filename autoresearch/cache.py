@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from autoresearch.errors import UserError
-from autoresearch.record import atomic_path, read_regular, write_atomically
+from autoresearch.record import read_regular, write_atomically
 from constants import (BUILDS_DIR, CACHE_DIR, DATA_DIR, LOADER_REFILL_DOCS, POINTER_PATH, SPECIAL_TOKENS,
                        SPLIT_PATTERN, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS, VAL_SHARD, VOCAB_SIZE, shard_name)
 
@@ -104,13 +104,6 @@ def parquet_problem(path):
         return e.problem
 
 
-def write_parquet(texts, path):
-    """Write documents as a shard (one `text` column, zstd, row groups of 1024), atomically."""
-    with atomic_path(path) as tmp:
-        pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), tmp, row_group_size=1024,
-                       compression="zstd")
-
-
 def file_sha256(path):
     """SHA-256 of a whole file, hex."""
     h = hashlib.sha256()
@@ -178,10 +171,6 @@ class Build:
 
     def shards(self, split):
         return list(self.data["shards"][split])
-
-    def parquet(self, name):
-        """Where the shard the build was made from lies: in the build (a corpus's) or the cache's data/ (the hub's)."""
-        return os.path.join(self.path("data") if self.source.get("kind") == "local" else DATA_DIR, name)
 
     def problem(self, rel, full=True):
         """Why a file of the build does not match build.json, or None: its size, and with `full` its checksum."""

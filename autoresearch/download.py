@@ -15,8 +15,9 @@ from typing import Callable, Optional
 import requests
 import urllib3
 
-from autoresearch.cache import _alive, atomic_path, list_shards, parquet_problem
+from autoresearch.cache import _alive, list_shards, parquet_problem
 from autoresearch.errors import UserError
+from autoresearch.record import atomic_path
 from constants import DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, MAX_SHARD, VAL_SHARD, shard_name, shard_url
 
 class HubUnreachable(Exception):

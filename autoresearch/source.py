@@ -1,7 +1,7 @@
 """Building the cache's shards from a local corpus: `prepare.py --source DIR`. DO NOT CHANGE: prepare.py drives it.
 
 The folder is only read. Its documents are split into a validation shard and training shards (source.py's
-write_source_shards says how), so that the metric's rows come from documents never trained on.
+split_source says how), so that the metric's rows come from documents never trained on.
 """
 import collections
 import hashlib
@@ -10,9 +10,9 @@ import os
 import re
 import stat
 
-from autoresearch.cache import SHARD_RE, read_parquet_texts, write_parquet
+from autoresearch.cache import read_parquet_texts
 from autoresearch.errors import UserError
-from constants import CACHE_DIR, DATA_DIR, LOADER_BUFFER_DOCS, VAL_SHARD, shard_name
+from constants import CACHE_DIR, LOADER_BUFFER_DOCS
 
 # Plain-text files read by default (prose and source code): each is split into documents at blank lines. .parquet
 # (a `text` column) and .jsonl (a `text` field) are always read, their documents as they are.
@@ -155,11 +155,11 @@ def read_source(source, extensions=TEXT_EXTENSIONS):
     return docs, digest.hexdigest()
 
 
-SourceSplit = collections.namedtuple("SourceSplit", "train_shards val_docs val_bytes duplicates")
+SourceSplit = collections.namedtuple("SourceSplit", "val train val_bytes duplicates")  # val: [str], train: [[str]]
 
 
-def write_source_shards(docs, data_dir=DATA_DIR, val_fraction=0.1, max_val_bytes=80e6, shard_bytes=40e6):
-    """Write documents as deduplicated validation and training shards (docs/DATA.md); a SourceSplit."""
+def split_source(docs, val_fraction=0.1, max_val_bytes=80e6, shard_bytes=40e6):
+    """The documents, deduplicated, as the validation shard's and training shards' (docs/DATA.md): a SourceSplit."""
     hashes, unique = {}, []
     for doc in docs:
         h = hashlib.sha1(doc.encode("utf-8")).digest()
@@ -187,21 +187,15 @@ def write_source_shards(docs, data_dir=DATA_DIR, val_fraction=0.1, max_val_bytes
         if i not in val and sizes[i] <= target / 10:
             val.add(i)
             val_bytes += sizes[i]
-    os.makedirs(data_dir, exist_ok=True)
-    for name in os.listdir(data_dir):  # only the shards: a data folder may hold other files of the user's
-        if SHARD_RE.fullmatch(name):
-            os.remove(os.path.join(data_dir, name))
-    write_parquet([docs[i] for i in sorted(val)], os.path.join(data_dir, shard_name(VAL_SHARD)))
-    shard, size, n = [], 0, 0
+    train, shard, size = [], [], 0
     for i, doc in enumerate(docs):
         if i in val:
             continue
         shard.append(doc)
         size += sizes[i]
         if size >= shard_bytes:
-            write_parquet(shard, os.path.join(data_dir, shard_name(n)))
-            shard, size, n = [], 0, n + 1
+            train.append(shard)
+            shard, size = [], 0
     if shard:
-        write_parquet(shard, os.path.join(data_dir, shard_name(n)))
-        n += 1
-    return SourceSplit(n, len(val), val_bytes, duplicates)
+        train.append(shard)
+    return SourceSplit([docs[i] for i in sorted(val)], train, val_bytes, duplicates)

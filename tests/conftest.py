@@ -123,6 +123,17 @@ def _private_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+def build_docs(build, split):
+    """The documents of a split as a build holds them: its token files, decoded (each document's BOS dropped)."""
+    import prepare
+    tokenizer = prepare.Tokenizer.from_directory(build.path("tokenizer"), build)
+    docs = []
+    for name in build.shards(split):
+        tokens, offsets, _ = build.open_tokens(name)
+        docs += [tokenizer.decode(tokens[a + 1:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+    return docs
+
+
 def git(repo, *args):
     """Run git in repo as a fixed test identity; returns its stdout (fails the test on a git error)."""
     env = {**os.environ, "GIT_AUTHOR_NAME": "agent", "GIT_AUTHOR_EMAIL": "agent@example.org",

@@ -18,7 +18,7 @@ import pytest
 
 from autoresearch import cache, source
 import prepare
-from conftest import ROOT, TEST_ENV, run_script, write_source_corpus
+from conftest import ROOT, TEST_ENV, build_docs, run_script, write_source_corpus
 from constants import BUILDS_DIR, CACHE_DIR, POINTER_PATH, VAL_SHARD, shard_name
 
 
@@ -197,11 +197,8 @@ def test_a_changed_source_is_a_new_build_beside_the_old_one_and_old_ones_go_on_r
     second = (cache_dir / "current").read_text().strip()
     assert second != first and "tokenizer: trained" in proc.stdout
     assert snapshot(cache_dir / "builds" / first) == old, "an old build is never changed"
-    texts = [t for p in cache.list_shards("train", str(cache_dir / "builds" / second / "data"))
-             for batch in cache.read_parquet_texts(p) for t in batch]
-    val = [t for p in cache.list_shards("val", str(cache_dir / "builds" / second / "data"))
-           for batch in cache.read_parquet_texts(p) for t in batch]
-    assert "a document added after the cache was built " * 30 in texts + val
+    build = cache.current_build(str(cache_dir))
+    assert "a document added after the cache was built " * 30 in build_docs(build, "train") + build_docs(build, "val")
     proc = run_script(["prepare.py", "--source", str(tmp_path / "src"), "--remove-old"], env=env)
     assert proc.returncode == 0 and "1 old build(s) removed" in proc.stdout, proc.stderr
     assert os.listdir(cache_dir / "builds") == [second]

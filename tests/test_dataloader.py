@@ -9,10 +9,12 @@ import torch
 from autoresearch import cache
 import prepare
 from autoresearch.bench import plain_batches
+from conftest import build_docs
 
 
 def split_docs(tokenizer, split):
-    texts = [t for p in cache.list_shards(split, tokenizer.build.path("data")) for batch in cache.read_parquet_texts(p) for t in batch]
+    """The split's documents as token tuples, BOS first: the build's documents, encoded again."""
+    texts = build_docs(tokenizer.build, split)
     return [tuple(d) for d in tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id())]
 
 

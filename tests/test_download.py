@@ -16,7 +16,7 @@ import pytest
 
 from autoresearch import cache, download
 from autoresearch.download import Downloader
-from conftest import ROOT, TEST_ENV, run_script
+from conftest import ROOT, TEST_ENV, build_docs, run_script
 from constants import VAL_SHARD, shard_name
 
 
@@ -211,9 +211,8 @@ def test_cli_downloads_then_trains_the_tokenizer(hub, tmp_path):
         (src / f"{i}.txt").write_text(f"local document number {i} " * 30)
     local = run_script(["prepare.py", "--source", str(src)], env={"AUTORESEARCH_CACHE_DIR": str(cache_dir)})
     assert local.returncode == 0, local.stderr
-    data = cache.current_build(str(cache_dir)).path("data")
-    texts = [t for p in cache.list_shards("train", data) + cache.list_shards("val", data)
-             for batch in cache.read_parquet_texts(p) for t in batch]
+    build = cache.current_build(str(cache_dir))
+    texts = build_docs(build, "train") + build_docs(build, "val")
     assert sorted(texts) == sorted(f"local document number {i} " * 30 for i in range(3))
     assert {n: (cache_dir / "data" / n).read_bytes() for n in names_in(cache_dir / "data")} == hub_files
     assert sorted(names_in(cache_dir / "builds")) == sorted([hub_build, cache.current_build(str(cache_dir)).id])

@@ -12,20 +12,15 @@ import pytest
 from autoresearch import cache, source
 import prepare
 from autoresearch import hardware
-from conftest import MULTILINGUAL, run_script
+from conftest import MULTILINGUAL, build_docs, run_script
 from constants import (EVAL_TOKENS, LOADER_BUFFER_DOCS, MAX_SEQ_LEN, SPECIAL_TOKENS,
                        VAL_SHARD, VOCAB_SIZE, shard_name)
 
 
-def all_texts(paths):
-    return [t for p in paths for batch in cache.read_parquet_texts(p) for t in batch]
-
-
 def test_source_split_is_whole_and_disjoint(prepared, corpus_docs):
-    data = cache.current_build().path("data")  # (a corpus's shards are the build's own)
-    val = all_texts(cache.list_shards("val", data))
-    train = all_texts(cache.list_shards("train", data))
-    assert cache.list_shards("val", data) == [os.path.join(data, shard_name(VAL_SHARD))]
+    build = cache.current_build()
+    assert build.shards("val") == [shard_name(VAL_SHARD)] and not os.path.exists(build.path("data"))
+    val, train = build_docs(build, "val"), build_docs(build, "train")
     assert val and train
     assert sorted(val + train) == sorted(set(corpus_docs))  # every document of every format, exact copies once
     assert not set(val) & set(train)
@@ -36,9 +31,7 @@ def test_source_split_does_not_depend_on_file_order(tmp_path, corpus_docs):
     docs = corpus_docs[:300]
     write_source_corpus(str(tmp_path / "a"), docs)
     write_source_corpus(str(tmp_path / "b"), docs[::-1])
-    for name in ("a", "b"):
-        source.write_source_shards(source.read_source(str(tmp_path / name))[0], str(tmp_path / f"out_{name}"))
-    val = [sorted(all_texts(cache.list_shards("val", str(tmp_path / d)))) for d in ("out_a", "out_b")]
+    val = [sorted(source.split_source(source.read_source(str(tmp_path / name))[0]).val) for name in ("a", "b")]
     assert val[0] == val[1] and len(val[0]) > 0
 
 
@@ -171,35 +164,32 @@ def test_device_choice_is_said_by_prepare(tokenizer, capsys, source_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # The --source split: no document in both splits, no single document as the whole validation set
 
-def test_exact_duplicates_are_dropped_before_the_split(tmp_path):
+def test_exact_duplicates_are_dropped_before_the_split():
     docs = ["the same document, copied many times " * 20] * 300 + [f"document {i} " * 40 for i in range(200)]
-    split = source.write_source_shards(docs, str(tmp_path))
-    assert split.duplicates == 299
-    val = all_texts(cache.list_shards("val", str(tmp_path)))
-    train = all_texts(cache.list_shards("train", str(tmp_path)))
-    assert len(val) + len(train) == 201 and not set(val) & set(train)
+    split = source.split_source(docs)
+    val, train = split.val, [d for shard in split.train for d in shard]
+    assert split.duplicates == 299 and len(val) + len(train) == 201 and not set(val) & set(train)
 
 
-def test_a_huge_document_never_becomes_the_whole_validation_set(tmp_path):
+def test_a_huge_document_never_becomes_the_whole_validation_set():
     huge = "one enormous document " * 50_000  # 1.1 MB, far more than a tenth of the corpus
     docs = [huge] + [f"small document number {i} " * 40 for i in range(120)]
-    split = source.write_source_shards(docs, str(tmp_path))
-    val = all_texts(cache.list_shards("val", str(tmp_path)))
-    assert huge not in val and len(val) == split.val_docs > 1
+    split = source.split_source(docs)
+    assert huge not in split.val and len(split.val) > 1
     assert split.val_bytes <= 0.1 * sum(len(d) for d in docs)
 
 
-def test_validation_holds_enough_documents_for_the_loaders_look_ahead(tmp_path):
+def test_validation_holds_enough_documents_for_the_loaders_look_ahead():
     docs = [f"document {i} " + "words " * (20 + i % 50) for i in range(4000)]
-    split = source.write_source_shards(docs, str(tmp_path))
-    val = all_texts(cache.list_shards("val", str(tmp_path)))
-    train = all_texts(cache.list_shards("train", str(tmp_path)))
+    split = source.split_source(docs)
+    val, train = split.val, [d for shard in split.train for d in shard]
     # a tenth of the bytes is ~400 documents; the loader looks 1000 ahead: a quarter of them (at most 2 x 1000)
-    assert split.val_docs == len(val) == 1000 and len(train) == 3000 and not set(val) & set(train)
+    assert len(val) == 1000 and len(train) == 3000 and not set(val) & set(train)
     assert split.val_bytes == sum(len(d) for d in val) > 0.1 * sum(len(d) for d in docs)
-    many = source.write_source_shards([f"document {i} " + "words " * (20 + i % 50) for i in range(12_000)],
-                                     str(tmp_path / "many"))
-    assert many.val_docs == 2 * LOADER_BUFFER_DOCS  # a larger corpus: twice the look-ahead, not a quarter
+    many = source.split_source([f"document {i} " + "words " * (20 + i % 50) for i in range(12_000)])
+    assert len(many.val) == 2 * LOADER_BUFFER_DOCS  # a larger corpus: twice the look-ahead, not a quarter
+    shards = source.split_source(docs, shard_bytes=50_000).train  # training shards of about shard_bytes, in order
+    assert len(shards) > 1 and [d for shard in shards for d in shard] == train
 
 
 def test_prepare_says_when_the_metric_rows_repeat_validation_documents(prepared, tokenizer, source_dir, capsys):
@@ -291,13 +281,13 @@ def test_a_full_disk_is_said_and_leaves_no_temporary_file(damageable_cache, tmp_
     (tmp_path / "src").mkdir()
     for i in range(3):
         (tmp_path / "src" / f"{i}.txt").write_text(f"another corpus, document {i} " * 30)
-    real_write = cache.pq.write_table
+    real_save = prepare.np.save
 
-    def write_then_fill_the_disk(table, where, **kw):
-        real_write(table, where, **kw)
+    def write_then_fill_the_disk(file, array, **kw):  # (the first token file of the new build)
+        real_save(file, array, **kw)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache.pq, "write_table", write_then_fill_the_disk)
+    monkeypatch.setattr(prepare.np, "save", write_then_fill_the_disk)
     with pytest.raises(SystemExit) as refusal:
         prepare.main(["--source", str(tmp_path / "src")])
     assert "is full" in str(refusal.value.code) and "AUTORESEARCH_CACHE_DIR" in str(refusal.value.code)
