@@ -159,6 +159,7 @@ class RunRecord:
                      "code": code_identity(train_file), "fixed": fixed_blobs(), "settings": settings,
                      "constants": dict(constants),
                      "evaluations": [], "violations": [], "reason": None, "summary": None}
+        self.evaluating, self.noted = False, []  # the metric has begun; what the fixed code saw against the rules
         self.save()
 
     @property
@@ -186,19 +187,13 @@ class RunRecord:
 
 _current = None  # this process's run record, once runtime.main (or the first Run) started it
 EVALUATIONS = []  # what evaluate_bpb scored in this process, in order (dicts; see prepare.evaluate_bpb)
-VIOLATIONS = []  # what the fixed code saw train.py do against the rules in this run, in words
 _METRIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prepare.py")
-
-
-_evaluating = False  # True once the metric started scoring in this run
 
 
 def start(train_file, settings, constants, folder=None):
     """Start this process's run record (a new run id) and forget earlier evaluations."""
-    global _current, _evaluating
-    _evaluating = False
+    global _current
     EVALUATIONS.clear()
-    VIOLATIONS.clear()
     _current = RunRecord(train_file, settings, constants, folder)
     return _current
 
@@ -222,18 +217,14 @@ def called_from_the_metric(depth=2):
 
 def evaluation_starts():
     """The metric (prepare.evaluate_bpb) starts scoring: training is over."""
-    global _evaluating
-    _evaluating = True
-
-
-def evaluating():
-    """True once this run's evaluation started."""
-    return _evaluating
+    if _current is not None:
+        _current.evaluating = True
 
 
 def note_violation(what):
     """What the fixed code saw train.py do against the rules: the run compares with no other."""
-    VIOLATIONS.append(what)
+    if _current is not None:
+        _current.noted.append(what)
 
 
 def note_evaluation(evaluation):

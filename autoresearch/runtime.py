@@ -316,7 +316,7 @@ class Run:
 
     def _check(self, val_bpb, evaluation):
         """Why this run compares with no other (empty for an honest run), checked at its end."""
-        problems = modified_constants(self.train_globals) + self._violations + record.VIOLATIONS
+        problems = modified_constants(self.train_globals) + self._violations + self._record.noted
         if self._meter is not None:
             problems += self._meter.problems()
             after = self._meter.total - self._flops_seen
@@ -427,7 +427,7 @@ def main(train, knobs):
     print(f"run: {run_record.run_id}", flush=True)  # (the log's first line: results.py matches it to run.json)
     global _watchdog
     stopped = "train.py was stopped by SIGTERM (`timeout` ran out, or the run was killed): a crash"
-    watchdog = _watchdog = Watchdog(STALL_SECONDS if not constants.FORCE else math.inf, record.evaluating)
+    watchdog = _watchdog = Watchdog(STALL_SECONDS if not constants.FORCE else math.inf, lambda: run_record.evaluating)
     try:
         try:
             with sigterm_as_error(stopped), watchdog:
