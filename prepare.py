@@ -337,9 +337,11 @@ def make_build(source, shards=None, docs=None):
             print(f"source: {len(docs)} documents{dropped}: {len(split.val)} documents ({split.val_bytes / 1e6:.1f} "
                   f"MB) in the validation shard, {len(split.train)} training shard(s)", flush=True)
             texts = {shard_name(VAL_SHARD): split.val, **{shard_name(i): t for i, t in enumerate(split.train)}}
-            shards, batches = list(texts), lambda shard: [texts[shard]]
-        else:
-            batches = lambda shard: read_parquet_texts(os.path.join(DATA_DIR, shard))  # noqa: E731
+            shards = list(texts)
+
+        def batches(shard):  # a shard's documents, a list of str per row group (a corpus's: one list)
+            return [texts[shard]] if docs is not None else read_parquet_texts(os.path.join(DATA_DIR, shard))
+
         val = [n for n in shards if n == shard_name(VAL_SHARD)]
         train = sorted(n for n in shards if n not in val)
         try:

@@ -128,9 +128,9 @@ def committed_fixed(commit):
 def check_fixed(data, base):
     """Refuse, naming the file, a run whose prepare.py, constants.py or autoresearch/ are not commit `base`'s."""
     expected = committed_fixed(base) if base else {}
-    ran = data.get("fixed") or committed_fixed(data["code"].get("commit") or "HEAD")  # (records before the hashes)
     if not expected:
         return
+    ran = data.get("fixed") or committed_fixed(data["code"].get("commit") or "HEAD")  # (records before the hashes)
     changed = sorted(p for p in set(ran) | set(expected) if ran.get(p) != expected.get(p))
     if changed:
         raise UserError(f"{changed[0]} is not the baseline's (commit {base[:7]})"
@@ -281,7 +281,7 @@ def judge(rows, row):
     floor, why = noise_floor(exps)
     exp = next(e for e in reversed(exps) if e["commit"] == row["commit"])
     out = dict(line=None, contradiction=False, notes=[])
-    if exp["rows"] > 1 and row["status"] != "crash":
+    if len(exp["members"]) > 1 and row["status"] != "crash":
         out["notes"].append(f"a re-run of experiment #{exp['number']} ({exp['description']}): {len(exp['runs'])} "
                             f"runs, mean {exp['value']:.6f}")
     out["notes"].append(f"noise floor: {floor:.6f} ({why})" if floor is not None else f"noise floor: not set: {why}")

@@ -175,13 +175,12 @@ def experiments(rows, agent="", problems=None):
         if joined is not None:
             joined["runs"] += run
             joined["speeds"] += speed
-            joined["rows"] += 1
             joined["members"].append(row)
             if status != "crash":
                 joined["status"] = status
         else:
             exp = dict(number=len(out) + 1, commit=row["commit"], description=row["description"], status=status,
-                       runs=run, speeds=speed, rows=1, members=[row])
+                       runs=run, speeds=speed, members=[row])
             out.append(exp)
             if status != "crash":
                 latest[row["commit"]] = exp
@@ -303,7 +302,7 @@ def agent_lines(exps):
     """(lines, table row parts) of one agent's summary."""
     counts = {s: sum(e["status"] == s for e in exps) for s in STATUSES}
     decided = counts["keep"] + counts["discard"]
-    runs = sum(e["rows"] for e in exps)
+    runs = sum(len(e["members"]) for e in exps)
     floor, why = noise_floor(exps)
     lines = [f"{len(exps)} experiments: {counts['keep']} keep, {counts['discard']} discard, {counts['crash']} crash"
              + (f" ({runs} runs: the re-runs of a commit are one experiment)" if runs != len(exps) else ""),

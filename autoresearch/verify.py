@@ -87,20 +87,20 @@ def verify(count=3, path="results.tsv"):
         for exp in (e for e in exps if e["finished"] and e["status"] == "keep"):
             mine = [r for r in exp["members"] if r["status"].lower() != "crash"]
             runs = [r["record"] for r in mine if r.get("record") and r["record"].get("status") == "finished"]
-            exp["unmatched"] = sum(1 for r in mine if r.get("differs") or not r.get("record"))
-            chosen.append((exp["value"], exp, runs, base, floor))
+            unmatched = sum(1 for r in mine if r.get("differs") or not r.get("record"))
+            chosen.append((exp["value"], exp, runs, base, floor, unmatched))
     chosen.sort(key=lambda c: c[0])
     if not chosen:
         raise UserError(f"no kept experiment in {path} to verify")
     os.makedirs(os.path.join(runs_dir, "verify"), exist_ok=True)
-    for _, exp, runs, base, floor in chosen[:count]:
+    for _, exp, runs, base, floor, unmatched in chosen[:count]:
         settings = runs[0]["settings"] if runs else "standard"
         log_path = os.path.join(runs_dir, "verify", f"{exp['commit']}-{run_record.new_run_id()}.log")
         print(f"#{exp['number']} {exp['commit']} {exp['description']}: running again ...", flush=True)
         data = rerun(exp["commit"], base["commit"], settings, log_path)
         ok, words = judge(exp, runs, floor, data)
-        if exp["unmatched"]:
-            ok, words = False, (words + f"; {exp['unmatched']} of its rows differ from their runs in runs/ "
+        if unmatched:
+            ok, words = False, (words + f"; {unmatched} of its rows differ from their runs in runs/ "
                                 "(changed by hand?)")
         failed += not ok
         lines.append(results.printable(f"#{exp['number']} {exp['commit']} {exp['description']}: "
