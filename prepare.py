@@ -371,37 +371,6 @@ def make_build(source, shards=None, docs=None):
     return build
 
 
-def eval_coverage(tokenizer, eval_tokens, seq_len):
-    """(the metric's rows, passes over the validation documents they take, validation documents)."""
-    rows = eval_tokens // seq_len
-    packer = pack_rows(tokenizer, 1, seq_len, "val")  # (the rows come out the same whatever B is)
-    epoch = 1
-    for _ in range(rows):
-        _, epoch = next(packer)
-    build = tokenizer.build or current_build()
-    return rows, epoch, sum(build.data["tokens"][name]["n_docs"] for name in build.shards("val"))
-
-
-def report_eval_coverage(tokenizer):
-    """Say whether the metric's rows repeat validation documents (these settings, and the small preset's)."""
-    local = tokenizer.build.source.get("kind") == "local"
-    why = ("the corpus is too small for them (give --source more text)" if local else
-           "this validation shard is too small for them (the hub's is not: was it placed by hand?)")
-    cases = [(constants.SETTINGS, constants.EVAL_TOKENS, constants.MAX_SEQ_LEN)]
-    if constants.SETTINGS == "standard":
-        small = constants.SMALL_DEFAULTS
-        cases.append(("AUTORESEARCH_PRESET=small", small["EVAL_TOKENS"], small["MAX_SEQ_LEN"]))
-    for settings, eval_tokens, seq_len in cases:
-        rows, passes, docs = eval_coverage(tokenizer, eval_tokens, seq_len)
-        if passes > 1:
-            print(f"note: under settings {settings} the metric's {rows:,} rows of {seq_len} tokens take {passes} "
-                  f"passes over the validation shard's {docs:,} documents, so documents repeat in them: {why}",
-                  flush=True)
-        else:
-            print(f"validation: under settings {settings} the metric's {rows:,} rows come from one pass over "
-                  f"{docs:,} documents", flush=True)
-
-
 def main(argv=None):
     """The command: parse argv, then the data and the build (module docstring)."""
     ap = argparse.ArgumentParser(description="Prepare data shards, the tokenizer and token files for train.py. "
@@ -441,8 +410,6 @@ def main(argv=None):
                 shards = fetch_hub_shards(args.num_shards, args.download_workers)
                 source = {"kind": "hub", "dataset": DATASET_REPO, "endpoint": HF_ENDPOINT, "shards": shards}
                 build = make_build(source, shards=shards)
-            tokenizer = Tokenizer.from_directory(build.path("tokenizer"), build)
-            report_eval_coverage(tokenizer)
             if args.remove_old:
                 print(f"cache: {remove_old_builds(build.id)} old build(s) removed", flush=True)
     except BaseException as e:

@@ -1,8 +1,8 @@
 """Fetching shards from the hub (or a mirror, HF_ENDPOINT). DO NOT CHANGE: prepare.py drives it.
 
 Parallel downloads, several attempts each with back-off, a body streamed to a temporary file that gets the shard's
-name only when its size matches and every row group decodes; stalls, trickles, endless bodies and unreachable
-hosts each end in one line. HF_HUB_OFFLINE and HF_TOKEN follow the hub's conventions.
+name only when its size matches and every row group decodes; stalls, endless bodies and unreachable hosts each end
+in one line. HF_HUB_OFFLINE and HF_TOKEN follow the hub's conventions.
 """
 import dataclasses
 import os
@@ -34,15 +34,12 @@ class Fetched:
 
 @dataclasses.dataclass
 class Downloader:
-    """How shards are fetched: attempts with back-off, and limits on connecting, stalls, trickles and size."""
+    """How shards are fetched: attempts with back-off, and limits on connecting, stalls and size."""
     endpoint: str = HF_ENDPOINT
     attempts: int = 5
     backoff: float = 1.0
-    stall: float = 60.0
-    min_rate: float = 64e3
-    window: float = 60.0
+    stall: float = 60.0  # seconds without a byte (requests' read timeout)
     connect_timeout: float = 10.0
-    headers_deadline: float = 60.0
     max_bytes: int = 1 << 30  # a shard of the hub's dataset is far smaller
     on_bytes: Callable[[int], None] = lambda n: None
     cancel: Optional[threading.Event] = None  # when set, downloads in progress stop at their next piece
@@ -77,8 +74,9 @@ class Downloader:
 
     def _download(self, url, path):
         """One attempt: stream url's body into path and check it; returns its size. Raises on any failure."""
+        headers = {"Accept-Encoding": "identity", **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
         try:
-            r = self._get_headers(url)
+            r = requests.get(url, stream=True, timeout=(self.connect_timeout, self.stall), headers=headers)
         except requests.ConnectionError as e:  # refused, unknown host, no route, connect timeout
             reason = getattr(e.args[0], "reason", None) if e.args else None
             if isinstance(e, requests.exceptions.ConnectTimeout) or isinstance(
@@ -104,35 +102,9 @@ class Downloader:
             raise OSError(f"the downloaded file {problem}")
         return size
 
-    def _get_headers(self, url):
-        """requests.get(stream=True) with a deadline for the headers (a byte now and then would hold us forever)."""
-        result, abandoned = {}, threading.Event()
-
-        def get():
-            try:
-                headers = {"Accept-Encoding": "identity"}
-                if self.token:
-                    headers["Authorization"] = f"Bearer {self.token}"
-                result["response"] = requests.get(url, stream=True, timeout=(self.connect_timeout, self.stall),
-                                                  headers=headers)
-                if abandoned.is_set():
-                    result["response"].close()
-            except Exception as e:  # handed to the caller
-                result["error"] = e
-
-        thread = threading.Thread(target=get, daemon=True)
-        thread.start()
-        thread.join(self.headers_deadline)
-        if thread.is_alive():
-            abandoned.set()
-            raise OSError(f"no status line and headers from {url} within {self.headers_deadline:.0f}s")
-        if "error" in result:
-            raise result["error"]
-        return result["response"]
-
     def _stream(self, r, f, limit):
-        """Copy a body into f, abandoning one that stops, trickles or grows past `limit`; returns its size."""
-        size, window_start, window_bytes = 0, time.monotonic(), 0
+        """Copy a body into f, abandoning one that grows past `limit` (a stop is requests' read timeout)."""
+        size = 0
         while chunk := r.raw.read1(1 << 20):
             f.write(chunk)
             size += len(chunk)
@@ -140,14 +112,7 @@ class Downloader:
                 raise OSError(f"the body grew past {limit:,} bytes (its Content-Length, or the limit for a shard)")
             if self.cancel is not None and self.cancel.is_set():
                 raise OSError("cancelled")
-            window_bytes += len(chunk)
             self.on_bytes(len(chunk))
-            now = time.monotonic()
-            if now - window_start >= self.window:
-                if window_bytes < self.min_rate * (now - window_start):
-                    raise OSError(f"too slow: {window_bytes / (now - window_start) / 1e3:.1f} KB/s over "
-                                  f"{now - window_start:.0f}s (at least {self.min_rate / 1e3:.0f} KB/s needed)")
-                window_start, window_bytes = now, 0
         return size
 
 

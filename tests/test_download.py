@@ -31,13 +31,12 @@ class FakeHub:
     Misbehaviour per file name: `cut[name] = n` cuts the connection half way through the body for the next n
     requests; `corrupt` names get a body with zeroed bytes in the middle (the footer still reads); `stall` names
     get headers, then nothing; `pace[name] = (bytes, seconds)` sends the body in pieces of that many bytes with
-    that pause between them; `slow_headers` names get their status line a byte at a time; `endless` names get a
-    body without Content-Length that never ends."""
+    that pause between them; `endless` names get a body without Content-Length that never ends."""
 
     def __init__(self, files):
         self.files, self.cut, self.requests = dict(files), {}, []
         self.corrupt, self.stall, self.pace, self.stop = set(), set(), {}, threading.Event()
-        self.slow_headers, self.endless, self.authorization = set(), set(), []
+        self.endless, self.authorization = set(), []
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,16 +50,6 @@ class FakeHub:
                     self.end_headers()
                     return
                 body = hub.files[name]
-                if name in hub.slow_headers:  # the status line, one byte every 0.5 s
-                    try:
-                        for byte in b"HTTP/1.1 200 OK\r\n":
-                            self.wfile.write(bytes([byte]))
-                            self.wfile.flush()
-                            if hub.stop.wait(0.5):
-                                return
-                    except OSError:
-                        pass
-                    return
                 if name in hub.endless:  # no Content-Length, and a body that never ends
                     self.send_response(200)
                     self.end_headers()
@@ -197,8 +186,6 @@ def test_cli_downloads_then_trains_the_tokenizer(hub, tmp_path):
     assert names_in(cache_dir / "builds" / hub_build / "tokenizer") == ["ranks.txt", "tokenizer.json"]
     assert proc.stdout.count("shard_") >= 3  # one progress line per shard
     assert "data: 3 downloaded, 0 already present, 0 failed" in proc.stdout
-    # (this hub's validation shard is tiny: the note blames the shard, not the user's corpus)
-    assert "this validation shard is too small for them" in proc.stdout and "--source more" not in proc.stdout
     again = run_script(["prepare.py", "--num-shards", "2"],  # a rerun verifies the build and fetches nothing
                        env={"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache_dir)})
     assert again.returncode == 0, again.stderr
@@ -274,14 +261,6 @@ def test_a_stalled_body_is_abandoned_and_retried(hub, tmp_path):
     assert time.time() - t0 < 30 and hub.requests == [shard_name(0)] * 2 and names_in(tmp_path) == []
 
 
-def test_a_trickle_is_abandoned(hub, tmp_path):
-    hub.pace[shard_name(0)] = (200, 0.02)  # about 10 KB/s: every read returns, but far too slowly
-    t0 = time.time()
-    result = Downloader(hub.endpoint, attempts=1, min_rate=64e3, window=0.5).fetch(0, str(tmp_path))
-    assert result.status == "failed" and "too slow" in result.detail and time.time() - t0 < 30
-    assert names_in(tmp_path) == []
-
-
 def test_a_refused_connection_fails_fast_and_stops_the_rest(tmp_path):
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -300,14 +279,6 @@ def test_progress_is_printed_during_a_long_download(hub, tmp_path, capsys):
     out = capsys.readouterr().out
     assert failed == {} and "MB received in" in out
     assert (tmp_path / shard_name(0)).read_bytes() == hub.files[shard_name(0)]
-
-
-def test_headers_that_trickle_are_abandoned(hub, tmp_path):
-    hub.slow_headers.add(shard_name(0))  # every byte in time for the read timeout, the whole never
-    t0 = time.time()
-    result = Downloader(hub.endpoint, attempts=1, headers_deadline=1.0).fetch(0, str(tmp_path))
-    assert result.status == "failed" and "no status line and headers" in result.detail
-    assert time.time() - t0 < 30 and names_in(tmp_path) == []
 
 
 def test_an_endless_body_is_cut_at_the_size_limit(hub, tmp_path):

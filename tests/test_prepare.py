@@ -13,8 +13,7 @@ from autoresearch import cache, source
 import prepare
 from autoresearch import hardware
 from conftest import MULTILINGUAL, build_docs, run_script
-from constants import (EVAL_TOKENS, LOADER_BUFFER_DOCS, MAX_SEQ_LEN, SPECIAL_TOKENS,
-                       VAL_SHARD, VOCAB_SIZE, shard_name)
+from constants import LOADER_BUFFER_DOCS, SPECIAL_TOKENS, VAL_SHARD, VOCAB_SIZE, shard_name
 
 
 def test_source_split_is_whole_and_disjoint(prepared, corpus_docs):
@@ -190,15 +189,6 @@ def test_validation_holds_enough_documents_for_the_loaders_look_ahead():
     assert len(many.val) == 2 * LOADER_BUFFER_DOCS  # a larger corpus: twice the look-ahead, not a quarter
     shards = source.split_source(docs, shard_bytes=50_000).train  # training shards of about shard_bytes, in order
     assert len(shards) > 1 and [d for shard in shards for d in shard] == train
-
-
-def test_prepare_says_when_the_metric_rows_repeat_validation_documents(prepared, tokenizer, source_dir, capsys):
-    rows, passes, docs = prepare.eval_coverage(tokenizer, EVAL_TOKENS, MAX_SEQ_LEN)
-    assert rows == EVAL_TOKENS // MAX_SEQ_LEN and passes > 1  # the test corpus's validation shard is small
-    prepare.main(["--source", source_dir])
-    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: under settings")]
-    assert len(note) == 1 and f"{passes} passes over the validation shard's {docs:,} documents" in note[0]
-    assert note[0].endswith("the corpus is too small for them (give --source more text)")
 
 
 def test_a_small_corpus_says_its_vocabulary_is_smaller(tmp_path):
