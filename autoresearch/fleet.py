@@ -562,9 +562,9 @@ def stop_local():
 STOP_GRACE = 3.0  # seconds the processes of a Ray being stopped get to end on SIGTERM
 
 
-def stop_ray(folder):
+def stop_ray(folder, grace=STOP_GRACE):
     """Stop the Ray whose --temp-dir is folder: its processes (their command lines name it) and every process under
-    them (workers, runs). Returns the number of processes stopped."""
+    them (workers, runs); grace=0 kills them outright. Returns the number of processes stopped."""
     parents, roots = {}, set()
     for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
@@ -583,13 +583,13 @@ def stop_ray(folder):
         grew = bool(more)
     # SIGTERM, then SIGKILL for what is left after STOP_GRACE s: the workers and raylets end within a second, but
     # Ray's GCS server outlives a SIGTERM by more than 10 s (measured on a 2-core VM, ray 2.60).
-    for sig, grace in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 10)):
+    for sig, seconds in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
         for pid in ours:
             try:
                 os.kill(pid, sig)
             except OSError:
                 pass
-        deadline = time.monotonic() + grace
+        deadline = time.monotonic() + seconds
         while any(_alive(p) for p in ours) and time.monotonic() < deadline:
             time.sleep(0.2)
     return len(ours)

@@ -206,7 +206,7 @@ def short_tmp():
     """A short temporary folder (Ray's socket paths must fit in 107 bytes); every Ray run from it stopped after."""
     folder = tempfile.mkdtemp(prefix="arf-", dir="/tmp")
     yield folder
-    fleet.stop_ray(folder)
+    fleet.stop_ray(folder, grace=0)
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -214,7 +214,7 @@ def short_tmp():
 def test_the_fleet_as_readme_starts_it_from_a_fresh_copy(prepared, tmp_path, short_tmp):
     """`uv sync --extra fleet`, `uv run ray start --head`, RAY_ADDRESS, then program.md's commands through `uv run`:
     a cluster without GPU slots is one line; with one, a run ends with the same val_bpb as the same commit run
-    directly, and is recorded; a head killed mid-wave ends `wait` in one line within seconds."""
+    directly, and is recorded."""
     repo = fresh_copy(str(tmp_path / "clone"))
     port = fleet.free_port()
     env = user_env(RAY_ADDRESS=f"127.0.0.1:{port}")
@@ -227,7 +227,7 @@ def test_the_fleet_as_readme_starts_it_from_a_fresh_copy(prepared, tmp_path, sho
     none = uv("run", "-m", "autoresearch.fleet", "run", "HEAD")
     assert none.returncode == 1 and none.stderr.strip().endswith("--num-gpus=N` (on a CPU, N slots of its own)")
     assert "has no GPU slots" in none.stderr and len(none.stderr.strip().splitlines()) == 1
-    fleet.stop_ray(short_tmp)
+    fleet.stop_ray(short_tmp, grace=0)
     assert uv(*head, "--num-gpus=1").returncode == 0
     started = uv("run", "-m", "autoresearch.fleet", "run", "HEAD")
     assert started.returncode == 0, started.stderr
@@ -242,35 +242,34 @@ def test_the_fleet_as_readme_starts_it_from_a_fresh_copy(prepared, tmp_path, sho
     recorded = uv("run", "-m", "autoresearch.results", "record", "--run", run_id, "keep", "baseline")
     assert recorded.returncode == 0, recorded.stderr
     assert results.read_rows(os.path.join(repo, "results.tsv"), [])[0]["val_bpb"] == direct
+    fleet.stop_ray(short_tmp, grace=0)
+    status = uv("run", "-m", "autoresearch.fleet", "status")
+    assert status.returncode == 1 and status.stderr.startswith(f"error: nothing answers at RAY_ADDRESS=127.0.0.1:{port}")
 
+
+def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(agent, short_tmp, tmp_path):
+    """No RAY_ADDRESS: `fleet run` starts a local Ray of its own (AUTORESEARCH_FLEET_GPUS slots on a CPU); its
+    processes killed outright mid-wave, `wait` ends in one line within seconds, the next `status` is one line and
+    the next `run` starts a fresh one; `fleet stop` stops it and no other Ray (the tests' cluster goes on)."""
+    repo, sh = agent
+    prefix = f"unset RAY_ADDRESS; TMPDIR={short_tmp} AUTORESEARCH_FLEET_GPUS=1 "
+    local = lambda command: sh(prefix + command)  # noqa: E731
     edit_train(repo, "    while not run.done:\n", "    time.sleep(600)\n    while not run.done:\n", "stalls")
-    assert uv("run", "-m", "autoresearch.fleet", "run", "HEAD").returncode == 0
-    waiting = subprocess.Popen(["uv", "run", "-m", "autoresearch.fleet", "wait"], cwd=repo, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(5)
-    fleet.stop_ray(short_tmp)  # the head's processes die, the run's with them
+    started = local("uv run -m autoresearch.fleet run HEAD")
+    assert started.returncode == 0, started.stderr
+    env = {**os.environ, **TEST_ENV, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": repo}
+    waiting = subprocess.Popen(["bash", "-c", prefix + "uv run -m autoresearch.fleet wait"], cwd=repo, env=env,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(5)  # (waiting, connected)
+    fleet.stop_ray(os.path.join(short_tmp, f"autoresearch-ray-{os.getuid()}"), grace=0)  # killed: a stale address
     start = time.monotonic()
     out, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 1 and time.monotonic() - start < 30
     assert err.strip().splitlines() == [f"error: the Ray cluster at {err.split()[5]} stopped answering (its head is "
                                         "gone): the runs on it are lost; start it again, then start them again"]
-    status = uv("run", "-m", "autoresearch.fleet", "status")
-    assert status.returncode == 1 and status.stderr.startswith(f"error: nothing answers at RAY_ADDRESS=127.0.0.1:{port}")
-
-
-def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(agent, short_tmp, monkeypatch):
-    """No RAY_ADDRESS: `fleet run` starts a local Ray of its own (AUTORESEARCH_FLEET_GPUS slots on a CPU); its
-    processes killed outright, the next `status` is one line and the next `run` starts a fresh one; `fleet stop`
-    stops it and no other Ray (the tests' cluster goes on)."""
-    repo, sh = agent
-    local = lambda command: sh(f"unset RAY_ADDRESS; TMPDIR={short_tmp} AUTORESEARCH_FLEET_GPUS=1 {command}")  # noqa
-    started = local("uv run -m autoresearch.fleet run HEAD")
-    assert started.returncode == 0, started.stderr
-    assert " val_bpb " in local("uv run -m autoresearch.fleet wait").stdout
-    fleet.stop_ray(os.path.join(short_tmp, f"autoresearch-ray-{os.getuid()}"))  # killed, not stopped: a stale address
     status = local("uv run -m autoresearch.fleet status")
     assert status.returncode == 1 and status.stderr.startswith("error: no fleet Ray is running here")
-    again = local("uv run -m autoresearch.fleet run HEAD")
+    again = local("uv run -m autoresearch.fleet run HEAD~1")
     assert again.returncode == 0, again.stderr
     assert " val_bpb " in local("uv run -m autoresearch.fleet wait").stdout
     stopped = local("uv run -m autoresearch.fleet stop")
