@@ -35,7 +35,6 @@ FIXED = types.MappingProxyType(dict(constants.RESOLVED))
 LOG_EVERY_SECONDS = 5.0  # progress line interval when stdout is a file (a terminal gets one live line)
 CUDA_WARMUP_STEPS = 11  # where the model compiles (CUDA) the first steps compile: not timed, nor counted under time
 FEW_STEPS = 20  # a budget that holds fewer steps than this is said at the first counted step
-UNACCOUNTED = 0.25  # a step whose parts leave more than this share of its time (and 0.1 s) unaccounted is said
 # A run in which no training step ends for this long (start-up included) stops itself as a hang. A busy machine does
 # not trip it: the small preset's step takes ~0.8 s on a quiet 2-core CPU and ~8 s at a load of 16; a cold compile of
 # the standard model on a GPU ~60 s. (Not under AUTORESEARCH_FORCE, whose steps take hours.)
@@ -118,7 +117,7 @@ class Run:
         self._record.save()
         self.startup_seconds, self.smooth_loss, self.train_loss = 0.0, 0.0, float("nan")
         self.phase_seconds = {"forward_backward": 0.0, "optimizer": 0.0, "data_wait": 0.0}  # counted steps
-        self.unaccounted_seconds, self._unaccounted_said = 0.0, False
+        self.unaccounted_seconds = 0.0
         self.tty, self._last_log, self._t_trained = sys.stdout.isatty(), 0.0, None
         self._data_wait, self._marks, self._t0, self._epoch_said = 0.0, [], None, False
         self._after_eval, self._flops_before = False, 0.0
@@ -267,15 +266,8 @@ class Run:
                     else f"takes {dt:.1f}s, so the {self._budget:.0f}s budget")
             print(f"note: one step {said} holds about {max(1, round(self._budget / cost))} steps and the run ends "
                   f"with the first step past it: {smaller}", flush=True)
-        unaccounted = dt - sum(phases.values())
-        if step >= self._timed_from:
-            self.unaccounted_seconds += max(0.0, unaccounted)
-        if (unaccounted > max(UNACCOUNTED * dt, 0.1) and not self._unaccounted_said and len(self._marks) == 3
-                and self.kind == "time"):  # (under the compute budget the machine's load moves no verdict)
-            self._unaccounted_said = True
-            print(f"note: step {step} took {dt * 1000:.0f}ms, but its parts (fb/opt/data) add to "
-                  f"{1000 * sum(phases.values()):.0f}ms: {unaccounted:.1f}s went elsewhere (another process, a paused "
-                  "machine?); the run's total is other_seconds", flush=True)
+        if step >= self._timed_from:  # (time another process or a paused machine took: `record` reads the speed)
+            self.unaccounted_seconds += max(0.0, dt - sum(phases.values()))
         if isinstance(epoch, int) and epoch > 1 and not self._epoch_said:
             self._epoch_said = True
             print(f"note: epoch {epoch} from step {step}: the loader has read every training document once and "

@@ -218,14 +218,12 @@ def test_the_same_code_takes_the_same_steps_under_any_load(prepared, monkeypatch
     assert abs(float(busy["val_bpb"]) - float(quiet["val_bpb"])) <= 1e-4
 
 
-def test_time_a_steps_parts_do_not_account_for_is_said(prepared, monkeypatch, capsys):
+def test_time_a_steps_parts_do_not_account_for_is_other_seconds(prepared, monkeypatch, capsys):
     tiny_in_process(monkeypatch)
     set_budget(monkeypatch, "time", 4)
     stepped_clock(monkeypatch, 1.0, pause=0.6)  # 0.6 s of every 1-s step outside its parts (a paused machine)
     train.main()
     out = capsys.readouterr().out
-    assert len(re.findall(r"^note: step 0 took 1000ms, but its parts \(fb/opt/data\) add to 400ms: 0\.6s went "
-                          r"elsewhere", out, flags=re.M)) == 1  # said once
     other = float(re.search(r"^other_seconds: +(\S+)$", out, flags=re.M).group(1))
     assert other == pytest.approx(0.6 * int(re.search(r"^num_steps: +(\d+)$", out, flags=re.M).group(1)), abs=0.1)
 
