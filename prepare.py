@@ -223,7 +223,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
     Returns val_bpb with the bytes counted as the reference counts them, so that it compares with the reference's
     published numbers and runs; the exact count (each token's own bytes) gives val_bpb_exact in the same pass.
     Both, with the rows and tokens scored, are noted in the run's record (record.note_evaluation), from where the
-    summary prints them and checks the rows against the fixed constants."""
+    summary prints them."""
     import torch
 
     from autoresearch import flops

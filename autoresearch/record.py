@@ -186,14 +186,12 @@ class RunRecord:
 
 
 _current = None  # this process's run record, once runtime.main (or the first Run) started it
-EVALUATIONS = []  # what evaluate_bpb scored in this process, in order (dicts; see prepare.evaluate_bpb)
 _METRIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prepare.py")
 
 
 def start(train_file, settings, constants, folder=None):
-    """Start this process's run record (a new run id) and forget earlier evaluations."""
+    """Start this process's run record (a new run id)."""
     global _current
-    EVALUATIONS.clear()
     _current = RunRecord(train_file, settings, constants, folder)
     return _current
 
@@ -229,6 +227,5 @@ def note_violation(what):
 
 def note_evaluation(evaluation):
     """Called by the metric (prepare.evaluate_bpb) with what it scored; kept for the run's summary and record."""
-    EVALUATIONS.append(dict(evaluation))
     if _current is not None:
         _current.data["evaluations"].append(dict(evaluation))

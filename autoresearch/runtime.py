@@ -333,7 +333,8 @@ class Run:
         t_end = _clock()
         if self._owns_counting:
             _stop_counting()
-        evaluation = record.EVALUATIONS[-1] if record.EVALUATIONS else None
+        evaluations = self._record.data["evaluations"]
+        evaluation = evaluations[-1] if evaluations else None
         violations = self._check(float(val_bpb), evaluation)
         metric = evaluation["val_bpb"] if evaluation is not None else float(val_bpb)
         exact = evaluation["val_bpb_exact"] if evaluation is not None else float("nan")

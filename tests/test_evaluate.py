@@ -47,14 +47,23 @@ def hand_counts(tokenizer, B):
     return nats, reference, exact, n
 
 
-def test_bpb_matches_a_hand_computation_both_ways(tokenizer):
+def scored(tmp_path, evaluate):
+    """(what evaluate() returned, what the metric noted in the run's record: val_bpb_exact, rows, bytes), in a run."""
+    run = record.start("train.py", "standard", {}, folder=str(tmp_path))
+    try:
+        return evaluate(), run.data["evaluations"][-1]
+    finally:
+        record.stop()
+
+
+def test_bpb_matches_a_hand_computation_both_ways(tokenizer, tmp_path):
     B = 8
     nats, reference, exact, rows = hand_counts(tokenizer, B)
     assert reference > exact, "the test corpus has multi-byte text split inside characters"
-    record.EVALUATIONS.clear()
-    val_bpb = prepare.evaluate_bpb(TargetLoss(tokenizer.get_bos_token_id()), tokenizer, B)
-    assert val_bpb == pytest.approx(nats / (math.log(2) * reference), rel=1e-6)  # the reference's count
-    noted = record.EVALUATIONS[-1]  # the exact count, computed in the same pass
+    val_bpb, noted = scored(tmp_path, lambda: prepare.evaluate_bpb(TargetLoss(tokenizer.get_bos_token_id()),
+                                                                    tokenizer, B))
+    assert val_bpb == noted["val_bpb"] == pytest.approx(nats / (math.log(2) * reference), rel=1e-6)  # as reference
+    # the exact count, computed in the same pass
     assert noted["val_bpb_exact"] == pytest.approx(nats / (math.log(2) * exact), rel=1e-6)
     assert noted["val_bpb_exact"] / noted["val_bpb"] == pytest.approx(reference / exact, rel=1e-9)
     assert (noted["rows"], noted["seq_len"], noted["bytes"], noted["bytes_exact"]) == (rows, MAX_SEQ_LEN, reference,
@@ -71,7 +80,7 @@ def test_a_loss_that_is_not_per_token_is_one_line(tokenizer):
         prepare.evaluate_bpb(Scalar(tokenizer.get_bos_token_id()), tokenizer, 8)
 
 
-def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer):
+def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer, tmp_path):
     """A model that knows nothing (uniform over the vocab) pays log2(V) bits for each counted token."""
     B, V = 8, tokenizer.get_vocab_size()
     bos = tokenizer.get_bos_token_id()
@@ -92,8 +101,8 @@ def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer):
             counted = [t for t in row[1:] if t != bos]
             tokens += len(counted)
             nbytes += sum(len(tokenizer.enc.decode_single_token_bytes(t)) for t in counted)
-    prepare.evaluate_bpb(Uniform(), tokenizer, B)
-    assert record.EVALUATIONS[-1]["val_bpb_exact"] == pytest.approx(tokens * math.log2(V) / nbytes, rel=1e-5)
+    _, noted = scored(tmp_path, lambda: prepare.evaluate_bpb(Uniform(), tokenizer, B))
+    assert noted["val_bpb_exact"] == pytest.approx(tokens * math.log2(V) / nbytes, rel=1e-5)
 
 
 def test_the_batch_size_does_not_change_what_is_scored(tokenizer):
