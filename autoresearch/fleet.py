@@ -559,7 +559,7 @@ def stop_local():
     return n
 
 
-STOP_GRACE = 3.0  # seconds the processes of a Ray being stopped get to end on SIGTERM
+STOP_GRACE = 1.0  # seconds the processes of a Ray being stopped get to end on SIGTERM (the comment in stop_ray)
 
 
 def stop_ray(folder, grace=STOP_GRACE):
@@ -581,7 +581,7 @@ def stop_ray(folder, grace=STOP_GRACE):
         more = {p for p, parent in parents.items() if parent in ours} - ours
         ours |= more
         grew = bool(more)
-    # SIGTERM, then SIGKILL for what is left after STOP_GRACE s: the workers and raylets end within a second, but
+    # SIGTERM, then SIGKILL for what is left after `grace` s: the workers and raylets end within a second, but
     # Ray's GCS server outlives a SIGTERM by more than 10 s (measured on a 2-core VM, ray 2.60).
     for sig, seconds in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
         for pid in ours:
