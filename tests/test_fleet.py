@@ -2,6 +2,7 @@
 program.md's wave commands as written, two runs at once and the others waiting for a slot, each run its commit's
 tree whatever the working copy holds, a killed run and a lost one recorded as crashes. Skipped without Ray
 (`uv sync --extra fleet`)."""
+import glob
 import json
 import os
 import re
@@ -38,6 +39,7 @@ def cluster():
     nodes.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = nodes.address
     yield nodes
+    remove_trees(book())  # (a run whose node was removed never cleaned its own)
     ray.shutdown()
     nodes.shutdown()
     for name, value in saved.items():
@@ -70,6 +72,13 @@ def wave_commands():
 
 def book():
     return ray.get(ray.get_actor(fleet.BOOK, namespace=fleet.NAMESPACE).get.remote())
+
+
+def remove_trees(run_ids):
+    """Remove the temporary trees that runs killed with their actor left behind (a run's actor removes its own)."""
+    for run_id in run_ids:
+        for folder in glob.glob(os.path.join(tempfile.gettempdir(), f"autoresearch-{run_id}-*")):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_wave_of_three_on_two_slots_runs_each_commit_once_two_at_a_time(agent):
@@ -247,7 +256,8 @@ def test_the_fleet_as_readme_starts_it_from_a_fresh_copy(prepared, tmp_path, sho
     assert status.returncode == 1 and status.stderr.startswith(f"error: nothing answers at RAY_ADDRESS=127.0.0.1:{port}")
 
 
-def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(agent, short_tmp, tmp_path):
+def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(agent, short_tmp, tmp_path,
+                                                                                 request):
     """No RAY_ADDRESS: `fleet run` starts a local Ray of its own (AUTORESEARCH_FLEET_GPUS slots on a CPU); its
     processes killed outright mid-wave, `wait` ends in one line within seconds, the next `status` is one line and
     the next `run` starts a fresh one; `fleet stop` stops it and no other Ray (the tests' cluster goes on)."""
@@ -257,6 +267,7 @@ def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(
     edit_train(repo, "    while not run.done:\n", "    time.sleep(600)\n    while not run.done:\n", "stalls")
     started = local("uv run -m autoresearch.fleet run HEAD")
     assert started.returncode == 0, started.stderr
+    request.addfinalizer(lambda: remove_trees(started.stdout.split()[:1]))  # (killed with its Ray: never cleaned)
     env = {**os.environ, **TEST_ENV, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": repo}
     waiting = subprocess.Popen(["bash", "-c", prefix + "uv run -m autoresearch.fleet wait"], cwd=repo, env=env,
                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
