@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from autoresearch.errors import UserError
-from autoresearch.record import read_regular, write_atomically
+from autoresearch.record import pid_alive, read_regular, write_atomically
 from constants import (BUILDS_DIR, CACHE_DIR, DATA_DIR, LOADER_REFILL_DOCS, POINTER_PATH, SPECIAL_TOKENS,
                        SPLIT_PATTERN, TOKENIZER_MAX_CHARS, TOKENIZER_MAX_DOC_CHARS, VAL_SHARD, VOCAB_SIZE, shard_name)
 
@@ -279,17 +279,9 @@ def remove_old_builds(keep):
     removed = 0
     for name in sorted(os.listdir(BUILDS_DIR)) if os.path.isdir(BUILDS_DIR) else []:
         tmp = re.fullmatch(r"\.tmp-[0-9a-f]{16}-(\d+)", name)
-        if tmp and _alive(int(tmp.group(1))):
+        if tmp and pid_alive(tmp.group(1)):
             continue  # (another prepare.py is making it)
         if name != keep and (tmp or re.fullmatch(r"[0-9a-f]{16}", name)):
             shutil.rmtree(os.path.join(BUILDS_DIR, name))
             removed += 1
     return removed
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False

@@ -15,9 +15,9 @@ from typing import Callable, Optional
 import requests
 import urllib3
 
-from autoresearch.cache import _alive, list_shards, parquet_problem
+from autoresearch.cache import list_shards, parquet_problem
 from autoresearch.errors import UserError
-from autoresearch.record import atomic_path
+from autoresearch.record import atomic_path, pid_alive
 from constants import DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, MAX_SHARD, VAL_SHARD, shard_name, shard_url
 
 class HubUnreachable(Exception):
@@ -130,7 +130,7 @@ def download_shards(indices, data_dir=DATA_DIR, downloader=None, workers=8, prog
     os.makedirs(data_dir, exist_ok=True)
     for name in os.listdir(data_dir):  # what an interrupted prepare.py left (not another one's, still going)
         left = re.fullmatch(r"shard_\d{5}\.parquet\.(\d+)\.\d+\.tmp", name)
-        if left and not _alive(int(left.group(1))):
+        if left and not pid_alive(left.group(1)):
             os.remove(os.path.join(data_dir, name))
     counts, failed = {"downloaded": 0, "present": 0, "failed": 0}, {}
     received, lock, unreachable, cancel = [0], threading.Lock(), [], threading.Event()

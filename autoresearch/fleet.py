@@ -15,7 +15,8 @@ else. Across machines, start a Ray cluster from the project's environment (`uv r
 
 Each run executes its commit's tree (`git archive`, shipped by Ray), never the working copy, with `train.py` run
 by the Python its node's Ray runs (the project's environment), under this shell's AUTORESEARCH_* settings, on one
-GPU (Ray sets CUDA_VISIBLE_DEVICES). A node reads its own data cache (AUTORESEARCH_CACHE_DIR, or the default one);
+GPU (Ray sets CUDA_VISIBLE_DEVICES), in the node's temporary folder (a tree whose actor died with it is removed by
+the next run there). A node reads its own data cache (AUTORESEARCH_CACHE_DIR, or the default one);
 a node without one ends the run in one line that says so. The runs' state, and each run's tree until it starts,
 live in a detached Ray actor on the head node (the book), so a run outlives the command that started it; `wait`
 brings each ended run's log and record into fleet/<run id>/ here, for `record --run`.
@@ -288,7 +289,8 @@ def run_in_tree(ray, book, run_id, env, limit=None):
     context = ray.get_runtime_context()
     where = dict(node=context.get_node_id()[:12], host=os.uname().nodename, slot=",".join(
         str(g) for g in ray.get_gpu_ids()), started=time.time(), state="running")
-    folder = tempfile.mkdtemp(prefix=f"autoresearch-{run_id}-")
+    sweep_trees()
+    folder = tempfile.mkdtemp(prefix=f"autoresearch-run-{os.getpid()}-{run_id}-")  # (named by its actor's pid)
     log_path = os.path.join(folder, "run.log")
     try:
         tree = ray.get(book.take_tree.remote(run_id))
@@ -344,6 +346,15 @@ def run_in_tree(ray, book, run_id, env, limit=None):
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     ray.get(book.update.remote(run_id, result))
+
+
+def sweep_trees():
+    """Remove the run trees in this node's temporary folder whose actor died without removing its own (its node
+    lost, its Ray stopped mid-run): each tree's name holds its actor's pid."""
+    for name in os.listdir(tempfile.gettempdir()):
+        pid = re.fullmatch(r"autoresearch-run-(\d+)-.*", name)
+        if pid and not run_record.pid_alive(pid.group(1)):
+            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
 
 
 class Runner:

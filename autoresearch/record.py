@@ -129,6 +129,17 @@ def new_run_id():
     return f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(6)}"
 
 
+def pid_alive(pid):
+    """True while a process with this pid exists on this machine (another user's too)."""
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:
+        return True
+    except (TypeError, ValueError, OSError):
+        return False
+    return True
+
+
 def read_regular(path):
     """The bytes of the regular file at path; an OSError for anything else (never a blocking read)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))

@@ -50,14 +50,6 @@ def head_commit():
     return short
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (TypeError, ValueError, OSError):
-        return False
-
-
 def identify(text, log_dir):
     """(run id or None, record or None, 'finished' or 'crash', reason) of a log; refuses a mismatch or a live run."""
     data = run_record.read(os.path.join(log_dir, run_record.RECORD_NAME))
@@ -66,7 +58,7 @@ def identify(text, log_dir):
         if data["status"] == "finished":
             return data["run_id"], data, "finished", None
         if data["status"] == "running":
-            if data.get("pid") and _pid_alive(data["pid"]) and data["pid"] != os.getpid():
+            if data.get("pid") and run_record.pid_alive(data["pid"]) and data["pid"] != os.getpid():
                 raise UserError(f"run {data['run_id']} is still going (pid {data['pid']}): record it when it ends")
             said = crash_reason(text)  # (the log's own last error, where it has one)
             return data["run_id"], data, "crash", (said if not said.startswith("no summary") else

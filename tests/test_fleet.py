@@ -39,9 +39,9 @@ def cluster():
     nodes.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = nodes.address
     yield nodes
-    remove_trees(book())  # (a run whose node was removed never cleaned its own)
     ray.shutdown()
     nodes.shutdown()
+    fleet.sweep_trees()  # (the tree of the run whose node was removed: the next run here would remove it)
     for name, value in saved.items():
         os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
 
@@ -72,13 +72,6 @@ def wave_commands():
 
 def book():
     return ray.get(ray.get_actor(fleet.BOOK, namespace=fleet.NAMESPACE).get.remote())
-
-
-def remove_trees(run_ids):
-    """Remove the temporary trees that runs killed with their actor left behind (a run's actor removes its own)."""
-    for run_id in run_ids:
-        for folder in glob.glob(os.path.join(tempfile.gettempdir(), f"autoresearch-{run_id}-*")):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_wave_of_three_on_two_slots_runs_each_commit_once_two_at_a_time(agent):
@@ -179,6 +172,19 @@ def test_the_declared_slots_are_checked(monkeypatch):
         fleet.declared_gpus()
 
 
+def test_a_run_tree_whose_actor_died_is_swept_and_no_other(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # (a pid whose process is gone: an actor killed with its Ray)
+    names = [f"autoresearch-run-{ended.pid}-20261206-000000-0123456789ab-x1", f"autoresearch-run-{os.getpid()}-y",
+             "autoresearch-run-notapid-z", "autoresearch-test-cache-w"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.py").write_text("")
+    fleet.sweep_trees()
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:])
+
+
 def test_without_ray_installed_the_fleet_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # (what `import ray` meets where the extra is not installed)
     with pytest.raises(SystemExit, match=r"the fleet needs Ray: `uv sync --extra fleet`"):
@@ -256,18 +262,17 @@ def test_the_fleet_as_readme_starts_it_from_a_fresh_copy(prepared, tmp_path, sho
     assert status.returncode == 1 and status.stderr.startswith(f"error: nothing answers at RAY_ADDRESS=127.0.0.1:{port}")
 
 
-def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(agent, short_tmp, tmp_path,
-                                                                                 request):
+def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(agent, short_tmp, tmp_path):
     """No RAY_ADDRESS: `fleet run` starts a local Ray of its own (AUTORESEARCH_FLEET_GPUS slots on a CPU); its
     processes killed outright mid-wave, `wait` ends in one line within seconds, the next `status` is one line and
-    the next `run` starts a fresh one; `fleet stop` stops it and no other Ray (the tests' cluster goes on)."""
+    the next `run` starts a fresh one, which removes the killed run's tree; `fleet stop` stops it and no other Ray
+    (the tests' cluster goes on)."""
     repo, sh = agent
     prefix = f"unset RAY_ADDRESS; TMPDIR={short_tmp} AUTORESEARCH_FLEET_GPUS=1 "
     local = lambda command: sh(prefix + command)  # noqa: E731
     edit_train(repo, "    while not run.done:\n", "    time.sleep(600)\n    while not run.done:\n", "stalls")
     started = local("uv run -m autoresearch.fleet run HEAD")
     assert started.returncode == 0, started.stderr
-    request.addfinalizer(lambda: remove_trees(started.stdout.split()[:1]))  # (killed with its Ray: never cleaned)
     env = {**os.environ, **TEST_ENV, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": repo}
     waiting = subprocess.Popen(["bash", "-c", prefix + "uv run -m autoresearch.fleet wait"], cwd=repo, env=env,
                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -280,9 +285,13 @@ def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(
                                         "gone): the runs on it are lost; start it again, then start them again"]
     status = local("uv run -m autoresearch.fleet status")
     assert status.returncode == 1 and status.stderr.startswith("error: no fleet Ray is running here")
+    tree = lambda: [p for d in (tempfile.gettempdir(), short_tmp)  # noqa: E731  (where its actor made it)
+                    for p in glob.glob(os.path.join(d, f"autoresearch-run-*-{started.stdout.split()[0]}-*"))]
+    assert len(tree()) == 1  # (its actor was killed with the Ray: it could not remove its tree)
     again = local("uv run -m autoresearch.fleet run HEAD~1")
     assert again.returncode == 0, again.stderr
     assert " val_bpb " in local("uv run -m autoresearch.fleet wait").stdout
+    assert tree() == []
     stopped = local("uv run -m autoresearch.fleet stop")
     assert stopped.returncode == 0 and "stopped the fleet's local Ray" in stopped.stdout
     assert ray.cluster_resources().get("GPU") == 2  # (the tests' own cluster answers still)
