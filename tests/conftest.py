@@ -147,8 +147,9 @@ def run_script(args, env=None, timeout=600, cwd=None):
     repository; a script named by its repo path (`train.py`) runs from the repo. Returns the CompletedProcess."""
     full_env = {**os.environ, **TEST_ENV, "PYTHONPATH": ROOT, **(env or {})}
     args = [os.path.join(ROOT, a) if i == 0 and a.endswith(".py") else a for i, a in enumerate(args)]
-    return subprocess.run([sys.executable, *args], cwd=cwd or tempfile.mkdtemp(prefix="autoresearch-test-run-"),
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="autoresearch-test-run-") as own:
+        return subprocess.run([sys.executable, *args], cwd=cwd or own, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
 
 
 def pytest_sessionfinish(session, exitstatus):
