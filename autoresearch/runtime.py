@@ -57,32 +57,23 @@ def modified_constants(train_globals):
     return notes
 
 
-# The FLOP counting of the run under the compute budget (flops.counting): main() starts it before train(), or the
-# first Run where train.py did not go through main(); closed by main() at the end.
+# The FLOP counting of the run under the compute budget (flops.counting): main() starts it before train() and
+# closes it at the end.
 _MEASURING = contextlib.ExitStack()
 _meter = None
+_watchdog = None  # this run's Watchdog (runtime.main), told of every step's end
 
 
 def _start_counting():
-    """Start counting FLOPs (compute budget) if not yet: from here to the evaluation, in every thread."""
+    """Count FLOPs from here to the evaluation, in every thread."""
     global _meter
-    if _meter is None or not _meter.on:
-        _meter = _MEASURING.enter_context(flops.counting())
-    return _meter
-
-
-_watchdog = None  # this run's Watchdog (runtime.main), told of every step's end
+    _meter = _MEASURING.enter_context(flops.counting())
 
 
 def _stop_counting():
     global _meter
     _MEASURING.close()
     _meter = None
-
-
-def start_record(train_file):
-    """Start this process's run record (run.json in the current folder) for the train.py at train_file."""
-    return record.start(train_file, constants.SETTINGS, FIXED)
 
 
 class Run:
@@ -95,9 +86,9 @@ class Run:
         self.t_start, self.train_globals = t_start, train_globals or {}
         self.cuda = device.type == "cuda"
         self._record = record.current()
-        if self._record is None:  # (train.py did not go through main())
-            self._record = start_record(self.train_globals.get("__file__", "train.py"))
-            print(f"run: {self._record.run_id}")
+        if self._record is None:  # (where train() runs outside main(), compute before the Run would be free)
+            raise UserError("train() ran outside runtime.main: keep train.py's main() calling runtime.main(train, "
+                            "...), where the run's record and its compute count begin")
         modified = modified_constants(self.train_globals)
         if modified:
             raise UserError(f"the metric's constants are fixed: {'; '.join(modified)}: remove that assignment")
@@ -109,8 +100,8 @@ class Run:
         self._warmup = self._timed_from if self.kind == "time" else 0
         self._steps, self._counted_seconds, self._done, self._late_steps = 0, 0.0, False, 0
         self._counted_flops, self._step_flops, self._flops_seen = 0.0, 0.0, 0.0
-        self._owns_counting = self.kind == "flops" and _meter is None  # (train.py did not go through main())
-        self._meter = _start_counting() if self.kind == "flops" else None
+        self._meter = _meter if self.kind == "flops" else None
+        assert self._meter is not None or self.kind == "time", "main() counts FLOPs under the compute budget"
         self._violations = []  # what train.py did to the fixed rules during the run, in words
         self.peak, self.gpu_name, mfu_note = peak_flops(device)
         self._record.data["gpu"] = self.gpu_name  # (results.py files the run under its GPU model, crash or not)
@@ -331,8 +322,6 @@ class Run:
     def summary(self, val_bpb, num_params, depth):
         """Print the notes, `---` and the summary keys (docs/RUN.md); write the record, or end in one `error:` line."""
         t_end = _clock()
-        if self._owns_counting:
-            _stop_counting()
         evaluations = self._record.data["evaluations"]
         evaluation = evaluations[-1] if evaluations else None
         violations = self._check(float(val_bpb), evaluation)
@@ -416,7 +405,7 @@ def main(train, knobs):
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])  # torch 2.9 renamed the variable
     os.environ.setdefault("PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF",
                           "expandable_segments:True")  # read at the first CUDA allocation
-    run_record = start_record(train.__globals__.get("__file__", "train.py"))
+    run_record = record.start(train.__globals__.get("__file__", "train.py"), constants.SETTINGS, FIXED)
     print(f"run: {run_record.run_id}", flush=True)  # (the log's first line: results.py matches it to run.json)
     global _watchdog
     stopped = "train.py was stopped by SIGTERM (`timeout` ran out, or the run was killed): a crash"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoresearch import flops, runtime
+from autoresearch import flops, record, runtime
 
 
 def counted(fn):
@@ -116,6 +116,16 @@ def test_evaluation_counts_nothing():
     assert meter.total == 2 * 4 * 4 * 4
 
 
+@pytest.fixture
+def in_a_run(tmp_path):
+    """What runtime.main starts before train(): the run's record, and the FLOP count of the compute budget."""
+    record.start("train.py", "standard", {}, folder=str(tmp_path))
+    runtime._start_counting()
+    yield
+    runtime._stop_counting()
+    record.stop()
+
+
 class Loop:
     """A toy training loop through runtime.Run on the CPU under the compute budget: a [16, 32] x [32, 32] matmul
     per step, forward and backward (2 products: the input needs no gradient)."""
@@ -143,36 +153,30 @@ def toy_matmul():
     (torch.randn(16, 32) @ w).sum().backward()
 
 
-def test_work_before_the_loop_and_between_steps_counts_against_the_budget(monkeypatch, capsys):
+def test_work_before_the_loop_and_between_steps_counts_against_the_budget(monkeypatch, capsys, in_a_run):
+    for _ in range(3):  # "calibration" before the loop (before the Run, too): three steps' worth
+        toy_matmul()
     loop = Loop(monkeypatch, budget_steps=6)
-    try:
-        for _ in range(3):  # "calibration" before the loop: three steps' worth
-            toy_matmul()
-        steps = 0
-        while not loop.run.done:
-            loop.step()
-            toy_matmul()  # between steps: charged to the next one
-            steps += 1
-    finally:
-        runtime._stop_counting()
+    steps = 0
+    while not loop.run.done:
+        loop.step()
+        toy_matmul()  # between steps: charged to the next one
+        steps += 1
     assert steps == 2 and loop.run.training_flops == 6 * Loop.STEP  # 3 before, then 2 steps and 1 between
     assert "were computed before the first step" in capsys.readouterr().out
 
 
-def test_a_thread_computing_during_the_steps_is_charged(monkeypatch):
+def test_a_thread_computing_during_the_steps_is_charged(monkeypatch, in_a_run):
     loop = Loop(monkeypatch, budget_steps=4)
-    try:
-        steps = 0
-        while not loop.run.done:
-            thread = threading.Thread(target=toy_matmul)  # extra micro-batches in a thread, during each step
-            loop.step(extra=lambda: (thread.start(), thread.join()))
-            steps += 1
-    finally:
-        runtime._stop_counting()
+    steps = 0
+    while not loop.run.done:
+        thread = threading.Thread(target=toy_matmul)  # extra micro-batches in a thread, during each step
+        loop.step(extra=lambda: (thread.start(), thread.join()))
+        steps += 1
     assert steps == 2 and loop.run.training_flops == 4 * Loop.STEP
 
 
-def test_where_the_model_compiles_every_flop_counts_but_the_compiling_steps_are_not_speed(monkeypatch):
+def test_where_the_model_compiles_every_flop_counts_but_the_compiling_steps_are_not_speed(monkeypatch, in_a_run):
     """The CUDA branch of the step accounting, on the CPU: under the compute budget on a device that compiles, step
     0 is counted like every other (no eager step: its memory would be the uncompiled model's), and the first
     CUDA_WARMUP_STEPS steps (compiling) are start-up, not training time or speed."""
@@ -181,12 +185,9 @@ def test_where_the_model_compiles_every_flop_counts_but_the_compiling_steps_are_
     loop = Loop(monkeypatch, budget_steps=steps)
     import time
     ends = []
-    try:
-        while not loop.run.done:
-            loop.step()
-            ends.append(time.perf_counter())
-    finally:
-        runtime._stop_counting()
+    while not loop.run.done:
+        loop.step()
+        ends.append(time.perf_counter())
     run = loop.run
     assert len(ends) == steps and run.training_flops == steps * Loop.STEP and run.warmup == 0
     assert run.startup_seconds > 0 and run.training_seconds < ends[-1] - ends[runtime.CUDA_WARMUP_STEPS - 2]

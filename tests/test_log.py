@@ -180,9 +180,11 @@ def test_a_val_bpb_that_is_not_the_metrics_is_said(prepared, monkeypatch, capsys
 
 def test_a_run_that_counted_no_step_ends_in_one_line(prepared):
     import torch
-    run = runtime.Run(torch.device("cpu"), 1.0, 1024, time.perf_counter(), {})
+    no_step = lambda: runtime.Run(torch.device("cpu"), 1.0, 1024, time.perf_counter(), {}).summary(1.0, 10, 2)  # noqa
     with pytest.raises(SystemExit, match="error: no step counted toward the"):
-        run.summary(1.0, 10, 2)
+        runtime.main(no_step, "DEPTH=2")
+    with pytest.raises(SystemExit, match=r"^error: train\(\) ran outside runtime.main: keep train.py's main\(\)"):
+        no_step()  # (train() called directly: the compute before its Run would count for nothing)
 
 
 # ---------------------------------------------------------------------------------------------------------------
