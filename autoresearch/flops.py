@@ -318,7 +318,7 @@ def counting():
     """Count the FLOPs of the block, in this thread and every thread started in it; yields the Meter."""
     global _active, _mode
     meter = Meter()
-    previous_hook = threading.getprofile() if hasattr(threading, "getprofile") else None
+    previous_hook = threading.getprofile()
     patched = {name: vars(torch.Tensor).get(name) for name in ("numpy", "__array__")}
     _active = meter
     threading.setprofile(_count_thread)

@@ -402,9 +402,7 @@ def _with_kernels(train):
 
 def main(train, knobs):
     """Run train() as one run with its record: out of memory (naming `knobs`), SIGTERM, any stop is one line."""
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])  # torch 2.9 renamed the variable
-    os.environ.setdefault("PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF",
-                          "expandable_segments:True")  # read at the first CUDA allocation
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # (read at the first CUDA allocation)
     run_record = record.start(train.__globals__.get("__file__", "train.py"), constants.SETTINGS, FIXED)
     print(f"run: {run_record.run_id}", flush=True)  # (the log's first line: results.py matches it to run.json)
     global _watchdog
