@@ -295,37 +295,31 @@ def _probe_cudnn_window(device, n_head, n_kv_head, head_dim, T=64, window=8):
     return None
 
 
-_window_kernels = {}
-
-
+@functools.lru_cache(maxsize=None)
 def window_kernel(device, n_head, n_kv_head, head_dim):
     """The windowed layers' kernel ('cudnn', 'flex', 'sdpa'), decided once per head shape and said in one line."""
-    key = (str(device), n_head, n_kv_head, head_dim)
-    if key not in _window_kernels:
-        capability, version, frontend = (0, 0), None, None
-        if device.type == "cuda":
-            capability = torch.cuda.get_device_capability(device)
-            version = torch.backends.cudnn.version()
-            try:
-                import cudnn
-                frontend = getattr(cudnn, "__version__", "?")
-            except Exception:  # not installed, or its library does not load
-                frontend = None
-        kernel, why = window_kernel_for(device.type, capability, version, frontend)
-        if kernel == "cudnn":
-            problem = _probe_cudnn_window(device, n_head, n_kv_head, head_dim)
-            if problem:
-                kernel, why = "flex", f"cuDNN's window failed its check ({problem})"
-        # The compute budget's counter sees the library kernels compiled code calls, not the ones the compiler
-        # writes itself: FlexAttention's is one of those, so the windowed layers take SDPA with the explicit mask.
-        if kernel == "flex" and constants.BUDGET == "flops":
-            kernel, why = "sdpa", f"the compute budget cannot count FlexAttention's own kernel; {why}"
-        if device.type == "cuda":  # (elsewhere there is one way: SDPA, eager)
-            name = {"cudnn": "cuDNN's sliding window", "flex": "FlexAttention",
-                    "sdpa": "SDPA, an explicit mask"}[kernel]
-            print(f"attention: windowed layers on {name} ({why}); full layers on SDPA, cuDNN first", flush=True)
-        _window_kernels[key] = kernel
-    return _window_kernels[key]
+    capability, version, frontend = (0, 0), None, None
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        version = torch.backends.cudnn.version()
+        try:
+            import cudnn
+            frontend = getattr(cudnn, "__version__", "?")
+        except Exception:  # not installed, or its library does not load
+            frontend = None
+    kernel, why = window_kernel_for(device.type, capability, version, frontend)
+    if kernel == "cudnn":
+        problem = _probe_cudnn_window(device, n_head, n_kv_head, head_dim)
+        if problem:
+            kernel, why = "flex", f"cuDNN's window failed its check ({problem})"
+    # The compute budget's counter sees the library kernels compiled code calls, not the ones the compiler writes
+    # itself: FlexAttention's is one of those, so the windowed layers take SDPA with the explicit mask.
+    if kernel == "flex" and constants.BUDGET == "flops":
+        kernel, why = "sdpa", f"the compute budget cannot count FlexAttention's own kernel; {why}"
+    if device.type == "cuda":  # (elsewhere there is one way: SDPA, eager)
+        name = {"cudnn": "cuDNN's sliding window", "flex": "FlexAttention", "sdpa": "SDPA, an explicit mask"}[kernel]
+        print(f"attention: windowed layers on {name} ({why}); full layers on SDPA, cuDNN first", flush=True)
+    return kernel
 
 
 def synchronize(device):
