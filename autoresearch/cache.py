@@ -1,7 +1,7 @@
 """The cache: the hub's shards and immutable builds. DO NOT CHANGE: prepare.py writes it, train.py reads it.
 
     CACHE_DIR/data/shard_NNNNN.parquet   the hub's shards: each gets its name only whole, and is never rewritten
-    CACHE_DIR/builds/<build id>/         one build: build.json, tokenizer/, tokens/ (and data/ for --source)
+    CACHE_DIR/builds/<build id>/         one build: build.json, tokenizer/, tokens/ (a --source corpus: only tokens)
     CACHE_DIR/current                    the id of the build train.py reads
 
 A build is made in a temporary folder and renamed, complete; nothing writes it again, and train.py refuses one whose

@@ -607,6 +607,7 @@ def stop_ray(folder, grace=STOP_GRACE):
 
 
 def _alive(pid):
+    """True while the process runs: a zombie (ended, not yet reaped by a parent such as `ray start`'s) has ended."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().rpartition(")")[2].split()[0] != "Z"

@@ -196,7 +196,7 @@ class RunRecord:
             self.save()
 
 
-_current = None  # this process's run record, once runtime.main (or the first Run) started it
+_current = None  # this process's run record, once runtime.main started it
 _METRIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prepare.py")
 
 

@@ -213,6 +213,18 @@ def record_cli(repo, status, description):
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.fixture
+def in_a_run(tmp_path):
+    """What runtime.main starts before train(): the run's record (yielded; run.json in tmp_path) and the FLOP count
+    of the compute budget."""
+    from autoresearch import record, runtime
+    run = record.start("train.py", "standard", {}, folder=str(tmp_path))
+    runtime._start_counting()
+    yield run
+    runtime._stop_counting()
+    record.stop()
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_dispatch_mode(request):
     """A test must not leave a dispatch mode (the FLOP counter) active: it would silently turn compiling off."""

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from autoresearch import cache, record
+from autoresearch import cache
 import prepare
 from autoresearch.bench import plain_batches
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, VAL_SHARD, shard_name
@@ -47,21 +47,12 @@ def hand_counts(tokenizer, B):
     return nats, reference, exact, n
 
 
-def scored(tmp_path, evaluate):
-    """(what evaluate() returned, what the metric noted in the run's record: val_bpb_exact, rows, bytes), in a run."""
-    run = record.start("train.py", "standard", {}, folder=str(tmp_path))
-    try:
-        return evaluate(), run.data["evaluations"][-1]
-    finally:
-        record.stop()
-
-
-def test_bpb_matches_a_hand_computation_both_ways(tokenizer, tmp_path):
+def test_bpb_matches_a_hand_computation_both_ways(tokenizer, in_a_run):
     B = 8
     nats, reference, exact, rows = hand_counts(tokenizer, B)
     assert reference > exact, "the test corpus has multi-byte text split inside characters"
-    val_bpb, noted = scored(tmp_path, lambda: prepare.evaluate_bpb(TargetLoss(tokenizer.get_bos_token_id()),
-                                                                    tokenizer, B))
+    val_bpb = prepare.evaluate_bpb(TargetLoss(tokenizer.get_bos_token_id()), tokenizer, B)
+    noted = in_a_run.data["evaluations"][-1]  # what the metric noted in the run's record
     assert val_bpb == noted["val_bpb"] == pytest.approx(nats / (math.log(2) * reference), rel=1e-6)  # as reference
     # the exact count, computed in the same pass
     assert noted["val_bpb_exact"] == pytest.approx(nats / (math.log(2) * exact), rel=1e-6)
@@ -80,7 +71,7 @@ def test_a_loss_that_is_not_per_token_is_one_line(tokenizer):
         prepare.evaluate_bpb(Scalar(tokenizer.get_bos_token_id()), tokenizer, 8)
 
 
-def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer, tmp_path):
+def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer, in_a_run):
     """A model that knows nothing (uniform over the vocab) pays log2(V) bits for each counted token."""
     B, V = 8, tokenizer.get_vocab_size()
     bos = tokenizer.get_bos_token_id()
@@ -101,8 +92,8 @@ def test_uniform_model_scores_log2_vocab_bits_per_token(tokenizer, tmp_path):
             counted = [t for t in row[1:] if t != bos]
             tokens += len(counted)
             nbytes += sum(len(tokenizer.enc.decode_single_token_bytes(t)) for t in counted)
-    _, noted = scored(tmp_path, lambda: prepare.evaluate_bpb(Uniform(), tokenizer, B))
-    assert noted["val_bpb_exact"] == pytest.approx(tokens * math.log2(V) / nbytes, rel=1e-5)
+    prepare.evaluate_bpb(Uniform(), tokenizer, B)
+    assert in_a_run.data["evaluations"][-1]["val_bpb_exact"] == pytest.approx(tokens * math.log2(V) / nbytes, rel=1e-5)
 
 
 def test_the_batch_size_does_not_change_what_is_scored(tokenizer):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoresearch import flops, record, runtime
+from autoresearch import flops, runtime
 
 
 def counted(fn):
@@ -114,16 +114,6 @@ def test_evaluation_counts_nothing():
         flops.stop()
         torch.randn(40, 40) @ torch.randn(40, 40)
     assert meter.total == 2 * 4 * 4 * 4
-
-
-@pytest.fixture
-def in_a_run(tmp_path):
-    """What runtime.main starts before train(): the run's record, and the FLOP count of the compute budget."""
-    record.start("train.py", "standard", {}, folder=str(tmp_path))
-    runtime._start_counting()
-    yield
-    runtime._stop_counting()
-    record.stop()
 
 
 class Loop:

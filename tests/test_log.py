@@ -183,8 +183,12 @@ def test_a_run_that_counted_no_step_ends_in_one_line(prepared):
     no_step = lambda: runtime.Run(torch.device("cpu"), 1.0, 1024, time.perf_counter(), {}).summary(1.0, 10, 2)  # noqa
     with pytest.raises(SystemExit, match="error: no step counted toward the"):
         runtime.main(no_step, "DEPTH=2")
+
+
+def test_a_run_outside_runtime_main_is_one_line():
+    import torch  # (train() called directly: the compute before its Run would count for nothing)
     with pytest.raises(SystemExit, match=r"^error: train\(\) ran outside runtime.main: keep train.py's main\(\)"):
-        no_step()  # (train() called directly: the compute before its Run would count for nothing)
+        runtime.Run(torch.device("cpu"), 1.0, 1024, time.perf_counter(), {})
 
 
 # ---------------------------------------------------------------------------------------------------------------
