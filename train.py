@@ -56,7 +56,6 @@ class GPTConfig:
     n_embd: int = 512
     window_pattern: str = "SSSL"
     low_dtype: torch.dtype = torch.bfloat16  # embedding and rotary tables, Muon's orthogonalization (fp32 off CUDA)
-    window_kernel: str = "flex"  # the windowed layers' attention: "cudnn" or "flex" on CUDA, "sdpa" elsewhere
 
 
 def norm(x):
@@ -99,7 +98,6 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.ve_gate_channels = 32
-        self.window_kernel = config.window_kernel
         self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if has_value_embedding(layer_idx, config.n_layer) else None)
 
@@ -112,7 +110,7 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # [B, T, KV]
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        y = hardware.attention(q, k, v, window, block_mask, self.window_kernel)  # the kernel: hardware.py's
+        y = hardware.attention(q, k, v, window, block_mask)  # FlexAttention on CUDA, else SDPA (hardware.py)
         return self.c_proj(y.contiguous().view(B, T, C))
 
 
@@ -255,7 +253,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         assert T <= self.config.sequence_len, f"sequence length {T} > the model's {self.config.sequence_len}"
         cos, sin = self.cos[:, :T], self.sin[:, :T]
-        masks = hardware.attention_masks(T, self.windows, idx.device, self.config.window_kernel)  # {window: mask}
+        masks = hardware.attention_masks(T, self.windows, idx.device)  # {window: FlexAttention mask} on CUDA
         x0 = norm(self.transformer.wte(idx))
         x = x0.clone()  # (x aliasing x0 would make the first block a compiled graph of its own)
         for i, block in enumerate(self.transformer.h):
@@ -444,8 +442,7 @@ def train():
     n_head = model_dim // HEAD_DIM
     config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=DEPTH,
                        n_head=n_head, n_kv_head=n_head, n_embd=model_dim, window_pattern=WINDOW_PATTERN,
-                       low_dtype=hardware.low_precision(device),
-                       window_kernel=hardware.window_kernel(device, n_head, n_head, HEAD_DIM))
+                       low_dtype=hardware.low_precision(device))
     model = build_model(config, device)
     num_params = model.param_counts()["total"]
     flops_per_token = model.estimate_flops()

@@ -10,7 +10,7 @@ known to cost nothing next to them (elementwise, reductions, views, copies, fill
 except an elementwise op that broadcasts its inputs into more elements than any of them holds (an outer product,
 `kron`, a matmul written as a broadcast product), which adds one per output element; any other op, and a tensor
 handed to numpy, is noted, and makes the run comparable with no other. Compiled code runs compiled: the counter sees
-the library calls it makes (cuBLAS matmuls, SDPA's kernels, cuDNN's window) but not the kernels the compiler writes
+the library calls it makes (cuBLAS matmuls, SDPA's kernels) but not the kernels the compiler writes
 itself, so the fixed code keeps its own attention on library kernels under the compute budget (hardware.py).
 """
 import contextlib
@@ -165,7 +165,7 @@ SPARSE_MATMULS = {"mm", "addmm", "_sparse_mm", "_sparse_addmm", "sspaddmm", "bmm
 
 
 def formulas():
-    """{op packet: formula}: torch's registry, with FlexAttention's, cuDNN's attention and this module's."""
+    """{op packet: formula}: torch's registry, with FlexAttention's and this module's."""
     from torch.utils.flop_counter import flop_registry, shape_wrapper
     table = dict(flop_registry)
     for name, formula in _EXTRA.items():
@@ -175,9 +175,6 @@ def formulas():
     table[torch.ops.higher_order.flex_attention] = shape_wrapper(_sdpa)
     table[torch.ops.higher_order.flex_attention_backward] = shape_wrapper(
         lambda q, k, v, out, lse, grad, *rest, **kw: _sdpa_backward(grad, q, k, v))
-    with contextlib.suppress(AttributeError, RuntimeError):  # (only where the cuDNN frontend is loaded)
-        table[torch.ops.cudnn.sdpa] = shape_wrapper(_sdpa)
-        table[torch.ops.cudnn.sdpa_bwd] = shape_wrapper(_sdpa_backward)
     return table
 
 

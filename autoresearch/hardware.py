@@ -2,8 +2,8 @@
 
 Which device a run uses (CUDA, else Apple's MPS, else the CPU; AUTORESEARCH_DEVICE insists on one) and why an
 NVIDIA GPU cannot be used; the precision each device runs in; compiling the model (regional compilation on CUDA,
-eager elsewhere); the micro-batch that fits the GPU's memory; the GPU's peak FLOP/s for MFU; the attention kernels
-a profile shows.
+eager elsewhere); the micro-batch that fits the GPU's memory; the GPU's peak FLOP/s for MFU; sliding-window
+attention; the attention kernels a profile shows.
 """
 import contextlib
 import functools
@@ -201,15 +201,9 @@ def fit_device_batch(device, rows, total_rows, fixed_bytes, row_bytes):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sliding-window attention: cuDNN's where it runs and computes the window exactly, else FlexAttention (CUDA), or SDPA
-# with an explicit mask off CUDA. PyTorch's SDPA has no window; nvidia-cudnn-frontend's torch operator (BHSD
-# tensors, fake and autograd registrations, so torch.compile traces it) gives cuDNN's left bound. Per query-key pair
-# cuDNN's full-causal kernel ran ~1.5x faster than FlexAttention's window on an H100 (the reference's profile); its
-# own window has not been timed yet (docs/PERF_NOTES.md).
-
-CUDNN_WINDOW_GPUS = {(9, 0)}  # Hopper: cuDNN runs causal attention with a left bound, forward and backward, in bf16
-MIN_CUDNN_FOR_WINDOW = 90200  # cuDNN 9.2 (torch 2.11's wheels bring 9.19)
-
+# Sliding-window attention: FlexAttention on CUDA, SDPA with an explicit mask elsewhere (PyTorch's SDPA has no
+# window). The compute budget's counter sees the library kernels compiled code calls, not the ones the compiler
+# writes itself: FlexAttention's is one of those, so under the compute budget the windowed layers take SDPA too.
 
 def sliding_window_mask(window):
     """FlexAttention mask_mod: causal, and a query sees at most `window` keys back (FA3's left window)."""
@@ -225,20 +219,21 @@ def block_masks(T, windows, device):
             for w in sorted(set(windows)) if w < T}
 
 
-def attention_masks(T, windows, device, kernel):
-    """{window: BlockMask} for attention() on the FlexAttention path, else {}; made outside the compiled regions."""
-    return block_masks(T, tuple(windows), device) if device.type == "cuda" and kernel == "flex" else {}
+def attention_masks(T, windows, device):
+    """{window: BlockMask} for attention() where FlexAttention runs (CUDA, time budget), else {}; made outside the
+    compiled regions."""
+    if device.type != "cuda" or constants.BUDGET == "flops":
+        return {}
+    return block_masks(T, tuple(windows), device)
 
 
-def attention(q, k, v, window, block_mask=None, kernel="flex"):
+def attention(q, k, v, window, block_mask=None):
     """Causal attention seeing at most `window` keys back; q: [B, T, H, D], k, v: [B, T, KV, D] -> [B, T, H, D]."""
     T = q.size(1)
     gqa = q.size(2) != k.size(2)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if window >= T:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif kernel == "cudnn":
-        y = cudnn_window_attention(q, k, v, window)
     elif block_mask is not None:
         y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     else:
@@ -251,75 +246,6 @@ def window_mask(T, window, device):
     i = torch.arange(T, device=device)
     diff = i[:, None] - i[None, :]
     return (diff >= 0) & (diff <= window)
-
-
-def cudnn_window_attention(q, k, v, window):
-    """cuDNN's causal attention with a left bound of window + 1 (it counts the diagonal); BHSD."""
-    from cudnn.experimental.ops import scaled_dot_product_attention
-    return scaled_dot_product_attention(q, k, v, is_causal=True, left_bound=window + 1,
-                                        enable_gqa=q.size(1) != k.size(1))
-
-
-def window_kernel_for(device_type, capability, cudnn_version, frontend):
-    """(kernel, why) of the windowed layers from the device, GPU, cuDNN and frontend versions."""
-    if device_type != "cuda":
-        return "sdpa", f"SDPA with an explicit mask on {device_type}"
-    if frontend is None:
-        return "flex", "nvidia-cudnn-frontend is not installed"
-    if tuple(capability) not in CUDNN_WINDOW_GPUS:
-        return "flex", f"cuDNN's window is not used on compute capability {capability[0]}.{capability[1]} (Hopper only)"
-    if (cudnn_version or 0) < MIN_CUDNN_FOR_WINDOW:
-        return "flex", f"cuDNN {cudnn_version} is older than 9.2"
-    return "cudnn", f"cuDNN {cudnn_version}, nvidia-cudnn-frontend {frontend}"
-
-
-def _probe_cudnn_window(device, n_head, n_kv_head, head_dim, T=64, window=8):
-    """None when cuDNN's window runs forward and backward here and agrees with the mask, else why not."""
-    gen = torch.Generator(device).manual_seed(0)
-    shapes = [(2, n_head, T, head_dim), (2, n_kv_head, T, head_dim), (2, n_kv_head, T, head_dim)]
-    base = [torch.randn(shape, generator=gen, device=device) for shape in shapes]
-    try:
-        q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in base)
-        out = cudnn_window_attention(q, k, v, window)
-        got = [out] + list(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
-    except Exception as e:  # a shape, GPU or build the operator refuses: FlexAttention instead
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}"
-    q, k, v = (t.clone().requires_grad_() for t in base)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, device),
-                                         enable_gqa=n_head != n_kv_head)
-    truth = [out] + list(torch.autograd.grad(out.square().sum(), (q, k, v)))
-    for name, a, b in zip(("output", "dq", "dk", "dv"), got, truth):
-        error = ((a.float() - b).norm() / b.norm().clamp_min(1e-12)).item()
-        if not error < 2e-2:
-            return f"its {name} differs from the explicit mask's by {error:.1%}"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def window_kernel(device, n_head, n_kv_head, head_dim):
-    """The windowed layers' kernel ('cudnn', 'flex', 'sdpa'), decided once per head shape and said in one line."""
-    capability, version, frontend = (0, 0), None, None
-    if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        version = torch.backends.cudnn.version()
-        try:
-            import cudnn
-            frontend = getattr(cudnn, "__version__", "?")
-        except Exception:  # not installed, or its library does not load
-            frontend = None
-    kernel, why = window_kernel_for(device.type, capability, version, frontend)
-    if kernel == "cudnn":
-        problem = _probe_cudnn_window(device, n_head, n_kv_head, head_dim)
-        if problem:
-            kernel, why = "flex", f"cuDNN's window failed its check ({problem})"
-    # The compute budget's counter sees the library kernels compiled code calls, not the ones the compiler writes
-    # itself: FlexAttention's is one of those, so the windowed layers take SDPA with the explicit mask.
-    if kernel == "flex" and constants.BUDGET == "flops":
-        kernel, why = "sdpa", f"the compute budget cannot count FlexAttention's own kernel; {why}"
-    if device.type == "cuda":  # (elsewhere there is one way: SDPA, eager)
-        name = {"cudnn": "cuDNN's sliding window", "flex": "FlexAttention", "sdpa": "SDPA, an explicit mask"}[kernel]
-        print(f"attention: windowed layers on {name} ({why}); full layers on SDPA, cuDNN first", flush=True)
-    return kernel
 
 
 def synchronize(device):

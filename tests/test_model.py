@@ -189,58 +189,15 @@ def test_no_triton_means_eager_with_a_note(monkeypatch, capsys):
     assert not hardware.can_compile(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("device_type, capability, cudnn, frontend, kernel", [
-    ("cpu", (0, 0), None, None, "sdpa"), ("mps", (0, 0), None, None, "sdpa"),
-    ("cuda", (9, 0), 91900, "1.28.0", "cudnn"),   # H100 / H200 with torch 2.11's cuDNN
-    ("cuda", (9, 0), 91900, None, "flex"),        # the frontend missing (not installed, or its library not loading)
-    ("cuda", (9, 0), 90100, "1.28.0", "flex"),    # a cuDNN before 9.2
-    ("cuda", (8, 0), 91900, "1.28.0", "flex"),    # A100: not measured there
-    ("cuda", (12, 0), 91900, "1.28.0", "flex"),   # consumer Blackwell
-])
-def test_the_windowed_layers_kernel_follows_the_figures(device_type, capability, cudnn, frontend, kernel):
-    got, why = hardware.window_kernel_for(device_type, capability, cudnn, frontend)
-    assert got == kernel and why
-
-
-def test_off_cuda_the_windowed_layers_use_the_explicit_mask_and_say_nothing(capsys):
-    assert hardware.window_kernel(torch.device("cpu"), 2, 2, 64) == "sdpa" and capsys.readouterr().out == ""
-
-
-def test_cudnns_window_traces_under_torch_compile_with_its_fake_implementation():
-    """The operator's fake (meta) implementation lets dynamo and AOT autograd trace it, forward and backward, as
-    the compiled regions do on the GPU; the shapes and dtypes come out right."""
-    pytest.importorskip("cudnn.experimental.ops", reason="nvidia-cudnn-frontend is not installed here (macOS)")
-    from torch.fx.experimental.proxy_tensor import make_fx
-    q = torch.empty(2, 4, 64, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.empty(2, 2, 64, 32, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-
-    def loss(q, k, v):
-        return hardware.cudnn_window_attention(q, k, v, 8).float().square().sum()
-
-    graph = make_fx(lambda q, k, v: torch.autograd.grad(loss(q, k, v), (q, k, v)), tracing_mode="fake")(q, k, v)
-    targets = {str(n.target) for n in graph.graph.nodes}
-    assert {"cudnn.sdpa.default", "cudnn.sdpa_bwd.default"} <= targets
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    compiled(q, k, v).backward()
-    assert [(t.grad.shape, t.grad.dtype) for t in (q, k, v)] == [
-        (q.shape, torch.bfloat16), (k.shape, torch.bfloat16), (v.shape, torch.bfloat16)]
-    torch._dynamo.reset()
-
-
-def test_the_model_calls_cudnns_window_only_where_it_was_chosen(monkeypatch):
-    calls = []
-    monkeypatch.setattr(hardware, "cudnn_window_attention",
-                        lambda q, k, v, window: calls.append(window) or hardware.attention(
-                            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, None).transpose(1, 2))
-    for kernel, expected in (("sdpa", []), ("cudnn", [16])):
-        calls.clear()
-        torch.manual_seed(0)
-        model = train.build_model(train.GPTConfig(sequence_len=32, vocab_size=96, n_layer=2, n_head=2, n_kv_head=2,
-                                                  n_embd=64, window_pattern="SL", low_dtype=torch.float32,
-                                                  window_kernel=kernel), torch.device("cpu"))
-        model(torch.randint(0, 96, (2, 32)))
-        assert calls == expected  # the windowed layer only (window 16 of 32); the full layer stays on SDPA
+def test_flexattention_masks_only_where_flexattention_runs(monkeypatch):
+    """Block masks on CUDA under the time budget; none off CUDA or under the compute budget, whose counter cannot
+    see FlexAttention's compiled kernel (the windowed layers then take SDPA with the explicit mask)."""
+    monkeypatch.setattr(hardware.constants, "BUDGET", "time")
+    assert hardware.attention_masks(64, (32, 64), torch.device("cpu")) == {}
+    monkeypatch.setattr(hardware, "block_masks", lambda T, windows, device: {w: "mask" for w in windows if w < T})
+    assert hardware.attention_masks(64, [32, 64], torch.device("cuda")) == {32: "mask"}
+    monkeypatch.setattr(hardware.constants, "BUDGET", "flops")
+    assert hardware.attention_masks(64, [32, 64], torch.device("cuda")) == {}
 
 
 def test_the_flop_counter_counts_attention_kernels_from_their_shapes():
