@@ -426,8 +426,6 @@ def main(argv=None):
         raise UserError(f"{e.filename or CACHE_DIR}: {e.strerror or e}")
     print(f"done in {time.time() - t0:.1f}s: {len(build.shards('train'))} training shard(s) + the validation shard, "
           f"tokenizer and token files in build {build.id}, which {POINTER_PATH} names")
-    from autoresearch.hardware import describe_device  # (imports torch: only now, so the data steps start fast)
-    print(f"device: {describe_device()}")
 
 
 if __name__ == "__main__":

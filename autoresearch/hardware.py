@@ -63,8 +63,6 @@ def unusable_gpu_problem(cuda_available, driver_version, torch_cuda_version, tor
             f"(check nvidia-smi and CUDA_VISIBLE_DEVICES): {DRIVER_HELP}")
 
 
-
-
 def get_device():
     """The training device (detect_device); off CUDA only the small preset, unless AUTORESEARCH_FORCE=1."""
     device = detect_device()
@@ -76,7 +74,7 @@ def get_device():
 
 
 def detect_device():
-    """The device present, by the rules of get_device but without its size rule (for benchmarks and prepare.py)."""
+    """The device present, by the rules of get_device but without its size rule (for benchmarks)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if constants.DEVICE == "cpu":
         return torch.device("cpu")
@@ -91,18 +89,6 @@ def detect_device():
         if constants.DEVICE == "cuda":
             raise UserError("AUTORESEARCH_DEVICE=cuda, but torch finds no CUDA GPU (no NVIDIA driver is loaded)")
     return torch.device("mps") if mps else torch.device("cpu")
-
-
-def describe_device():
-    """Which device train.py will use, in words, or why it cannot start."""
-    try:
-        device = detect_device()
-    except UserError as e:
-        return f"train.py cannot start: {e.message}"
-    if device.type != "cuda":
-        return (f"train.py will run on {device.type}, with AUTORESEARCH_PRESET=small (docs/PLATFORMS.md, 'Small "
-                "machines')")
-    return f"train.py will run on cuda ({torch.cuda.get_device_name(device)})"
 
 
 def low_precision(device):

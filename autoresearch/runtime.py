@@ -144,13 +144,8 @@ class Run:
 
     @property
     def warmup(self):
-        """The uncounted first steps (11 on CUDA under the time budget: they compile); setting it is noted."""
+        """The uncounted first steps (11 on CUDA under the time budget: they compile); read-only."""
         return self._warmup
-
-    @warmup.setter
-    def warmup(self, value):
-        self._violations.append(f"train.py set the uncounted steps (run.warmup) to {value}; the fixed rule is "
-                                f"{self._warmup} (ignored)")
 
     @property
     def counted_steps(self):

@@ -127,7 +127,7 @@ def refused_keep(run):
     return str(refusal.value.code)
 
 
-def test_uncounted_steps_set_by_train_py_are_ignored_and_said(prepared, monkeypatch, capsys):
+def test_the_uncounted_steps_cannot_be_set(prepared, monkeypatch, capsys):
     init = runtime.Run.__init__
 
     def warm_up_three(self, *args, **kwargs):  # `run.warmup = 3`
@@ -135,11 +135,10 @@ def test_uncounted_steps_set_by_train_py_are_ignored_and_said(prepared, monkeypa
         self.warmup = 3
 
     monkeypatch.setattr(runtime.Run, "__init__", warm_up_three)
-    error, out, run = run_in_process(monkeypatch, capsys)
-    assert error is None and "note: not comparable with any run: train.py set the uncounted steps" in out
-    assert run["uncounted_steps"] == 0 and run["violations"]
-    assert "(modified at run time)" in run["summary"]["settings"]
-    assert "compares with no other" in refused_keep(run) and "record it as discard" in refused_keep(run)
+    with pytest.raises(AttributeError):
+        run_in_process(monkeypatch, capsys)
+    run = record.read("run.json")
+    assert run["status"] == "failed" and run["reason"].startswith("AttributeError") and run["summary"] is None
 
 
 def test_a_step_begun_after_the_budget_ran_out_is_said(prepared, monkeypatch, capsys):

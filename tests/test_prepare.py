@@ -155,10 +155,6 @@ def test_a_gpu_torch_cannot_use_is_one_line_naming_the_driver(cuda_available, dr
         assert "\n" not in problem and all(part in problem for part in expected), problem
 
 
-def test_device_choice_is_said_by_prepare(tokenizer, capsys, source_dir):
-    prepare.main(["--source", source_dir])
-    assert "device: train.py will run on cpu" in capsys.readouterr().out
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The --source split: no document in both splits, no single document as the whole validation set
