@@ -20,18 +20,6 @@ from autoresearch.results import (COLUMNS, RERUN, STATUSES, archived_records, be
                                   runs_folder, speed_ratio, verdict)
 
 
-def summary_blocks(text):
-    """[{key: value}] of each block after a `---` line in a run log, in order."""
-    return [dict(re.findall(r"^(\w+):[ \t]+(.*?)\s*$", block, flags=re.M))
-            for block in ("\n" + text).split("\n---\n")[1:]]
-
-
-def run_summary(text):
-    """{key: value} of a run log's last summary block, for people and benchmarks (`record` trusts run.json)."""
-    blocks = summary_blocks(text)
-    return blocks[-1] if blocks else {}
-
-
 def crash_reason(text):
     """What ended a run without a record of its own, in a few words, from the last lines of its log."""
     for line in reversed(text.strip().splitlines()[-50:]):
@@ -68,9 +56,6 @@ def identify(text, log_dir):
         raise UserError(f"the log is of run {started[-1]}, but {run_record.RECORD_NAME} "
                         + (f"is of run {data['run_id']}" if data else "is missing or unreadable")
                         + ": they do not belong together; run again")
-    if run_summary(text).get("val_bpb"):
-        raise UserError("the log ends in a summary but names no run (no `run:` line): it did not come from this "
-                        "project's train.py, or was cut; run again")
     return None, None, "crash", crash_reason(text)
 
 

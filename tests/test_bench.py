@@ -64,6 +64,12 @@ def test_a_profiled_run_is_train_py_as_users_run_it_with_the_profile_after_its_s
     assert "\n---\n" in proc.stdout and "val_bpb:" in proc.stdout.split("\n---\n")[1]
 
 
+def test_a_logs_summary_is_its_last_block():
+    log = "step 00000\n---\nval_bpb:          2.5\n---\nval_bpb:          1.906\nnum_steps:        12\n"
+    assert bench.run_summary(log) == {"val_bpb": "1.906", "num_steps": "12"}
+    assert bench.run_summary("step 00000\nval_bpb: 1.0\n") == {}  # (no `---`: no summary)
+
+
 def test_table_rows_are_read_back_from_a_table():
     text = "noise\n| measurement (host, torch 2.11) | result |\n|---|---|\n| a | 1 ms |\n| b | x, y |\nmore\n"
     assert bench.table_rows(text) == [("a", "1 ms"), ("b", "x, y")]
