@@ -100,7 +100,6 @@ class Tokenizer:
         return [head + ids for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
 
     def decode(self, ids):
-        """The text of a list of token ids."""
         return self.enc.decode(list(ids))
 
     def token_byte_lengths(self, as_reference=False):
@@ -289,8 +288,7 @@ def train_tokenizer(tokenizer_dir, batches):
 
 
 def tokenize_shard(name, batches, tokenizer, folder):
-    """Tokenize one shard's documents (lists of str: its row groups) into the build's token files, in the loader's
-    chunks; returns build.json's {n_tokens, n_docs, dtype}."""
+    """A shard's documents (its row groups) into token files in the loader's chunks; build.json's entry for it."""
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
     parts, lengths, chunk_ends = [], [], []
     for texts in batches:
@@ -372,7 +370,6 @@ def make_build(source, shards=None, docs=None):
 
 
 def main(argv=None):
-    """The command: parse argv, then the data and the build (module docstring)."""
     ap = argparse.ArgumentParser(description="Prepare data shards, the tokenizer and token files for train.py. "
                                              "Rerun it to verify the build; a changed source makes a new one.")
     ap.add_argument("--num-shards", type=int, default=DEFAULT_NUM_SHARDS,

@@ -105,7 +105,6 @@ def parquet_problem(path):
 
 
 def file_sha256(path):
-    """SHA-256 of a whole file, hex."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):

@@ -206,8 +206,7 @@ def block_masks(T, windows, device):
 
 
 def attention_masks(T, windows, device):
-    """{window: BlockMask} for attention() where FlexAttention runs (CUDA, time budget), else {}; made outside the
-    compiled regions."""
+    """{window: BlockMask} where FlexAttention runs (CUDA, time budget), else {}; called outside compiled code."""
     if device.type != "cuda" or constants.BUDGET == "flops":
         return {}
     return block_masks(T, tuple(windows), device)

@@ -201,19 +201,16 @@ _METRIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def start(train_file, settings, constants, folder=None):
-    """Start this process's run record (a new run id)."""
     global _current
     _current = RunRecord(train_file, settings, constants, folder)
     return _current
 
 
 def current():
-    """This process's run record, or None outside a run."""
     return _current
 
 
 def stop():
-    """Forget this process's run record (the run is over)."""
     global _current
     _current = None
 

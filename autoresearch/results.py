@@ -101,7 +101,6 @@ def to_float(text):
 
 
 def runs_folder(path):
-    """The runs/ folder that belongs to a results file: beside it."""
     return os.path.join(os.path.dirname(os.path.abspath(path)), "runs")
 
 
@@ -226,7 +225,6 @@ def best_experiment(exps, leave_out=None):
 
 
 def speed_ratio(speed, reference):
-    """speed / reference, or None where either is unknown."""
     return speed / reference if speed and reference else None
 
 

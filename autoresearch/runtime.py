@@ -65,7 +65,6 @@ _watchdog = None  # this run's Watchdog (runtime.main), told of every step's end
 
 
 def _start_counting():
-    """Count FLOPs from here to the evaluation, in every thread."""
     global _meter
     _meter = _MEASURING.enter_context(flops.counting())
 
