@@ -35,7 +35,7 @@ def _env(name, default, parse, ok, allowed, unset_means=None):
         value = None
     if value is None or not ok(value):
         raise UserError(f"{name}={raw!r} is not allowed: it must be {allowed} (unset it for "
-                         f"{unset_means or f'the default, {default}'})")
+                        f"{unset_means or f'the default, {default}'})")
     return value
 
 
@@ -72,9 +72,11 @@ EVAL_TOKENS = _env("AUTORESEARCH_EVAL_TOKENS", _BASE["EVAL_TOKENS"], int, lambda
                    "a positive integer, at least one row (MAX_SEQ_LEN)")  # tokens evaluate_bpb scores
 if EVAL_TOKENS < MAX_SEQ_LEN:  # evaluate_bpb scores EVAL_TOKENS // MAX_SEQ_LEN rows: at least one
     raise UserError(f"AUTORESEARCH_EVAL_TOKENS={str(EVAL_TOKENS)!r} is not allowed: it must be at least one "
-                     f"row of MAX_SEQ_LEN = {MAX_SEQ_LEN} tokens")
+                    f"row of MAX_SEQ_LEN = {MAX_SEQ_LEN} tokens")
 RESOLVED = {"MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET, "EVAL_TOKENS": EVAL_TOKENS, "BUDGET": BUDGET,
             "FLOP_BUDGET": FLOP_BUDGET}  # as read at start
+
+
 def _written(value):
     """A number written one way: short (`2e+11`, `300`) where that is exact, else in full."""
     return f"{value:g}" if float(f"{value:g}") == value else repr(value)
@@ -105,7 +107,7 @@ DEVICE = _env("AUTORESEARCH_DEVICE", "", str.lower, lambda v: v in ("cpu", "cuda
 # never changed once made; autoresearch/cache.py), CACHE_DIR/current (the id of the build train.py reads).
 if not os.environ.get("AUTORESEARCH_CACHE_DIR") and os.environ.get("HOME", None) == "":
     raise UserError("HOME is set but empty, so the cache would land in /.cache: set HOME, or "
-                     "AUTORESEARCH_CACHE_DIR to the cache folder")
+                    "AUTORESEARCH_CACHE_DIR to the cache folder")
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "autoresearch")
 CACHE_DIR = os.path.abspath(os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE_DIR") or DEFAULT_CACHE_DIR))
 DATA_DIR = os.path.join(CACHE_DIR, "data")

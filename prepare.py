@@ -418,8 +418,8 @@ def main(argv=None):
         free = shutil.disk_usage(CACHE_DIR).free if os.path.isdir(CACHE_DIR) else None
         if e.errno == errno.ENOSPC or (free is not None and free < 64e6):
             raise UserError(f"the disk holding {CACHE_DIR} is full ({(free or 0) / 1e6:.0f} MB free): free some "
-                             "space or set AUTORESEARCH_CACHE_DIR to a larger disk, then run prepare.py again "
-                             "(whole shards are kept)")
+                            "space or set AUTORESEARCH_CACHE_DIR to a larger disk, then run prepare.py again "
+                            "(whole shards are kept)")
         raise UserError(f"{e.filename or CACHE_DIR}: {e.strerror or e}")
     print(f"done in {time.time() - t0:.1f}s: {len(build.shards('train'))} training shard(s) + the validation shard, "
           f"tokenizer and token files in build {build.id}, which {POINTER_PATH} names")

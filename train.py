@@ -423,8 +423,8 @@ def check_config():
         if not isinstance(value, int) or value <= 0:
             raise UserError(f"{name} = {value!r} in train.py: it must be a positive integer")
     if TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN):
-        raise UserError(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE x "
-                 f"MAX_SEQ_LEN ({DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} = {DEVICE_BATCH_SIZE * MAX_SEQ_LEN}): change one")
+        raise UserError(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE x MAX_SEQ_LEN "
+                        f"({DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} = {DEVICE_BATCH_SIZE * MAX_SEQ_LEN}): change one")
     if not WINDOW_PATTERN or set(WINDOW_PATTERN.upper()) - {"S", "L"}:
         raise UserError(f"WINDOW_PATTERN = {WINDOW_PATTERN!r} in train.py: use only the letters S and L")
 

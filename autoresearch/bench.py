@@ -151,7 +151,8 @@ def run_train(source=None, budget=None, log=None, timeout=None, env=None, profil
             with open(path, "w", encoding="utf-8") as f:
                 f.write(source)
         command = [sys.executable, path] if profile_step is None else [
-            sys.executable, "-c", f"from autoresearch.bench import run_profiled; run_profiled({path!r}, {profile_step})"]
+            sys.executable, "-c",
+            f"from autoresearch.bench import run_profiled; run_profiled({path!r}, {profile_step})"]
         status, out = run_logged(command, folder, env, timeout, log)
     return status, run_summary(out) if status == 0 else {}, out
 

@@ -20,6 +20,7 @@ from autoresearch.errors import UserError
 from autoresearch.record import atomic_path, pid_alive
 from constants import DATA_DIR, HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN, MAX_SHARD, VAL_SHARD, shard_name, shard_url
 
+
 class HubUnreachable(Exception):
     """No connection could be made: retrying other shards cannot help either."""
 

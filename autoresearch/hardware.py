@@ -178,7 +178,7 @@ def fit_device_batch(device, rows, total_rows, fixed_bytes, row_bytes):
     fitted = largest_fitting_rows(rows, total_rows, fixed_bytes, row_bytes, 0.9 * budget)
     if fitted == 0:
         raise UserError(f"not even one row of the model fits in the {budget / 1e9:.1f} GB of GPU memory free "
-                         f"(estimated {(fixed_bytes + row_bytes) / 1e9:.1f} GB): make the model smaller (DEPTH)")
+                        f"(estimated {(fixed_bytes + row_bytes) / 1e9:.1f} GB): make the model smaller (DEPTH)")
     if fitted != rows:
         print(f"note: DEVICE_BATCH_SIZE {rows} needs about {(fixed_bytes + rows * row_bytes) / 1e9:.0f} GB, more than "
               f"the {budget / 1e9:.1f} GB free: {fitted} rows per micro-batch instead (TOTAL_BATCH_SIZE kept)",

@@ -278,8 +278,8 @@ def judge(rows, row):
         out["line"] = (f"verdict: {said} ({value} against the best {best['value']:.6f}, #{best['number']}; floor "
                        f"{floor:.6f}){advice}")
         wins = ("better", "marginal") if rerun and not deterministic else ("better",)
-        out["contradiction"] = (said in wins and row["status"] == "discard") or (said == "worse" and
-                                                                               row["status"] == "keep")
+        out["contradiction"] = ((said in wins and row["status"] == "discard")
+                                or (said == "worse" and row["status"] == "keep"))
     ratio = speed_ratio(speed, experiment_speed(best))
     if off_speed(ratio):
         out["notes"].append(f"this run trained at {ratio:.2f}x the model FLOP/s of the best's runs: under a time "

@@ -79,7 +79,7 @@ def check_source_folder(source, cache_dir=CACHE_DIR):
     real, cache = os.path.realpath(source), os.path.realpath(cache_dir)
     if real == cache or real.startswith(cache + os.sep) or cache.startswith(real + os.sep):
         raise UserError(f"--source {source} and the cache {cache_dir} overlap: choose a folder outside the cache "
-                         "that does not contain it (or set AUTORESEARCH_CACHE_DIR elsewhere)")
+                        "that does not contain it (or set AUTORESEARCH_CACHE_DIR elsewhere)")
     return real
 
 

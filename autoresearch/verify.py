@@ -110,4 +110,3 @@ def verify(count=3, path="results.tsv"):
         raise UserError(f"{failed} of {len(lines)} kept result(s) did not reproduce (logs in {runs_dir}/verify): "
                         "read their diffs and logs before building on them")
     return lines
-
