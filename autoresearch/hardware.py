@@ -264,4 +264,4 @@ def peak_flops(device):
         return 0.0, device.type, f"MFU is not computed on {device.type}"
     name = torch.cuda.get_device_name(device)
     flops = lookup_peak_flops(name)
-    return flops, name, "" if flops else f"{name} is not in runtime.py's PEAK_BF16_FLOPS table: MFU reported as 0"
+    return flops, name, "" if flops else f"{name} is not in hardware.py's PEAK_BF16_FLOPS table: MFU reported as 0"
