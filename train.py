@@ -110,7 +110,7 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # [B, T, KV]
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        y = hardware.attention(q, k, v, window, block_mask)  # FlexAttention on CUDA, else SDPA (hardware.py)
+        y = hardware.attention(q, k, v, window, block_mask)  # FlexAttention with a mask, else SDPA (hardware.py)
         return self.c_proj(y.contiguous().view(B, T, C))
 
 
@@ -253,7 +253,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         assert T <= self.config.sequence_len, f"sequence length {T} > the model's {self.config.sequence_len}"
         cos, sin = self.cos[:, :T], self.sin[:, :T]
-        masks = hardware.attention_masks(T, self.windows, idx.device)  # {window: FlexAttention mask} on CUDA
+        masks = hardware.attention_masks(T, self.windows, idx.device)  # {window: FlexAttention mask}, or {}
         x0 = norm(self.transformer.wte(idx))
         x = x0.clone()  # (x aliasing x0 would make the first block a compiled graph of its own)
         for i, block in enumerate(self.transformer.h):

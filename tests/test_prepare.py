@@ -155,7 +155,6 @@ def test_a_gpu_torch_cannot_use_is_one_line_naming_the_driver(cuda_available, dr
         assert "\n" not in problem and all(part in problem for part in expected), problem
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # The --source split: no document in both splits, no single document as the whole validation set
 
