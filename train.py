@@ -457,7 +457,7 @@ def train():
 
     optimizer = model.setup_optimizer(UNEMBEDDING_LR, EMBEDDING_LR, MATRIX_LR, SCALAR_LR, WEIGHT_DECAY, ADAM_BETAS)
     model = hardware.compile_model(model, device)  # the one name from here on: training and eval both call it
-    train_loader = run.loader(make_dataloader(tokenizer, device_batch, MAX_SEQ_LEN, "train", device))
+    train_loader = make_dataloader(tokenizer, device_batch, MAX_SEQ_LEN, "train", device)
     x, y, epoch = next(train_loader)
 
     while not run.done:
@@ -467,7 +467,6 @@ def train():
                 loss = model(x, y)
             (loss / grad_accum_steps).backward()
             x, y, epoch = next(train_loader)
-        run.begin_optimizer()
         progress = run.progress
         lrm = get_lr_multiplier(progress)
         for group in optimizer.param_groups:

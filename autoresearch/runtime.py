@@ -2,12 +2,9 @@
 
     device = hardware.get_device()         # CUDA, else MPS, else the CPU (AUTORESEARCH_DEVICE insists on one)
     run = Run(device, flops_per_token, tokens_per_step, t_start, globals())
-    batches = run.loader(make_dataloader(...))   # counts the wait for batches
     while not run.done:
         run.begin_step()
-        ...                                # forward/backward
-        run.begin_optimizer()
-        ...                                # lr from run.progress, optimizer step
+        ...                                # forward/backward, lr from run.progress, optimizer step
         run.end_step(loss, lrm, epoch)     # waits for the step, counts its FLOPs and time, prints progress
     run.summary(val_bpb, num_params, depth)
 
@@ -106,10 +103,8 @@ class Run:
         self._record.data["gpu"] = self.gpu_name  # (results.py files the run under its GPU model, crash or not)
         self._record.save()
         self.startup_seconds, self.smooth_loss, self.train_loss = 0.0, 0.0, float("nan")
-        self.phase_seconds = {"forward_backward": 0.0, "optimizer": 0.0, "data_wait": 0.0}  # counted steps
-        self.unaccounted_seconds = 0.0
         self.tty, self._last_log, self._t_trained = sys.stdout.isatty(), 0.0, None
-        self._data_wait, self._marks, self._t0, self._epoch_said = 0.0, [], None, False
+        self._t0, self._epoch_said = None, False
         self._after_eval, self._flops_before = False, 0.0
         print(f"device: {device} ({self.gpu_name}), torch {torch.__version__}; settings: {constants.SETTINGS}")
         code = self._record.data["code"]
@@ -157,29 +152,12 @@ class Run:
         counted = self._counted_flops if self.kind == "flops" else self._counted_seconds
         return min(counted / self._budget, 1.0)
 
-    def loader(self, batches):
-        """Wrap the training loader: the time spent waiting for its batches is counted as data wait."""
-        while True:
-            t0 = _clock()
-            batch = next(batches)
-            self._data_wait += _clock() - t0
-            yield batch
-
-    def _mark(self):
-        """The time now: a CUDA event (the GPU's own clock, no sync) on CUDA, perf_counter elsewhere."""
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return _clock()
-
     def begin_step(self):
         """Call at the start of every step: waits for the device and starts the step's clock."""
         if self._done:
             self._late_steps += 1
         synchronize(self.device)
         self._t0 = _clock()
-        self._data_wait, self._marks = 0.0, [self._mark()]
         if self.step == self._timed_from:  # the first timed step: everything before it is start-up
             self.startup_seconds = self._t0 - self.t_start
         if self.step == 0 and self._meter is not None:
@@ -189,13 +167,8 @@ class Run:
             self._violations.append("a training step ran after the evaluation began (evaluate_bpb), where no FLOP "
                                     "is counted")
 
-    def begin_optimizer(self):
-        """Call between the forward/backward passes and the optimizer step (splits the step's time)."""
-        self._marks.append(self._mark())
-
     def end_step(self, loss, lrm, epoch):
         """Wait for the step, stop on a NaN or exploding loss, count its FLOPs and time, print progress."""
-        self._marks.append(self._mark())
         loss_f = loss.item()  # waits for the step
         if self._meter is not None:  # this step's FLOPs: all counted since the last step ended (or since start)
             total = self._meter.total
@@ -209,12 +182,9 @@ class Run:
                             "rates or undo the change")
         synchronize(self.device)
         dt = _clock() - self._t0
-        phases = self._phases()
         counted = self.step >= self._warmup
         if self.step >= self._timed_from:
             self._counted_seconds += dt
-            for name, seconds in phases.items():
-                self.phase_seconds[name] += seconds
         if counted:
             self._counted_flops += self._step_flops
         self._steps += 1
@@ -225,8 +195,8 @@ class Run:
         self.train_loss = self.smooth_loss / (1 - 0.9 ** (step + 1))
         if counted and self.progress >= 1.0:
             self._done = True
-        self._print_progress(step, dt, lrm, epoch, phases)
-        self._notes(step, dt, phases, epoch)
+        self._print_progress(step, dt, lrm, epoch)
+        self._notes(step, dt, epoch)
         if step == 0:  # Python's GC pauses show up as slow steps; nothing cyclic is allocated after step 0
             gc.collect()
             gc.freeze()
@@ -238,7 +208,7 @@ class Run:
             if self.tty:
                 print()
 
-    def _notes(self, step, dt, phases, epoch):
+    def _notes(self, step, dt, epoch):
         """The notes a step may call for, each said once."""
         cost = self._step_flops if self.kind == "flops" else dt
         if step == 0 and self._flops_before > 0.01 * cost:
@@ -251,32 +221,17 @@ class Run:
                     else f"takes {dt:.1f}s, so the {self._budget:.0f}s budget")
             print(f"note: one step {said} holds about {max(1, round(self._budget / cost))} steps and the run ends "
                   f"with the first step past it: {smaller}", flush=True)
-        if step >= self._timed_from:  # (time another process or a paused machine took: `record` reads the speed)
-            self.unaccounted_seconds += max(0.0, dt - sum(phases.values()))
         if isinstance(epoch, int) and epoch > 1 and not self._epoch_said:
             self._epoch_said = True
             print(f"note: epoch {epoch} from step {step}: the loader has read every training document once and "
                   "now reads them again (more data: `prepare.py --num-shards`, or a bigger --source corpus)",
                   flush=True)
 
-    def _phases(self):
-        """Seconds of the step just ended: forward/backward, optimizer, data wait (the host's wait for batches)."""
-        if len(self._marks) != 3:
-            return {"forward_backward": 0.0, "optimizer": 0.0, "data_wait": self._data_wait}
-        start, middle, end = self._marks
-        if self.cuda:
-            fb, opt = start.elapsed_time(middle) / 1000, middle.elapsed_time(end) / 1000
-        else:
-            fb, opt = middle - start - self._data_wait, end - middle
-        return {"forward_backward": fb, "optimizer": opt, "data_wait": self._data_wait}
-
-    def _print_progress(self, step, dt, lrm, epoch, phases):
+    def _print_progress(self, step, dt, lrm, epoch):
         mfu = 100 * self.flops_per_token * self.tokens_per_step / dt / self.peak if self.peak else 0.0
-        split = "/".join(f"{1000 * phases[k]:.0f}" for k in ("forward_backward", "optimizer", "data_wait"))
         line = (f"step {step:05d} ({100 * self.progress:.1f}%) | loss: {self.train_loss:.6f} | lrm: {lrm:.2f} | "
                 f"dt: {dt * 1000:.0f}ms | tok/sec: {int(self.tokens_per_step / dt):,} | mfu: {mfu:.1f}% | "
-                f"epoch: {epoch} | remaining: {self._remaining()} | "
-                f"fb/opt/data: {split}ms")
+                f"epoch: {epoch} | remaining: {self._remaining()}")
         if self.tty:
             print(f"\r{line}    ", end="", flush=True)
         elif (step in (0, 1, self._warmup) or self._done
@@ -351,10 +306,6 @@ class Run:
             ("eval_seconds", f"{t_end - (self._t_trained or t_end):.1f}"),
             ("tok_per_sec", f"{int(timed_tokens / self._counted_seconds) if self._counted_seconds else 0}"),
             ("flops_per_sec", f"{flops_per_sec:.4e}"),
-            ("fwd_bwd_seconds", f"{self.phase_seconds['forward_backward']:.1f}"),
-            ("optim_seconds", f"{self.phase_seconds['optimizer']:.1f}"),
-            ("data_seconds", f"{self.phase_seconds['data_wait']:.1f}"),
-            ("other_seconds", f"{self.unaccounted_seconds:.1f}"),
             ("device", self.device.type), ("gpu", self.gpu_name), ("settings", settings),
             ("budget", self.budget_text()), ("train_flops", f"{self._counted_flops:.4e}"),
             ("run_id", self._record.run_id),

@@ -134,7 +134,6 @@ class Loop:
         loss.backward()
         if extra is not None:
             extra()
-        run.begin_optimizer()
         run.end_step(loss.detach(), 1.0, 1)
 
 
