@@ -192,8 +192,8 @@ def test_the_benchmark_corpus_is_laid_out_as_the_hubs_and_named_by_its_digest(tm
     train = pq.read_table(out / "shard_00000.parquet").column("text").to_pylist()
     val = pq.read_table(out / "shard_06542.parquet").column("text").to_pylist()
     assert docs == len(train) + len(val) == 4 and len(val) == 1  # the validation shard: at most a fifth
-    assert all(len(d) <= bench.CORPUS_DOC_CHARS for d in train + val) and size == sum(len(d.encode()) for d in
-                                                                                       train + val)
+    assert all(len(d) <= bench.CORPUS_DOC_CHARS for d in train + val)
+    assert size == sum(len(d.encode()) for d in train + val)
     shuffled = train + val[::-1]  # (validation takes the shuffle's last documents)
     assert digest == hashlib.sha256(b"".join(hashlib.sha1(d.encode()).digest() for d in shuffled)).hexdigest()[:16]
     assert bench.write_corpus(str(tmp_path / "again"), [str(root)])[2] == digest  # the same text, the same corpus

@@ -85,7 +85,7 @@ def test_notebook_on_a_normal_night(run_notebook, tmp_path):
 
 def test_notebook_with_crashes_only(run_notebook, tmp_path):
     out = run_notebook([("a1b2c3d", "0.000000", "0.0", "crash", "typo"),
-                                  ("b2c3d4e", "0.000000", "0.0", "crash", "OOM")])
+                        ("b2c3d4e", "0.000000", "0.0", "crash", "OOM")])
     assert "2 experiments: 0 keep, 0 discard, 2 crash" in out and "No kept result yet" in out
     assert (tmp_path / "repo" / "progress.png").exists()
 
@@ -151,7 +151,6 @@ def test_notebook_overlays_several_agents(run_notebook, tmp_path):
     assert image.shape[1] > 1000
 
 
-
 def test_program_md_states_the_loop_rules():
     text = open(os.path.join(ROOT, "program.md"), encoding="utf-8").read()
     for rule in [
@@ -213,9 +212,9 @@ def test_notebook_explains_bad_results_files_and_still_renders(run_notebook, tmp
 def test_one_route_for_a_users_mistake():
     """Every `error:` line comes from autoresearch.errors.UserError: no sys.exit, SystemExit or message-carrying
     assert elsewhere in the code a user runs (asserts guard invariants, and say no `error:`)."""
-    sources = ["prepare.py", "train.py", "constants.py"] + [os.path.join("autoresearch", n) for n in
-                                                           os.listdir(os.path.join(ROOT, "autoresearch"))
-                                                           if n.endswith(".py") and n != "errors.py"]
+    folder = os.path.join(ROOT, "autoresearch")
+    harness = sorted(n for n in os.listdir(folder) if n.endswith(".py") and n != "errors.py")
+    sources = ["prepare.py", "train.py", "constants.py"] + [os.path.join("autoresearch", n) for n in harness]
     for rel in sources:
         text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
         for pattern in (r"\bsys\.exit\(", r"\bSystemExit\(", r"assert .*\"error:"):

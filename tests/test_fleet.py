@@ -259,7 +259,8 @@ def test_the_fleet_as_readme_starts_it_from_a_fresh_copy(prepared, tmp_path, sho
     assert results.read_rows(os.path.join(repo, "results.tsv"), [])[0]["val_bpb"] == direct
     fleet.stop_ray(short_tmp, grace=0)
     status = uv("run", "-m", "autoresearch.fleet", "status")
-    assert status.returncode == 1 and status.stderr.startswith(f"error: nothing answers at RAY_ADDRESS=127.0.0.1:{port}")
+    assert status.returncode == 1
+    assert status.stderr.startswith(f"error: nothing answers at RAY_ADDRESS=127.0.0.1:{port}")
 
 
 def test_the_local_ray_of_the_fleet_starts_by_itself_stops_alone_and_comes_back(agent, short_tmp, tmp_path):

@@ -192,8 +192,7 @@ def test_a_run_outside_runtime_main_is_one_line():
 # ---------------------------------------------------------------------------------------------------------------
 # Code in train.py that bends the run: what the fixed code sees of it
 
-def test_a_training_loader_of_the_validation_split_makes_the_run_comparable_with_none(prepared, monkeypatch,
-                                                                                       capsys):
+def test_a_training_loader_of_the_validation_split_makes_the_run_comparable_with_none(prepared, monkeypatch, capsys):
     make = train.make_dataloader
     monkeypatch.setattr(train, "make_dataloader", lambda tok, B, T, split, device: make(tok, B, T, "val", device))
     error, out, run = run_in_process(monkeypatch, capsys)

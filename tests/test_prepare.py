@@ -41,7 +41,8 @@ def test_tokenizer_is_plain_data_and_has_the_spec_vocab(prepared, tokenizer):
     assert [tokenizer.enc.encode_single_token(t) for t in SPECIAL_TOKENS] == list(range(VOCAB_SIZE - 4, VOCAB_SIZE))
 
 
-@pytest.mark.parametrize("text", MULTILINGUAL + ["", "def f(x):\n    return x ** 2  # 12345678\n", "a\u0301 \U0001F600"])
+@pytest.mark.parametrize("text", MULTILINGUAL + ["", "def f(x):\n    return x ** 2  # 12345678\n",
+                                                 "a\u0301 \U0001F600"])
 def test_round_trip(tokenizer, text):
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text

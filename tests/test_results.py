@@ -39,7 +39,7 @@ def finished_run(folder, val="0.997900", settings="standard", speed=1e12, violat
                model_flops_per_sec=speed, budget_kind=kind,
                budget=fixed["FLOP_BUDGET" if kind == "flops" else "TIME_BUDGET"])
     (where / "run.log").write_text(f"run: {rec.run_id}\ndevice: cuda\nstep 00000 (0.0%) | loss: 9.0\n"
-                              + SUMMARY.format(val=val, settings=settings, run_id=rec.run_id))
+                                   + SUMMARY.format(val=val, settings=settings, run_id=rec.run_id))
     return rec.run_id
 
 
@@ -93,7 +93,8 @@ def test_record_a_baseline_its_rerun_a_change_and_a_crash(repo, tmp_path, capsys
     kept = {json.load(open(os.path.join("runs", n)))["recorded"]["number"]: n[:-len(".json")]
             for n in os.listdir("runs") if n.endswith(".json")}  # runs/<run id>.json and .log, one pair per row
     assert sorted(kept) == [1, 2, 3, 4] and all(os.path.exists(f"runs/{kept[n]}.log") for n in kept)
-    assert kept[4].startswith("log-") and all(record.read(f"runs/{kept[n]}.json")["run_id"] == kept[n] for n in (1, 2, 3))
+    assert kept[4].startswith("log-")
+    assert all(record.read(f"runs/{kept[n]}.json")["run_id"] == kept[n] for n in (1, 2, 3))
     exps = results.experiments(rows())
     assert [e["number"] for e in exps] == [1, 2, 3] and exps[0]["value"] == pytest.approx(0.9969)
     assert results.noise_floor(exps) == (pytest.approx(0.002), "from the baseline's latest 2 runs of 2")

@@ -164,7 +164,8 @@ def test_tiny_run_log_is_fit_for_a_file(tiny_run):
     before = stdout.split("\n---\n")[0].splitlines()
     assert before[-1] == f"note: settings {constants.SETTINGS}, not the standard ones: this run compares only " \
                          "with runs under the same settings"
-    assert "AUTORESEARCH_PRESET=small" in values["settings"] and "AUTORESEARCH_FLOP_BUDGET=1.5e+10" in values["settings"]
+    assert "AUTORESEARCH_PRESET=small" in values["settings"]
+    assert "AUTORESEARCH_FLOP_BUDGET=1.5e+10" in values["settings"]
     assert "TIME_BUDGET" not in values["settings"]  # (the budget that did not run is not a setting)
 
 
