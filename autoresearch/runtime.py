@@ -54,22 +54,8 @@ def modified_constants(train_globals):
     return notes
 
 
-# The FLOP counting of the run under the compute budget (flops.counting): main() starts it before train() and
-# closes it at the end.
-_MEASURING = contextlib.ExitStack()
-_meter = None
+_meter = None  # the compute budget's count (flops.counting) of the run in progress: main() counts around train()
 _watchdog = None  # this run's Watchdog (runtime.main), told of every step's end
-
-
-def _start_counting():
-    global _meter
-    _meter = _MEASURING.enter_context(flops.counting())
-
-
-def _stop_counting():
-    global _meter
-    _MEASURING.close()
-    _meter = None
 
 
 class Run:
@@ -350,14 +336,13 @@ def main(train, knobs):
     os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # (read at the first CUDA allocation)
     run_record = record.start(train.__globals__.get("__file__", "train.py"), constants.SETTINGS, FIXED)
     print(f"run: {run_record.run_id}", flush=True)  # (the log's first line: results.py matches it to run.json)
-    global _watchdog
+    global _watchdog, _meter
     stopped = "train.py was stopped by SIGTERM (`timeout` ran out, or the run was killed): a crash"
     watchdog = _watchdog = Watchdog(STALL_SECONDS if not constants.FORCE else math.inf, lambda: run_record.evaluating)
+    counting = flops.counting() if FIXED["BUDGET"] == "flops" else contextlib.nullcontext()
     try:
         try:
-            with sigterm_as_error(stopped), watchdog:
-                if FIXED["BUDGET"] == "flops":  # every FLOP from here to the evaluation counts
-                    _start_counting()
+            with sigterm_as_error(stopped), watchdog, counting as _meter:  # every FLOP from here to the evaluation
                 _with_kernels(train)
         except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
             gpu = isinstance(e, torch.OutOfMemoryError)
@@ -374,6 +359,5 @@ def main(train, knobs):
         run_record.fail(_reason(e))
         raise
     finally:
-        _watchdog = None
-        _stop_counting()
+        _watchdog = _meter = None
         record.stop()

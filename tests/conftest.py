@@ -217,11 +217,11 @@ def record_cli(repo, status, description):
 def in_a_run(tmp_path):
     """What runtime.main starts before train(): the run's record (yielded; run.json in tmp_path) and the FLOP count
     of the compute budget."""
-    from autoresearch import record, runtime
+    from autoresearch import flops, record, runtime
     run = record.start("train.py", "standard", {}, folder=str(tmp_path))
-    runtime._start_counting()
-    yield run
-    runtime._stop_counting()
+    with flops.counting() as runtime._meter:
+        yield run
+    runtime._meter = None
     record.stop()
 
 
