@@ -191,8 +191,9 @@ def pack_rows(tokenizer, B, T, split):
 
 
 def make_dataloader(tokenizer, B, T, split, device):
-    """Yield (inputs, targets, epoch) forever: int64 [B, T] on device; a val loader outside the metric is noted."""
-    if split == "val" and record.current() is not None and not record.called_from_the_metric():
+    """Yield (inputs, targets, epoch) forever: int64 [B, T] on device; a val loader in a run is noted (the metric
+    reads the val split through _batches)."""
+    if split == "val" and record.current() is not None:
         record.note_violation("train.py made a loader of the validation split (make_dataloader(..., 'val', ...))")
     return _batches(tokenizer, B, T, split, device)
 
@@ -231,7 +232,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
     rows, seq_len = constants.EVAL_TOKENS // constants.MAX_SEQ_LEN, constants.MAX_SEQ_LEN  # (at least one row)
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device, tokenizer)  # [2, V]: as the reference counts them, exactly
-    loader = make_dataloader(tokenizer, batch_size, seq_len, "val", device)
+    loader = _batches(tokenizer, batch_size, seq_len, "val", device)
     total_nats, total_bytes, scored, tokens, last_line = 0.0, [0, 0], 0, 0, time.time()
     with torch.no_grad():
         for start in range(0, rows, batch_size):

@@ -197,7 +197,6 @@ class RunRecord:
 
 
 _current = None  # this process's run record, once runtime.main started it
-_METRIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prepare.py")
 
 
 def start(train_file, settings, constants, folder=None):
@@ -213,12 +212,6 @@ def current():
 def stop():
     global _current
     _current = None
-
-
-def called_from_the_metric(depth=2):
-    """True when the function `depth` frames up is this repository's prepare.evaluate_bpb."""
-    code = sys._getframe(depth).f_code
-    return code.co_name == "evaluate_bpb" and os.path.abspath(code.co_filename) == _METRIC
 
 
 def evaluation_starts():
