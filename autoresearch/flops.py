@@ -8,10 +8,11 @@ Every torch op that runs while counting is accounted for, in every thread train.
 formula (matmuls, attention, RNNs, bilinear, FFTs, linear algebra, int and sparse matmuls) adds its FLOPs; an op
 known to cost nothing next to them (elementwise, reductions, views, copies, fills, lookups, random draws) adds none,
 except an elementwise op that broadcasts its inputs into more elements than any of them holds (an outer product,
-`kron`, a matmul written as a broadcast product), which adds one per output element; any other op, and a tensor
-handed to numpy, is noted, and makes the run comparable with no other. Compiled code runs compiled: the counter sees
-the library calls it makes (cuBLAS matmuls, SDPA's kernels) but not the kernels the compiler writes
-itself, so the fixed code keeps its own attention on library kernels under the compute budget (hardware.py).
+`kron`, a matmul written as a broadcast product), which adds one per output element; any other op is noted, and
+makes the run comparable with no other. Work done outside torch (numpy, plain Python) is not seen: code written to
+dodge the count can (docs/RUN.md, 'What this cannot prevent'). Compiled code runs compiled: the counter sees the
+library calls it makes (cuBLAS matmuls, SDPA's kernels) but not the kernels the compiler writes itself, so the fixed
+code keeps its own attention on library kernels under the compute budget (hardware.py).
 """
 import contextlib
 import math
@@ -225,7 +226,6 @@ class Meter:
         self.total = 0.0
         self.on = True  # False once the evaluation starts: nothing after it counts
         self.uncounted = {}  # op name -> calls: ops with no formula that are not known to cost nothing
-        self.outside = {}  # what handed tensors to code torch cannot see (numpy) -> calls
         self.lock = threading.Lock()
         self.table = formulas()
 
@@ -239,9 +239,6 @@ class Meter:
         if self.uncounted:
             ops = ", ".join(f"{name} (x{n})" for name, n in sorted(self.uncounted.items()))
             said.append(f"ops the FLOP counter has no formula for ran in training: {ops}")
-        if self.outside:
-            calls = ", ".join(f"{name} (x{n})" for name, n in sorted(self.outside.items()))
-            said.append(f"tensors went to numpy in training, where no FLOP is counted: {calls}")
         return said
 
 
@@ -300,27 +297,14 @@ def _count_thread(frame, event, arg):
         FlopCount(meter).__enter__()  # (the mode stack is the thread's own: it ends with the thread)
 
 
-def _outside(name, original):
-    def noted(self, *args, **kwargs):
-        meter = _active
-        if meter is not None and meter.on:
-            with meter.lock:
-                meter.outside[f"Tensor.{name}"] = meter.outside.get(f"Tensor.{name}", 0) + 1
-        return original(self, *args, **kwargs)
-    return noted
-
-
 @contextlib.contextmanager
 def counting():
     """Count the FLOPs of the block, in this thread and every thread started in it; yields the Meter."""
     global _active, _mode
     meter = Meter()
     previous_hook = threading.getprofile()
-    patched = {name: vars(torch.Tensor).get(name) for name in ("numpy", "__array__")}
     _active = meter
     threading.setprofile(_count_thread)
-    for name in patched:
-        setattr(torch.Tensor, name, _outside(name, getattr(torch.Tensor, name)))
     _mode = FlopCount(meter)
     _mode.__enter__()
     try:
@@ -332,11 +316,6 @@ def counting():
             _mode.__exit__(None, None, None)
             _mode = None
         threading.setprofile(previous_hook)
-        for name, original in patched.items():
-            if original is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, original)
 
 
 def stop():
