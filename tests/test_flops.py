@@ -65,6 +65,13 @@ def test_an_op_that_computes_without_a_formula_makes_the_run_compare_with_none()
     assert len(problems) == 1 and "no formula for" in problems[0] and "_cdist_forward" in problems[0]
 
 
+def test_work_outside_torch_is_neither_counted_nor_a_problem():
+    """docs/RUN.md: the counter sees torch's ops only; a tensor read by numpy (a logged statistic) costs nothing."""
+    import numpy as np
+    total, problems = counted(lambda: np.percentile(torch.randn(64, 64).numpy() @ np.ones((64, 8)), 99))
+    assert total == 0 and problems == []
+
+
 def test_elementwise_work_views_and_reductions_cost_nothing_and_are_no_problem():
     x = torch.randn(64, 32, requires_grad=True)
     total, problems = counted(lambda: (F.rms_norm(x, (32,)).relu().square() * 2 + x.T.T).softmax(-1).sum().backward())
