@@ -4,7 +4,7 @@
     uv run -m autoresearch.bench attention  # attention kernels alone, forward + backward (CUDA)
     uv run -m autoresearch.bench run        # one full `train.py` run, its summary (CUDA, ~6 minutes)
     uv run -m autoresearch.bench startup    # start-up and eval time: as is, again, after lr, DEPTH, ASPECT_RATIO edits
-    uv run -m autoresearch.bench profile    # kernel time of three steady steps by category (CUDA)
+    uv run -m autoresearch.bench profile    # where a steady step's time goes, by category (kernels on CUDA)
     uv run -m autoresearch.bench gpu        # the GPU check: tests, attention, an 80-s run, start-up, profile (CUDA)
     uv run -m autoresearch.bench all
     python3 -m autoresearch.bench corpus [DIR]  # the benchmark corpus, offline, from the installed packages' text
@@ -229,12 +229,17 @@ KERNEL_CATEGORIES = [
     ("attention: cuDNN SDPA", ("_scaled_dot_product_cudnn_attention", "cudnn", "fort_native_sdpa", "fmha")),
     ("attention: flash SDPA", ("_scaled_dot_product_flash_attention", "flash_fwd", "flash_bwd")),
     ("attention: math SDPA (slow)", ("_scaled_dot_product_attention_math",)),
-    ("matmul (GEMM)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "splitk")),
+    ("matmul (GEMM)", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "_mm_", "splitk", "aten::mm", "aten::addmm",
+                       "aten::bmm", "aten::baddbmm")),
     ("cross-entropy / softmax", ("softmax", "nll_loss", "cross_entropy", "logsumexp")),
     ("RMSNorm", ("rms_norm", "rsqrt")),
     ("ReLU^2", ("relu", "threshold_backward")),
     ("copy / fill", ("memcpy", "memset", "copy", "fill", "cat_")),
     ("other fused elementwise (Triton)", ("triton_",)),
+    # Off CUDA (ops, not kernels): the eager elementwise ops, and the compute budget's FLOP counter (its dispatch).
+    ("other elementwise (eager)", ("aten::mul", "aten::div", "aten::add", "aten::sub", "aten::tanh", "aten::pow",
+                                   "aten::sqrt", "aten::exp", "aten::lerp", "aten::neg", "aten::clamp", "aten::where")),
+    ("the FLOP counter (compute budget)", ("pythondispatchmode",)),
 ]
 
 
@@ -264,23 +269,28 @@ def attention_kernels(event_names):
 
 
 def profile_lines(events, step):
-    """The two lines of a profiled step from the profiler's events (key_averages): the attention kernels that ran
-    and the GPU time by kind of kernel. Only device-side events (the kernels) count: a CPU op's device time holds
-    the kernels of every op under it, so counting ops too would count each kernel once per enclosing op."""
+    """The two lines of a profiled step from the profiler's events (key_averages): the attention that ran and the
+    time by kind of work. With a GPU only device-side events (the kernels) count: a CPU op's device time holds the
+    kernels of every op under it, so counting ops too would count each kernel once per enclosing op. Without
+    kernels (CPU, MPS) the ops count by their self time, which holds none of their children's."""
     kernels = [e for e in events if str(getattr(e, "device_type", "")).split(".")[-1] not in ("CPU", "")]
+    what, timed = "kernels", [(e.key, e.device_time_total / 1e6) for e in kernels]
+    if not kernels:
+        kernels = list(events)
+        what, timed = "CPU ops", [(e.key, e.self_cpu_time_total / 1e6) for e in kernels]
     used = attention_kernels((e.key, e.count) for e in kernels)
-    times = kernel_categories((e.key, e.device_time_total / 1e6) for e in kernels)
+    times = kernel_categories(timed)
     total = sum(times.values()) or 1.0
     return [f"attention (profiled step {step}): " + (", ".join(f"{label} x{n}" for label, n in used.items())
                                                      or "no attention kernel recognized"),
-            f"kernels (profiled step {step}): " + "; ".join(
+            f"{what} (profiled step {step}): " + "; ".join(
                 f"{name} {1000 * t:.1f} ms ({100 * t / total:.0f}%)"
                 for name, t in sorted(times.items(), key=lambda kv: -kv[1]))]
 
 
 @contextlib.contextmanager
 def profiling(step):
-    """Within it, a run's step `step` is profiled and profile_lines printed after it (kernels on CUDA only)."""
+    """Within it, a run's step `step` is profiled and profile_lines printed after it."""
     import torch
     from autoresearch.runtime import Run
     begin, end, profiler = Run.begin_step, Run.end_step, []
@@ -315,15 +325,12 @@ def run_profiled(path, step):
 
 
 def bench_profile(step=15, budget=20, log=None):
-    """Where a steady training step of train.py spends its GPU time: a short run of train.py that profiles step
-    `step` (the first 11 compile), kernel time by category (CUDA)."""
-    import torch
-    if not torch.cuda.is_available():
-        return [("profile", "needs a CUDA GPU")]
+    """Where a steady training step of train.py spends its time: a short run of train.py that profiles step `step`
+    (on CUDA the first 11 compile), time by category: the GPU's kernels on CUDA, the ops' CPU time elsewhere."""
     status, _, out = run_train(budget=budget, log=log, profile_step=step)
-    found = re.search(r"^kernels \(profiled step \d+\): (.*)$", out, flags=re.M)
+    found = re.search(r"^(?:kernels|CPU ops) \(profiled step \d+\): (.*)$", out, flags=re.M)
     if not found:
-        return [("profile", f"no profile (exit {status}; CUDA only): {out.strip()[-300:]}")]
+        return [("profile", f"no profile (exit {status}): {out.strip()[-300:]}")]
     return [(f"profile: {name}", time) for name, time in
             (re.match(r"(.*) (\S+ ms \(\d+%\))$", part).groups() for part in found.group(1).split("; "))]
 

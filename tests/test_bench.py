@@ -1,6 +1,7 @@
 """autoresearch.bench, the parts a CPU can check: the kernel categories of a profile, the tables, the edits of the
 start-up benchmark, and the GPU check's orchestration (its steps stand in for the GPU work)."""
 import os
+import re
 
 import pytest
 
@@ -53,14 +54,39 @@ def test_a_profiled_steps_kernel_time_counts_each_kernel_once():
                        "other fused elementwise (Triton) 1.0 ms (11%)")
 
 
+def test_without_kernels_the_ops_count_by_their_self_time():
+    """Off CUDA the profile holds ops only: each counts its self time (its children's time is theirs), so an op
+    that calls others is not counted twice, and the FLOP counter's dispatch shows as its own category."""
+    from types import SimpleNamespace as Event
+    cpu = "DeviceType.CPU"
+    events = [
+        Event(key="aten::linear", count=2, device_type=cpu, self_cpu_time_total=100.0, device_time_total=0.0),
+        Event(key="aten::mm", count=2, device_type=cpu, self_cpu_time_total=6000.0, device_time_total=0.0),
+        Event(key="aten::_scaled_dot_product_flash_attention_for_cpu", count=1, device_type=cpu,
+              self_cpu_time_total=2000.0, device_time_total=0.0),
+        Event(key="aten::tanh", count=1, device_type=cpu, self_cpu_time_total=900.0, device_time_total=0.0),
+        Event(key="PythonDispatchMode", count=9, device_type=cpu, self_cpu_time_total=1000.0, device_time_total=0.0),
+    ]
+    attention, ops = bench.profile_lines(events, 3)
+    assert attention == "attention (profiled step 3): flash SDPA x1"
+    assert ops == ("CPU ops (profiled step 3): matmul (GEMM) 6.0 ms (60%); attention: flash SDPA 2.0 ms (20%); "
+                   "the FLOP counter (compute budget) 1.0 ms (10%); other elementwise (eager) 0.9 ms (9%); "
+                   "other 0.1 ms (1%)")
+
+
 def test_a_profiled_run_is_train_py_as_users_run_it_with_the_profile_after_its_step(prepared):
     """run_profiled runs train.py itself, to its summary, and prints the profile's two lines after the
-    step asked for; off CUDA they name no kernel."""
+    step asked for; on the CPU they name the CPU's attention and its ops' time, adding up to 100%."""
     proc = run_script(["-c", f"from autoresearch.bench import run_profiled; run_profiled({ROOT!r} + '/train.py', 0)"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    at = lines.index("attention (profiled step 0): no attention kernel recognized")
-    assert lines[at + 1] == "kernels (profiled step 0): " and any(line.startswith("step 00000 ") for line in lines[:at])
+    at = next(i for i, line in enumerate(lines) if line.startswith("attention (profiled step 0): "))
+    assert lines[at].startswith("attention (profiled step 0): flash SDPA x")
+    assert any(line.startswith("step 00000 ") for line in lines[:at])
+    parts = dict(re.fullmatch(r"(.*) \S+ ms \((\d+)%\)", part).groups()
+                 for part in lines[at + 1].removeprefix("CPU ops (profiled step 0): ").split("; "))
+    assert "matmul (GEMM)" in parts and "the FLOP counter (compute budget)" in parts  # (the compute budget counts)
+    assert 100 - len(parts) <= sum(map(int, parts.values())) <= 100 + len(parts)  # (each rounded)
     assert "\n---\n" in proc.stdout and "val_bpb:" in proc.stdout.split("\n---\n")[1]
 
 
@@ -132,22 +158,17 @@ def test_the_start_up_benchmark_edits_lines_train_py_has():
         assert old is None or (source.count(old) == 1 and old != new), label
 
 
-@pytest.mark.parametrize("what", ["profile", "attention"])
-def test_gpu_only_benchmarks_say_so_on_a_cpu(what, monkeypatch):
+def test_the_attention_benchmark_says_it_needs_a_gpu_on_a_cpu(monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    if what == "profile":
-        assert bench.bench_profile() == [("profile", "needs a CUDA GPU")]
-    else:
-        with pytest.raises(AssertionError, match="needs a CUDA GPU"):
-            bench.bench_attention()
+    with pytest.raises(AssertionError, match="needs a CUDA GPU"):
+        bench.bench_attention()
 
 
-def test_the_profile_benchmark_reads_the_runs_kernel_line(monkeypatch):
-    import torch
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+@pytest.mark.parametrize("what", ["kernels", "CPU ops"])
+def test_the_profile_benchmark_reads_the_runs_profile_line(what, monkeypatch):
     asked = {}
-    out = ("step 00015 ...\nkernels (profiled step 15): matmul (GEMM) 41.0 ms (62%); attention: FlexAttention 9.5 ms "
+    out = (f"step 00015 ...\n{what} (profiled step 15): matmul (GEMM) 41.0 ms (62%); attention: FlexAttention 9.5 ms "
            "(14%)\n")
     monkeypatch.setattr(bench, "run_train", lambda **kw: asked.update(kw) or (0, {}, out))
     assert bench.bench_profile() == [("profile: matmul (GEMM)", "41.0 ms (62%)"),
