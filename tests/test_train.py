@@ -150,7 +150,8 @@ def test_tiny_run_counts_every_step_toward_the_compute_budget(tiny_run):
 
 def test_tiny_run_log_is_fit_for_a_file(tiny_run):
     stdout, values = tiny_run["stdout"], tiny_run["values"]
-    assert re.search(r"^step 00000 \(\d+\.\d%\) \| loss: \d+\.\d+ \| lrm: ", stdout, flags=re.M)
+    assert re.search(r"^step 00000 \(\d+\.\d%\) \| loss: \d+\.\d+ \| lrm: \d\.\d\d \| dt: \d+ms \| tok/sec: [\d,]+ \| "
+                     r"mfu: \d+\.\d% \| epoch: \d+ \| remaining: \d+ steps$", stdout, flags=re.M)
     assert "\r" not in stdout
     assert max(len(line) for line in stdout.splitlines()) < 300
     progress = re.findall(r"^step (\d{5}) ", stdout, flags=re.M)
