@@ -272,14 +272,13 @@ def profile_lines(events, step):
     """The two lines of a profiled step from the profiler's events (key_averages): the attention that ran and the
     time by kind of work. With a GPU only device-side events (the kernels) count: a CPU op's device time holds the
     kernels of every op under it, so counting ops too would count each kernel once per enclosing op. Without
-    kernels (CPU, MPS) the ops count by their self time, which holds none of their children's."""
+    kernels, as on the CPU, the ops count by their CPU self time, which holds none of their children's."""
     kernels = [e for e in events if str(getattr(e, "device_type", "")).split(".")[-1] not in ("CPU", "")]
-    what, timed = "kernels", [(e.key, e.device_time_total / 1e6) for e in kernels]
-    if not kernels:
-        kernels = list(events)
-        what, timed = "CPU ops", [(e.key, e.self_cpu_time_total / 1e6) for e in kernels]
-    used = attention_kernels((e.key, e.count) for e in kernels)
-    times = kernel_categories(timed)
+    counted = kernels or list(events)
+    what = "kernels" if kernels else "CPU ops"
+    used = attention_kernels((e.key, e.count) for e in counted)
+    times = kernel_categories((e.key, (e.device_time_total if kernels else e.self_cpu_time_total) / 1e6)
+                              for e in counted)
     total = sum(times.values()) or 1.0
     return [f"attention (profiled step {step}): " + (", ".join(f"{label} x{n}" for label, n in used.items())
                                                      or "no attention kernel recognized"),
@@ -325,7 +324,8 @@ def run_profiled(path, step):
 
 
 def bench_profile(step=15, budget=20, log=None):
-    """Where a steady training step of train.py spends its time: a short run of train.py that profiles step `step`
+    """Where a steady training step of train.py spends its time: a run of train.py (`budget` seconds under the time
+    budget; the whole compute budget under the small preset, ~3 minutes on a 2-core CPU) that profiles step `step`
     (on CUDA the first 11 compile), time by category: the GPU's kernels on CUDA, the ops' CPU time elsewhere."""
     status, _, out = run_train(budget=budget, log=log, profile_step=step)
     found = re.search(r"^(?:kernels|CPU ops) \(profiled step \d+\): (.*)$", out, flags=re.M)

@@ -3,7 +3,7 @@
 Which device a run uses (CUDA, else Apple's MPS, else the CPU; AUTORESEARCH_DEVICE insists on one) and why an
 NVIDIA GPU cannot be used; the precision each device runs in; compiling the model (regional compilation on CUDA,
 eager elsewhere); the micro-batch that fits the GPU's memory; the GPU's peak FLOP/s for MFU; sliding-window
-attention; the attention kernels a profile shows.
+attention.
 """
 import contextlib
 import functools
