@@ -142,10 +142,10 @@ def test_tiny_run_counts_every_step_toward_the_compute_budget(tiny_run):
     assert float(values["total_tokens_M"]) == round(steps * 2048 / 1e6, 1)
     tok_per_sec = [steps * 2048 / (float(values["training_seconds"]) + d) for d in (0.05, -0.05)]
     assert math.floor(tok_per_sec[0]) <= int(values["tok_per_sec"]) <= tok_per_sec[1]  # the summary truncates
-    # start-up, counted training and evaluation are disjoint parts of the run (each rounded to 0.1 s; a fast
-    # machine starts and evaluates this tiny model in under 0.05 s, so either may print 0.0)
+    # start-up, counted training and evaluation are disjoint parts of the run (each, and the total, rounded to 0.1 s:
+    # 0.2 s of rounding at most; a fast machine starts and evaluates this tiny model in under 0.05 s: 0.0)
     parts = [float(values[key]) for key in ("startup_seconds", "training_seconds", "eval_seconds")]
-    assert min(parts) >= 0 and sum(parts) <= float(values["total_seconds"]) + 0.15
+    assert min(parts) >= 0 and sum(parts) <= float(values["total_seconds"]) + 0.2 + 1e-9
 
 
 def test_tiny_run_log_is_fit_for_a_file(tiny_run):
@@ -182,7 +182,7 @@ def test_the_time_budget_counts_every_step_on_the_cpu(prepared, monkeypatch, cap
     assert values["budget"] == "time 1s" and float(values["train_flops"]) == 0
     assert float(values["training_seconds"]) == pytest.approx(6 * STEP_SECONDS, abs=0.06)
     parts = [float(values[key]) for key in ("startup_seconds", "training_seconds", "eval_seconds")]
-    assert min(parts) >= 0 and sum(parts) <= float(values["total_seconds"]) + 0.15
+    assert min(parts) >= 0 and sum(parts) <= float(values["total_seconds"]) + 0.2 + 1e-9
 
 
 def test_the_same_code_takes_the_same_steps_under_any_load(prepared, monkeypatch, capsys):
