@@ -108,16 +108,6 @@ class Run:
         return self._steps
 
     @property
-    def training_flops(self):
-        """FLOPs counted so far (compute budget), 0 under the time budget."""
-        return self._counted_flops
-
-    @property
-    def training_seconds(self):
-        """Counted training time so far: the seconds of every step after the warm-up."""
-        return self._counted_seconds
-
-    @property
     def done(self):
         """True once a counted step brought the counted FLOPs or time to the budget: the loop must end."""
         return self._done
@@ -126,11 +116,6 @@ class Run:
     def warmup(self):
         """The uncounted first steps (11 on CUDA under the time budget: they compile); read-only."""
         return self._warmup
-
-    @property
-    def counted_steps(self):
-        """The steps that counted toward the budget so far: every step after the warm-up."""
-        return max(0, self.step - self._warmup)
 
     @property
     def progress(self):
@@ -266,7 +251,7 @@ class Run:
         flops_per_sec = self.flops_per_token * timed_tokens / self._counted_seconds if self._counted_seconds else 0.0
         mfu = 100 * flops_per_sec / self.peak if self.peak else 0.0
         over = self._counted_seconds - self._budget
-        if self.kind == "time" and self.counted_steps and over > 0.05 * self._budget:
+        if self.kind == "time" and self.step > self._warmup and over > 0.05 * self._budget:
             print(f"note: training overshot the {self._budget:.0f}s budget by {over:.1f}s: its last step took "
                   f"{over:.1f}s or more, and a run ends with the first step past the budget")
         settings = constants.SETTINGS + (" (modified at run time)" if violations else "")
@@ -275,7 +260,7 @@ class Run:
         elif constants.SETTINGS != "standard":
             print(f"note: settings {constants.SETTINGS}, not the standard ones: this run compares only with runs "
                   "under the same settings")
-        if not self.counted_steps:
+        if self.step <= self._warmup:
             raise UserError(f"no step counted toward the {self.budget_text()} budget ({self.step} step(s) run, "
                             f"{self._warmup} uncounted): the loop ended before training did")
         if not math.isfinite(metric):

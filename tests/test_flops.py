@@ -150,7 +150,7 @@ def test_work_before_the_loop_and_between_steps_counts_against_the_budget(monkey
         loop.step()
         toy_matmul()  # between steps: charged to the next one
         steps += 1
-    assert steps == 2 and loop.run.training_flops == 6 * Loop.STEP  # 3 before, then 2 steps and 1 between
+    assert steps == 2 and loop.run._counted_flops == 6 * Loop.STEP  # 3 before, then 2 steps and 1 between
     assert "were computed before the first step" in capsys.readouterr().out
 
 
@@ -161,7 +161,7 @@ def test_a_thread_computing_during_the_steps_is_charged(monkeypatch, in_a_run):
         thread = threading.Thread(target=toy_matmul)  # extra micro-batches in a thread, during each step
         loop.step(extra=lambda: (thread.start(), thread.join()))
         steps += 1
-    assert steps == 2 and loop.run.training_flops == 4 * Loop.STEP
+    assert steps == 2 and loop.run._counted_flops == 4 * Loop.STEP
 
 
 def test_where_the_model_compiles_every_flop_counts_but_the_compiling_steps_are_not_speed(monkeypatch, in_a_run):
@@ -177,5 +177,5 @@ def test_where_the_model_compiles_every_flop_counts_but_the_compiling_steps_are_
         loop.step()
         ends.append(time.perf_counter())
     run = loop.run
-    assert len(ends) == steps and run.training_flops == steps * Loop.STEP and run.warmup == 0
-    assert run.startup_seconds > 0 and run.training_seconds < ends[-1] - ends[runtime.CUDA_WARMUP_STEPS - 2]
+    assert len(ends) == steps and run._counted_flops == steps * Loop.STEP and run.warmup == 0
+    assert run.startup_seconds > 0 and run._counted_seconds < ends[-1] - ends[runtime.CUDA_WARMUP_STEPS - 2]
