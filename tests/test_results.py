@@ -659,3 +659,28 @@ def test_the_same_crash_log_under_a_new_commit_is_a_new_row(repo, tmp_path):
                                                   "idea two (SyntaxError: invalid syntax)"]
     with pytest.raises(SystemExit, match="is already recorded, as row 2"):
         recording.record("crash", "idea two")
+
+
+def test_verify_judges_a_rerun_exactly_on_the_cpu_and_within_twice_the_floor_elsewhere():
+    """verify's rules for one re-run: under the compute budget on the CPU the same steps to the same digits; on a GPU
+    (or under the time budget) within twice the noise floor, on the GPU model the runs were recorded on."""
+    from autoresearch.verify import judge
+    exp = {"value": 1.0}
+
+    def run(value, steps=10, gpu="cpu", device="cpu", kind="flops", status="finished"):
+        return dict(status=status, val_bpb=value, steps=steps, gpu=gpu, budget_kind=kind, summary=dict(device=device))
+
+    cpu = [run(1.0), run(1.0)]
+    assert judge(exp, cpu, 0.001, run(1.0))[0]
+    assert not judge(exp, cpu, 0.001, run(1.000001))[0]  # (another digit of the six recorded)
+    assert not judge(exp, cpu, 0.001, run(1.0, steps=11))[0]  # (another step count)
+    h100 = [run(1.0, gpu="NVIDIA H100 80GB HBM3", device="cuda", kind="time")] * 2
+    ok, words = judge(exp, h100, 0.01, run(1.019, gpu="NVIDIA H100 80GB HBM3", device="cuda", kind="time"))
+    assert ok and "within 0.020000 (twice the noise floor)" in words
+    assert not judge(exp, h100, 0.01, run(1.021, gpu="NVIDIA H100 80GB HBM3", device="cuda", kind="time"))[0]
+    assert not judge(exp, h100, None, run(1.0, gpu="NVIDIA H100 80GB HBM3", device="cuda", kind="time"))[0]
+    other = judge(exp, h100, 0.01, run(1.0, gpu="NVIDIA A100-SXM4-80GB", device="cuda", kind="time"))
+    assert not other[0] and "recorded on NVIDIA H100 80GB HBM3: not comparable" in other[1]
+    crashed = judge(exp, cpu, 0.001, dict(status="failed", reason="out of memory"))
+    assert not crashed[0] and crashed[1] == "the re-run did not finish (out of memory)"
+    assert judge(exp, cpu, 0.001, None) == (False, "the re-run did not finish (no record)")
