@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from autoresearch import record
 from autoresearch.cache import current_build, read_parquet_texts
 from constants import DATA_DIR, LOADER_BUFFER_DOCS, LOADER_REFILL_DOCS, MAX_SEQ_LEN
 from prepare import check_cache, make_dataloader
@@ -154,14 +155,8 @@ def run_train(source=None, budget=None, log=None, timeout=None, env=None, profil
             sys.executable, "-c",
             f"from autoresearch.bench import run_profiled; run_profiled({path!r}, {profile_step})"]
         status, out = run_logged(command, folder, env, timeout, log)
-    return status, run_summary(out) if status == 0 else {}, out
-
-
-def run_summary(text):
-    """{key: value} of a run log's last summary block (the text after its last `---` line)."""
-    blocks = ("\n" + text).split("\n---\n")
-    block = blocks[-1] if len(blocks) > 1 else ""
-    return dict(re.findall(r"^(\w+):[ \t]+(.*?)\s*$", block, flags=re.M))
+        data = record.read(os.path.join(folder, record.RECORD_NAME)) if status == 0 else None
+    return status, dict((data or {}).get("summary") or {}), out
 
 
 def run_logged(command, cwd, env, timeout, log=None):

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from autoresearch import bench
-from conftest import ROOT, run_script
+from conftest import ROOT
 
 
 def test_kernels_are_sorted_into_the_profiles_categories():
@@ -76,10 +76,11 @@ def test_without_kernels_the_ops_count_by_their_self_time():
 
 def test_a_profiled_run_is_train_py_as_users_run_it_with_the_profile_after_its_step(prepared):
     """run_profiled runs train.py itself, to its summary, and prints the profile's two lines after the
-    step asked for; on the CPU they name the CPU's attention and its ops' time, adding up to 100%."""
-    proc = run_script(["-c", f"from autoresearch.bench import run_profiled; run_profiled({ROOT!r} + '/train.py', 0)"])
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
+    step asked for; on the CPU they name the CPU's attention and its ops' time, adding up to 100%. The summary
+    bench reads is the run's record's."""
+    status, summary, out = bench.run_train(profile_step=0)
+    assert status == 0, out[-4000:]
+    lines = out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("attention (profiled step 0): "))
     assert lines[at].startswith("attention (profiled step 0): flash SDPA x")
     assert any(line.startswith("step 00000 ") for line in lines[:at])
@@ -87,13 +88,14 @@ def test_a_profiled_run_is_train_py_as_users_run_it_with_the_profile_after_its_s
                  for part in lines[at + 1].removeprefix("CPU ops (profiled step 0): ").split("; "))
     assert "matmul (GEMM)" in parts and "the FLOP counter (compute budget)" in parts  # (the compute budget counts)
     assert 100 - len(parts) <= sum(map(int, parts.values())) <= 100 + len(parts)  # (each rounded)
-    assert "\n---\n" in proc.stdout and "val_bpb:" in proc.stdout.split("\n---\n")[1]
+    assert f"val_bpb:          {summary['val_bpb']}\n" in out.split("\n---\n")[1]
+    assert summary["device"] == "cpu" and int(summary["num_steps"]) >= 1
 
 
-def test_a_logs_summary_is_its_last_block():
-    log = "step 00000\n---\nval_bpb:          2.5\n---\nval_bpb:          1.906\nnum_steps:        12\n"
-    assert bench.run_summary(log) == {"val_bpb": "1.906", "num_steps": "12"}
-    assert bench.run_summary("step 00000\nval_bpb: 1.0\n") == {}  # (no `---`: no summary)
+def test_a_summary_printed_without_a_run_is_not_one():
+    # bench reads the run's record, never the text a train.py printed
+    status, summary, out = bench.run_train(source='print("---\\nval_bpb:          0.100000")\n')
+    assert status == 0 and "val_bpb:          0.100000" in out and summary == {}
 
 
 def test_table_rows_are_read_back_from_a_table():
