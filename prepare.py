@@ -191,14 +191,13 @@ def pack_rows(tokenizer, B, T, split):
 
 
 def make_dataloader(tokenizer, B, T, split, device):
-    """Yield (inputs, targets, epoch) forever: int64 [B, T] on device; a val loader in a run is noted (the metric
-    reads the val split through _batches)."""
+    """Yield (inputs, targets, epoch) forever: int64 [B, T] on device; a val loader made during a run is noted."""
     if split == "val" and record.current() is not None:
         record.note_violation("train.py made a loader of the validation split (make_dataloader(..., 'val', ...))")
     return _batches(tokenizer, B, T, split, device)
 
 
-def _batches(tokenizer, B, T, split, device):
+def _batches(tokenizer, B, T, split, device):  # (the metric reads the val split here: never noted)
     import torch
     device = torch.device(device)
     pin = device.type == "cuda"

@@ -180,8 +180,7 @@ def formulas():
 
 
 def costs_nothing(func, args=()):
-    """True for an elementwise op, a reduction, a view, a _foreach_ op, one of FREE, one that makes a tensor from no
-    tensor, or the profiler's marks."""
+    """Whether an op costs nothing: pointwise, a reduction, a view, _foreach_, FREE, a profiler mark, no tensor in."""
     if getattr(func, "namespace", "") == "profiler":
         return True
     tags = getattr(func, "tags", ())
