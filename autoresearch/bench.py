@@ -156,7 +156,7 @@ def run_train(source=None, budget=None, log=None, timeout=None, env=None, profil
             f"from autoresearch.bench import run_profiled; run_profiled({path!r}, {profile_step})"]
         status, out = run_logged(command, folder, env, timeout, log)
         data = record.read(os.path.join(folder, record.RECORD_NAME)) if status == 0 else None
-    return status, dict((data or {}).get("summary") or {}), out
+    return status, (data or {}).get("summary") or {}, out
 
 
 def run_logged(command, cwd, env, timeout, log=None):
@@ -320,8 +320,9 @@ def run_profiled(path, step):
 
 def bench_profile(step=15, budget=20, log=None):
     """Where a steady training step of train.py spends its time: a run of train.py (`budget` seconds under the time
-    budget; the whole compute budget under the small preset, ~3 minutes on a 2-core CPU) that profiles step `step`
-    (on CUDA the first 11 compile), time by category: the GPU's kernels on CUDA, the ops' CPU time elsewhere."""
+    budget; under the small preset its whole compute budget, as long as its run: 70-190 s on 2-core VMs) that
+    profiles step `step` (on CUDA the first 11 compile), time by category: the GPU's kernels on CUDA, the ops' CPU
+    time elsewhere."""
     status, _, out = run_train(budget=budget, log=log, profile_step=step)
     found = re.search(r"^(?:kernels|CPU ops) \(profiled step \d+\): (.*)$", out, flags=re.M)
     if not found:
